@@ -1,0 +1,251 @@
+"""The `pneumonia` command: a thin layer that parses flags and calls library functions.
+
+Contract (scripts rely on it): with ``--json`` the last line printed is one JSON object; errors go
+to stderr as one line with a non-zero exit (1 for a problem with the input, 2 for bad usage,
+130 when interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from pneumonia.errors import PneumoniaError
+
+
+def _emit(payload: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        print(json.dumps(payload, default=_json_default, allow_nan=False))
+    else:
+        print(text)
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _clean_nan(value):
+    """JSON has no NaN: a metric that is undefined (one class only) becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean_nan(v) for k, v in value.items()}
+    return value
+
+
+def _shutdown_ray() -> None:
+    """Stop the embedded Ray so its forwarded worker logs end before our last line."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_synth(args) -> None:
+    from pneumonia.synth import make_synthetic_dataset
+
+    try:
+        summary = make_synthetic_dataset(
+            args.out, n=args.n, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty
+        )
+    except (FileExistsError, ValueError) as error:
+        raise PneumoniaError(str(error)) from None
+    text = f"wrote {summary.total()} synthetic images to {summary.root}\n" + "\n".join(
+        f"  {split:<6} NORMAL {c['NORMAL']:>5}  PNEUMONIA {c['PNEUMONIA']:>5}  patients {summary.patients[split]}"
+        for split, c in summary.counts.items()
+    )
+    _emit({"root": str(summary.root), "counts": summary.counts, "patients": summary.patients}, args.json, text)
+
+
+def cmd_data_summarize(args) -> None:
+    from pneumonia.summary import summarize
+
+    summary = summarize(args.directory)
+    _emit(summary.to_json(), args.json, summary.format())
+
+
+def _train_overrides(args) -> dict[str, Any]:
+    from pneumonia.config import parse_set_option
+
+    overrides = {
+        "scaling.workers": args.workers,
+        "scaling.gpu": True if args.gpu else None,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.learning_rate": args.learning_rate,
+        "train.normal_class_weight": args.normal_weight,
+        "model.name": args.model,
+        "data.image_size": args.image_size,
+        "run.storage": args.storage,
+        "run.name": args.name,
+    }
+    overrides.update(parse_set_option(args.set or []))
+    return overrides
+
+
+def cmd_train(args) -> None:
+    from pneumonia.config import load_config, with_overrides
+    from pneumonia.train import train
+
+    overrides = _train_overrides(args)
+    config = with_overrides(load_config(args.config), overrides)
+    if args.resume and args.data is None:
+        data = None
+    elif args.data is None:
+        raise PneumoniaError("--data is required (a dataset root or a folder of class folders)")
+    else:
+        data = args.data
+    # On resume the stored config wins, except for what was given explicitly now (e.g. more epochs).
+    explicit = {key: value for key, value in overrides.items()
+                if key not in ("run.storage", "run.name") and value is not None}
+    result = train(
+        config,
+        data,
+        resume=args.resume,
+        overrides_on_resume=lambda stored: with_overrides(stored, explicit),
+        progress=lambda line: print(line, flush=True),
+    )
+    _shutdown_ray()
+    text = (
+        f"best checkpoint (epoch {result.best_epoch} of {result.epochs_completed}): {result.best_checkpoint}\n"
+        + "\n".join(f"  val {name:<12} {value:.4f}" for name, value in result.metrics.items())
+    )
+    _emit(_clean_nan(result.to_json()), args.json, text)
+
+
+def cmd_evaluate(args) -> None:
+    from pneumonia.evaluate import evaluate_checkpoint
+    from pneumonia.metrics import format_table
+
+    evaluation = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, threshold=args.threshold)
+    title = (f"{evaluation.split}: {evaluation.counts['NORMAL']} NORMAL, {evaluation.counts['PNEUMONIA']} PNEUMONIA"
+             + (f" ({evaluation.skipped} files skipped)" if evaluation.skipped else ""))
+    payload = {**evaluation.metrics, "split": evaluation.split, "skipped": evaluation.skipped}
+    _emit(_clean_nan(payload), args.json, format_table(evaluation.metrics, title))
+
+
+def cmd_demo(args) -> None:
+    """Synthetic data -> distributed training -> evaluation, on an embedded Ray."""
+    from pneumonia.config import ExperimentConfig, with_overrides
+    from pneumonia.evaluate import evaluate_checkpoint
+    from pneumonia.metrics import format_table
+    from pneumonia.synth import make_synthetic_dataset
+    from pneumonia.train import train
+
+    out = Path(args.out)
+    data = out / "data"
+    if data.exists() and any(data.iterdir()):
+        print(f"[1/3] using the synthetic dataset already in {data}")
+    else:
+        summary = make_synthetic_dataset(data, n=args.n, seed=0, image_size=128)
+        print(f"[1/3] wrote {summary.total()} synthetic X-rays to {data}")
+    config = with_overrides(ExperimentConfig(), {
+        "data.image_size": 64, "train.epochs": args.epochs, "train.batch_size": 32,
+        "scaling.workers": args.workers, "run.storage": str(out / "runs"), "run.keep_checkpoints": 2,
+    })
+    print(f"[2/3] training xraynet on {args.workers} Ray workers")
+    result = train(config, str(data), progress=lambda line: print(line, flush=True))
+    _shutdown_ray()
+    print(f"[3/3] evaluating the best checkpoint on the held-out synthetic test split")
+    evaluation = evaluate_checkpoint(result.best_checkpoint, str(data))
+    print(format_table(evaluation.metrics, f"test metrics ({evaluation.split})"))
+    print(f"best checkpoint: {result.best_checkpoint}")
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pneumonia", description="Train, tune and serve a chest X-ray pneumonia classifier on Ray."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="write a synthetic dataset in the Kermany layout")
+    synth.add_argument("--out", required=True, help="folder to create (must be empty or absent)")
+    synth.add_argument("--n", type=int, default=600, help="number of images (default 600)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=224)
+    synth.add_argument("--difficulty", type=float, default=1.0, help="higher is harder (default 1.0)")
+    synth.add_argument("--json", action="store_true")
+    synth.set_defaults(func=cmd_synth)
+
+    data = commands.add_parser("data", help="inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    summarize = data_commands.add_parser("summarize", help="counts, patients, sizes and problems")
+    summarize.add_argument("directory")
+    summarize.add_argument("--json", action="store_true")
+    summarize.set_defaults(func=cmd_data_summarize)
+
+    train = commands.add_parser("train", help="distributed training with Ray Train")
+    train.add_argument("--data", help="dataset root (train/ val/ test/) or a folder of class folders")
+    train.add_argument("--config", help="YAML experiment config (see tune_configs/)")
+    train.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
+    train.add_argument("--gpu", action="store_true", help="one GPU per worker, mixed precision")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="per worker")
+    train.add_argument("--learning-rate", "--lr", type=float, dest="learning_rate")
+    train.add_argument("--normal-weight", type=float, help="class weight of NORMAL relative to PNEUMONIA")
+    train.add_argument("--model", choices=["seed", "xraynet"])
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--storage", help="checkpoint storage: local folder or URI (default ./runs)")
+    train.add_argument("--name", help="run name (default train-<timestamp>)")
+    train.add_argument("--resume", action="store_true", help="continue the named (or latest) run")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. data.augment.enabled=true")
+    train.add_argument("--json", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a checkpoint on a split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", default="test", help="split to score (default test)")
+    evaluate.add_argument("--threshold", type=float, default=0.5)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    demo = commands.add_parser("demo", help="synthetic data -> distributed training -> evaluation")
+    demo.add_argument("--out", default="demo_out", help="working folder (default ./demo_out)")
+    demo.add_argument("--n", type=int, default=800)
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except PneumoniaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; a training run continues with `pneumonia train --resume`", file=sys.stderr)
+        return 130
+    finally:
+        _shutdown_ray()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Typed experiment configuration, loaded from YAML.
+
+One config format serves every step (train, tune, export): a YAML file with the sections below,
+validated on load so that a typo or an impossible value fails in the first second with a message
+that names the key, instead of an hour into a cluster run. Flags on the command line override
+single keys (``train.epochs=3``) and are validated the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pneumonia.errors import ConfigError
+
+
+class _Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are re-checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class AugmentConfig(_Section):
+    """Label-preserving augmentation for training only.
+
+    Small geometric and contrast changes that a real X-ray could show (patient position, exposure).
+    No flips: the heart is on the left, and a mirrored chest is not a plausible image.
+    """
+
+    enabled: bool = False
+    rotation_deg: float = Field(5.0, ge=0, le=20)
+    shift: float = Field(0.05, ge=0, le=0.2, description="fraction of the image size")
+    zoom: float = Field(0.05, ge=0, le=0.2)
+    contrast: float = Field(0.1, ge=0, le=0.5)
+
+
+class DataConfig(_Section):
+    """How images become tensors and how validation is carved out of train."""
+
+    image_size: int = Field(150, ge=16, le=1024, description="square side in pixels")
+    channels: Literal[1, 3] = 1
+    resize: Literal["stretch", "pad"] = Field(
+        "stretch",
+        description="stretch: resize to a square ignoring aspect ratio (as the original notebook "
+        "and the 224 px copy of the data do); pad: letterbox to a square first.",
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    cache: bool = Field(True, description="keep decoded images in memory after the first epoch")
+
+
+class ModelConfig(_Section):
+    name: Literal["seed", "xraynet"] = "xraynet"
+    dropout: float = Field(0.3, ge=0, lt=1)
+    width: int = Field(32, ge=4, le=256, description="filters of the first block (xraynet)")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(20, ge=1, le=4096, description="per worker")
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    normal_class_weight: float = Field(
+        1.0, gt=0, le=100, description="loss weight of NORMAL relative to PNEUMONIA (1.0)"
+    )
+    mixed_precision: bool | None = Field(
+        None, description="float16 compute; default: on with GPUs, off on CPUs"
+    )
+
+
+class ScalingSection(_Section):
+    workers: int = Field(2, ge=1, le=1024)
+    gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, le=256)
+
+
+class RunSection(_Section):
+    storage: str = Field("runs", description="local folder or pyarrow URI (s3://, gs://)")
+    name: str | None = Field(None, description="run name; default train-<timestamp>")
+    keep_checkpoints: int = Field(3, ge=1, le=100)
+    checkpoint_metric: str = "val_roc_auc"
+    checkpoint_mode: Literal["max", "min"] = "max"
+    max_failures: int = Field(2, ge=-1, le=100, description="worker failures to recover from; -1: always")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value.startswith(".")):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return value
+
+
+class ExperimentConfig(_Section):
+    """Everything one training run needs besides the data location."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict (as read from YAML); raise ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path | None) -> ExperimentConfig:
+    """Read a YAML config file; None gives the defaults."""
+    if path is None:
+        return ExperimentConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return config_from_dict(raw, source=str(path))
+
+
+def with_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """Return a copy with dotted keys replaced (``{"train.epochs": 3}``); None values are ignored."""
+    raw = config.model_dump()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key: {dotted}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key: {dotted}")
+        node[leaf] = value
+    return config_from_dict(raw, source="command-line overrides")
+
+
+def parse_set_option(items: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` items, with values read as YAML scalars (3, 0.1, true, adam)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)

@@ -1,0 +1,185 @@
+"""Input pipelines: records -> decoded uint8 arrays -> tf.data batches.
+
+Why tf.data over each worker's own file shard, and not Ray Data: every worker reads only its part
+of the file list (see ``pneumonia.data.shard``), decodes it in a thread pool (Pillow releases the
+GIL while decoding), and keeps it in memory, so from the second epoch on the input costs nothing.
+The whole official train split at 150 px is 117 MB of uint8, a rounding error next to a GPU
+node's memory, and measured decode throughput on 2 cores (docs/BENCHMARKS.md) is far above the
+CNN's training throughput, so a separate decoding tier would only add a hop. Ray Data pays off
+when a dataset does not fit in memory or CPU-only nodes must decode for GPU nodes; the streaming
+mode here (``cache=False``) covers the first case.
+
+Corrupt, truncated and empty files are skipped with a warning and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import pneumonia  # noqa: F401  (selects tf-keras before TensorFlow loads)
+from pneumonia.config import AugmentConfig
+from pneumonia.data import ImageRecord
+from pneumonia.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+from pneumonia.storage import read_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodedImages:
+    images: np.ndarray  # uint8, (n, size, size, channels)
+    labels: np.ndarray  # float32, (n,)
+    records: list[ImageRecord]  # the records that decoded, in order
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
+
+
+def _decode_record(record: ImageRecord, spec: PreprocessSpec) -> np.ndarray:
+    try:
+        data = read_bytes(record.location)
+    except OSError as error:
+        raise ImageDecodeError(f"cannot read: {error}") from None
+    return decode_image(data, spec)
+
+
+def decode_threads() -> int:
+    return max(2, min(16, (os.cpu_count() or 2) * 2))
+
+
+def load_images(
+    records: list[ImageRecord], spec: PreprocessSpec, threads: int | None = None
+) -> DecodedImages:
+    """Decode records in parallel; unreadable files are skipped, logged and counted."""
+    images = np.zeros((len(records), *spec.shape), dtype=np.uint8)
+    ok = np.zeros(len(records), dtype=bool)
+    failures: list[tuple[str, str]] = []
+
+    def work(index: int) -> None:
+        try:
+            images[index] = _decode_record(records[index], spec)
+            ok[index] = True
+        except ImageDecodeError as error:
+            failures.append((records[index].location, str(error)))
+
+    with ThreadPoolExecutor(max_workers=threads or decode_threads()) as pool:
+        list(pool.map(work, range(len(records))))
+    for location, reason in failures:
+        log.warning("skipping %s: %s", location, reason)
+    kept = [record for record, good in zip(records, ok) if good]
+    labels = np.array([record.label for record in kept], dtype=np.float32)
+    return DecodedImages(images[ok], labels, kept, failures)
+
+
+def augmentation_layers(config: AugmentConfig, seed: int):
+    """Keras preprocessing layers for label-preserving augmentation (training only)."""
+    import tensorflow as tf
+
+    layers = tf.keras.layers
+    steps = []
+    if config.rotation_deg > 0:
+        steps.append(layers.RandomRotation(config.rotation_deg / 360.0, fill_mode="constant", seed=seed))
+    if config.shift > 0:
+        steps.append(layers.RandomTranslation(config.shift, config.shift, fill_mode="constant", seed=seed + 1))
+    if config.zoom > 0:
+        steps.append(layers.RandomZoom(config.zoom, fill_mode="constant", seed=seed + 2))
+    if config.contrast > 0:
+        steps.append(layers.RandomContrast(config.contrast, seed=seed + 3))
+    return tf.keras.Sequential(steps, name="augment") if steps else None
+
+
+def training_dataset(
+    records: list[ImageRecord],
+    spec: PreprocessSpec,
+    batch_size: int,
+    augment: AugmentConfig,
+    seed: int,
+    cache: bool = True,
+    class_weights: tuple[float, float] = (1.0, 1.0),
+):
+    """An endless, shuffled, batched dataset of (image, label, weight) from this worker's records.
+
+    Endless because under MultiWorkerMirroredStrategy every worker must run the same number of
+    steps: the caller fixes ``steps_per_epoch`` and shards that differ by a few images (or lose a
+    corrupt file) simply wrap around. Returns (dataset, number of images that decoded or will be
+    streamed, failures found so far).
+    """
+    import tensorflow as tf
+
+    weights = np.asarray(class_weights, dtype=np.float32)
+    if cache:
+        decoded = load_images(records, spec)
+        if len(decoded.records) == 0:
+            raise ImageDecodeError("none of this worker's images could be decoded")
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (decoded.images, decoded.labels, weights[decoded.labels.astype(int)])
+        )
+        count, failures = len(decoded.records), decoded.failures
+    else:
+        dataset = _streaming_dataset(records, spec, weights)
+        count, failures = len(records), []
+    dataset = dataset.shuffle(min(count, 10_000), seed=seed, reshuffle_each_iteration=True).repeat()
+    dataset = dataset.batch(batch_size, drop_remainder=False)
+    augmenter = augmentation_layers(augment, seed) if augment.enabled else None
+    if augmenter is not None:
+        def apply(images, labels, sample_weights):
+            images = augmenter(tf.cast(images, tf.float32), training=True)
+            return tf.clip_by_value(images, 0.0, 255.0), labels, sample_weights
+        dataset = dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE), count, failures
+
+
+def _streaming_dataset(records: list[ImageRecord], spec: PreprocessSpec, weights: np.ndarray):
+    """Decode on the fly in parallel (for data larger than memory); bad files are filtered out."""
+    import tensorflow as tf
+
+    locations = np.array([record.location for record in records])
+    labels = np.array([record.label for record in records], dtype=np.float32)
+
+    def decode(location: bytes) -> tuple[np.ndarray, bool]:
+        try:
+            record = ImageRecord(location.decode(), 0, "", "", None)
+            return _decode_record(record, spec), True
+        except ImageDecodeError as error:
+            log.warning("skipping %s: %s", location.decode(), error)
+            return np.zeros(spec.shape, np.uint8), False
+
+    def load(location, label):
+        image, ok = tf.numpy_function(decode, [location], (tf.uint8, tf.bool))
+        image.set_shape(spec.shape)
+        return image, label, tf.gather(weights, tf.cast(label, tf.int32)), ok
+
+    dataset = tf.data.Dataset.from_tensor_slices((locations, labels))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.filter(lambda image, label, weight, ok: ok)
+    return dataset.map(lambda image, label, weight, ok: (image, label, weight))
+
+
+def predict_probabilities(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of PNEUMONIA for uint8 images, through a compiled call (not model.predict,
+    which costs about 100 ms of set-up per call)."""
+    import tensorflow as tf
+
+    if len(images) == 0:
+        return np.zeros(0, dtype=np.float32)
+    forward = _compiled_forward(model)
+    outputs = [
+        forward(tf.convert_to_tensor(images[start : start + batch_size])).numpy().reshape(-1)
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def _compiled_forward(model):
+    import tensorflow as tf
+
+    cached = getattr(model, "_pneumonia_forward", None)
+    if cached is None:
+        cached = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+        model._pneumonia_forward = cached
+    return cached

@@ -1,0 +1,139 @@
+"""Local paths and object-store URIs behind one small interface.
+
+On a cluster the images and checkpoints are not on every node, so everything that reads data or
+checkpoints accepts a local path or a URI that pyarrow understands (``s3://``, ``gs://``,
+``file://``). Local paths take the plain-``open`` fast path.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pneumonia.errors import DataError
+
+
+def is_uri(location: str) -> bool:
+    return "://" in str(location)
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(location: str):
+    """The pyarrow filesystem and in-filesystem path of a URI (cached: S3 clients are slow to make)."""
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except Exception as error:  # pyarrow raises several types for unknown schemes or bad URIs
+        raise DataError(f"cannot open {location}: {error}") from None
+
+
+def _split_uri(location: str):
+    """(filesystem, path inside it) for a URI; one cached client per bucket."""
+    scheme, _, rest = location.partition("://")
+    if scheme in ("s3", "gs", "gcs"):
+        bucket = rest.split("/", 1)[0]
+        fs, _ = _filesystem(f"{scheme}://{bucket}")
+        return fs, rest.rstrip("/")
+    return _filesystem(location)
+
+
+def read_bytes(location: str) -> bytes:
+    """Whole file contents from a local path or URI."""
+    if not is_uri(location):
+        with open(location, "rb") as handle:
+            return handle.read()
+    fs, path = _split_uri(location)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_text(location: str, text: str) -> None:
+    """Write a small text file to a local path (creating folders) or a URI."""
+    if not is_uri(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        Path(location).write_text(text)
+        return
+    fs, path = _split_uri(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def exists(location: str) -> bool:
+    if not is_uri(location):
+        return Path(location).exists()
+    import pyarrow.fs
+
+    fs, path = _split_uri(location)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    location: str  # path or URI, usable with read_bytes
+    relative: str  # path relative to the listed root, '/'-separated
+    size: int
+
+
+def list_files(root: str) -> list[FileEntry]:
+    """Every file under root, recursively, sorted by relative path (so runs are reproducible)."""
+    if not is_uri(root):
+        base = Path(root)
+        if not base.is_dir():
+            raise DataError(f"data folder not found: {root}")
+        entries = [
+            FileEntry(str(path), path.relative_to(base).as_posix(), path.stat().st_size)
+            for path in base.rglob("*")
+            if path.is_file()
+        ]
+        return sorted(entries, key=lambda entry: entry.relative)
+
+    import pyarrow.fs
+
+    fs, path = _split_uri(root)
+    info = fs.get_file_info(path)
+    if info.type != pyarrow.fs.FileType.Directory:
+        raise DataError(f"data folder not found: {root}")
+    prefix = root.rstrip("/")
+    entries = []
+    for item in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True)):
+        if item.type == pyarrow.fs.FileType.File:
+            relative = item.path[len(path.rstrip("/")) + 1 :]
+            entries.append(FileEntry(f"{prefix}/{relative}", relative, item.size or 0))
+    return sorted(entries, key=lambda entry: entry.relative)
+
+
+@contextmanager
+def local_directory(location: str) -> Iterator[Path]:
+    """A local copy of a directory given as a path or URI (a path is used in place)."""
+    if not is_uri(location):
+        path = Path(location)
+        if not path.is_dir():
+            raise DataError(f"folder not found: {location}")
+        yield path
+        return
+    import pyarrow.fs
+
+    fs, path = _split_uri(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        raise DataError(f"folder not found: {location}")
+    scratch = Path(tempfile.mkdtemp(prefix="pneumonia-"))
+    try:
+        pyarrow.fs.copy_files(path, str(scratch), source_filesystem=fs,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def join(location: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI."""
+    if is_uri(location):
+        return "/".join([location.rstrip("/"), *parts])
+    return str(Path(location, *parts))

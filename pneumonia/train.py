@@ -1,0 +1,372 @@
+"""Distributed training with Ray Train: a TensorflowTrainer running MultiWorkerMirroredStrategy.
+
+The driver (``train``) finds the data, carves validation out of train by patient, and starts N
+workers. Each worker (``train_worker``) decodes only its shard of the training images, fits the
+model under the strategy, and after every epoch scores the whole validation split exactly, saves a
+checkpoint and reports metrics. Ray keeps the best K checkpoints by a validation metric, replaces
+workers that die (``FailureConfig``) and, because every epoch is checkpointed, resumes from the last
+one instead of epoch 0. Re-running with the same run name (``--resume``) continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from pneumonia.config import ExperimentConfig, config_from_dict
+from pneumonia.data import (
+    ImageRecord,
+    class_counts,
+    discover,
+    shard,
+    split_by_patient,
+    training_records,
+)
+from pneumonia.errors import ConfigError, PneumoniaError
+from pneumonia.preprocess import PreprocessSpec
+from pneumonia.storage import exists, is_uri, join, list_files, read_bytes, write_text
+
+RUN_MANIFEST = "pneumonia_run.json"
+RESULT_FILE = "pneumonia_result.json"
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+"""Set in every Ray process before TensorFlow loads (Keras 3 cannot train multi-worker)."""
+
+REPORTED_VAL_METRICS = ("loss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best_checkpoint: str
+    metrics: dict[str, float]  # validation metrics of the best checkpoint
+    best_epoch: int
+    epochs_completed: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "best_checkpoint": self.best_checkpoint,
+            "metrics": self.metrics,
+            "best_epoch": self.best_epoch,
+            "epochs_completed": self.epochs_completed,
+            "run_dir": self.run_dir,
+        }
+
+
+def preprocess_spec(config: ExperimentConfig) -> PreprocessSpec:
+    return PreprocessSpec(config.data.image_size, config.data.channels, config.data.resize)
+
+
+def carve_validation(data_root: str, config: ExperimentConfig):
+    """(dataset, train records, validation records): the same carve for train, tune and export."""
+    dataset = discover(data_root)
+    records = training_records(dataset)
+    train_part, val_part = split_by_patient(records, config.data.val_fraction, config.data.seed)
+    if not val_part or not any(r.label == 0 for r in val_part) or not any(r.label == 1 for r in val_part):
+        raise PneumoniaError(
+            f"too few patients in {data_root} to carve a validation split with both classes "
+            f"(val_fraction={config.data.val_fraction}); add data or raise data.val_fraction"
+        )
+    return dataset, train_part, val_part
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _records_to_rows(records: list[ImageRecord]) -> list[tuple]:
+    return [(r.location, r.label, r.patient_id, r.subtype, r.split) for r in records]
+
+
+def _rows_to_records(rows: list) -> list[ImageRecord]:
+    return [ImageRecord(*row) for row in rows]
+
+
+def format_epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {metrics['epoch']:>3}/{epochs}"
+        f"  loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} auc {metrics['roc_auc']:.3f}"
+        f" | val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.3f}"
+        f" prec {metrics['val_precision']:.3f} rec {metrics['val_recall']:.3f}"
+        f" roc_auc {metrics['val_roc_auc']:.4f} pr_auc {metrics['val_pr_auc']:.4f}"
+        f" | {metrics['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s"
+    )
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import tensorflow as tf
+
+    from pneumonia.checkpoint import CheckpointInfo, load_model_from_directory, read_info, save_checkpoint
+    from pneumonia.metrics import binary_metrics
+    from pneumonia.models import build_model, compile_model
+    from pneumonia.pipeline import load_images, predict_probabilities, training_dataset
+
+    config = config_from_dict(loop_config["config"])
+    train_records = _rows_to_records(loop_config["train"])
+    val_records = _rows_to_records(loop_config["val"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = max(1, int(config.scaling.cpus_per_worker))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+    mixed = config.train.mixed_precision if config.train.mixed_precision is not None else config.scaling.gpu
+    if mixed:
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    spec = preprocess_spec(config)
+    batch_size = config.train.batch_size
+    dataset, _, failures = training_dataset(
+        shard(train_records, rank, world),
+        spec,
+        batch_size=batch_size,
+        augment=config.data.augment,
+        seed=config.data.seed + rank,
+        cache=config.data.cache,
+        class_weights=(config.train.normal_class_weight, 1.0),
+    )
+    steps_per_epoch = max(1, math.ceil(len(train_records) / (world * batch_size)))
+    # Every worker scores the whole (small) validation split the same way: the forward pass reads
+    # synchronised variables, so all workers must run it together; the metrics are then exact.
+    validation = load_images(val_records, spec)
+    if rank == 0 and (failures or validation.failures):
+        print(f"[pneumonia] skipped {len(failures)} unreadable training and "
+              f"{len(validation.failures)} validation images on rank 0 (see warnings)", flush=True)
+
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                start_epoch = read_info(directory).epoch
+                model = load_model_from_directory(directory, compile=True)
+            if rank == 0:
+                print(f"[pneumonia] resuming from checkpoint after epoch {start_epoch}", flush=True)
+        else:
+            start_epoch = 0
+            model = build_model(config.model, spec.shape)
+            compile_model(model, config.train.optimizer, config.train.learning_rate)
+
+    class ReportEpoch(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            elapsed = time.perf_counter() - self.started
+            probabilities = predict_probabilities(model, validation.images)
+            val = binary_metrics(validation.labels, probabilities)
+            metrics: dict[str, Any] = {name: float(value) for name, value in (logs or {}).items()}
+            metrics.update({f"val_{name}": val[name] for name in REPORTED_VAL_METRICS})
+            metrics.update(
+                epoch=epoch + 1,
+                start_epoch=start_epoch,
+                epoch_time_s=elapsed,
+                images_per_s=steps_per_epoch * batch_size * world / elapsed,
+            )
+            info = CheckpointInfo(epoch=epoch + 1, config=config.model_dump(), preprocess=spec,
+                                  metrics={k: v for k, v in metrics.items() if k.startswith("val_")})
+            with tempfile.TemporaryDirectory(prefix="pneumonia-ckpt-") as directory:
+                # Under MultiWorkerMirroredStrategy every worker must save, or saving deadlocks;
+                # only rank 0's copy is reported (and so persisted).
+                save_checkpoint(directory, model, info)
+                if rank == 0:
+                    print("[pneumonia] " + format_epoch_line(metrics, config.train.epochs), flush=True)
+                reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+                ray.train.report(metrics, checkpoint=reported)
+
+    if start_epoch >= config.train.epochs:
+        return
+    model.fit(
+        dataset,
+        epochs=config.train.epochs,
+        initial_epoch=start_epoch,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=[ReportEpoch()],
+        verbose=0,
+    )
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS") or None,
+        runtime_env={"env_vars": WORKER_ENV},
+        include_dashboard=False,
+        log_to_driver=True,
+        logging_level="WARNING",
+    )
+
+
+def check_resources(config: ExperimentConfig) -> None:
+    """Fail fast when the cluster can never fit the run (Ray would wait forever instead)."""
+    import ray
+
+    available = ray.cluster_resources()
+    wanted_cpus = config.scaling.workers * config.scaling.cpus_per_worker
+    problems = []
+    if available.get("CPU", 0) < wanted_cpus:
+        problems.append(
+            f"{config.scaling.workers} workers x {config.scaling.cpus_per_worker} CPUs = {wanted_cpus:g} CPUs, "
+            f"but the cluster has {available.get('CPU', 0):g}"
+        )
+    if config.scaling.gpu and available.get("GPU", 0) < config.scaling.workers:
+        problems.append(
+            f"{config.scaling.workers} workers x 1 GPU, but the cluster has {available.get('GPU', 0):g} GPUs"
+        )
+    if not problems:
+        return
+    message = "not enough resources: " + "; ".join(problems) + " (lower --workers or scaling.cpus_per_worker)"
+    if os.environ.get("RAY_ADDRESS"):
+        # An autoscaling cluster may still add nodes: warn, do not fail.
+        print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)
+        return
+    raise ConfigError(message)
+
+
+def resolve_storage(storage: str) -> str:
+    """Ray needs an absolute local path or a URI."""
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def latest_run(storage: str) -> str:
+    """The most recently started run in storage (by its manifest's creation time)."""
+    candidates = []
+    try:
+        entries = list_files(storage)
+    except PneumoniaError:
+        entries = []
+    for entry in entries:
+        parts = entry.relative.split("/")
+        if len(parts) == 2 and parts[1] == RUN_MANIFEST:
+            manifest = json.loads(read_bytes(entry.location))
+            candidates.append((manifest.get("created", ""), parts[0]))
+    if not candidates:
+        raise PneumoniaError(f"--resume: no earlier run found in {storage}")
+    return max(candidates)[1]
+
+
+def load_manifest(storage: str, name: str) -> dict[str, Any]:
+    location = join(storage, name, RUN_MANIFEST)
+    if not exists(location):
+        raise PneumoniaError(f"--resume: run {name!r} not found in {storage}")
+    return json.loads(read_bytes(location))
+
+
+def train(
+    config: ExperimentConfig,
+    data_root: str,
+    resume: bool = False,
+    overrides_on_resume: Callable[[ExperimentConfig], ExperimentConfig] | None = None,
+    progress: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train on data_root with the given config; returns the best checkpoint and its metrics.
+
+    With ``resume``, the run named in ``config.run.name`` (or the latest in storage) continues
+    from its last checkpoint, with its stored config and data (``overrides_on_resume`` may
+    change them, e.g. to add epochs).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    storage = resolve_storage(config.run.storage)
+    if resume:
+        name = config.run.name or latest_run(storage)
+        manifest = load_manifest(storage, name)
+        config = config_from_dict(manifest["config"], source=f"run {name}")
+        if overrides_on_resume:
+            config = overrides_on_resume(config)
+        data_root = manifest["data"]
+        progress(f"resuming run {name} from {join(storage, name)}")
+    else:
+        name = config.run.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
+        if exists(join(storage, name, RUN_MANIFEST)):
+            raise PneumoniaError(
+                f"run {name!r} already exists in {storage}: pass --resume to continue it, or another --name"
+            )
+    config = config.model_copy(update={"run": config.run.model_copy(update={"name": name, "storage": storage})})
+
+    dataset, train_part, val_part = carve_validation(data_root, config)
+    progress(
+        f"data {data_root}: train {class_counts(train_part)} / validation {class_counts(val_part)} "
+        f"({len({r.patient_id for r in val_part})} patients held out)"
+        + (f"; skipped {len(dataset.skipped)} non-image files" if dataset.skipped else "")
+    )
+    write_text(
+        join(storage, name, RUN_MANIFEST),
+        json.dumps({"name": name, "data": data_root, "config": config.model_dump(),
+                    "created": datetime.now(timezone.utc).isoformat()}, indent=2),
+    )
+
+    init_ray()
+    check_resources(config)
+    progress(
+        f"training {config.model.name} on {config.scaling.workers} worker(s)"
+        f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
+    )
+    trainer = TensorflowTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.model_dump(),
+            "train": _records_to_rows(train_part),
+            "val": _records_to_rows(val_part),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.workers,
+            use_gpu=config.scaling.gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if config.scaling.gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.run.keep_checkpoints,
+                checkpoint_score_attribute=config.run.checkpoint_metric,
+                checkpoint_score_order=config.run.checkpoint_mode,
+            ),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:  # Ray wraps worker errors; keep the cause, drop the stack
+        cause = getattr(error, "__cause__", None) or error
+        raise PneumoniaError(f"training failed: {type(cause).__name__}: {cause}") from error
+    return _summarize(result, config, storage, name)
+
+
+def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> TrainResult:
+    best = result.best_checkpoints or []
+    if not best:
+        raise PneumoniaError("training finished without a checkpoint")
+    sign = 1 if config.run.checkpoint_mode == "max" else -1
+    checkpoint, metrics = max(best, key=lambda item: sign * item[1].get(config.run.checkpoint_metric, -math.inf))
+    history = []
+    if result.metrics_dataframe is not None:
+        history = result.metrics_dataframe.to_dict(orient="records")
+    summary = TrainResult(
+        run_dir=join(storage, name),
+        best_checkpoint=checkpoint.path if is_uri(storage) else str(Path(checkpoint.path)),
+        metrics={key: float(metrics[f"val_{key}"]) for key in REPORTED_VAL_METRICS if f"val_{key}" in metrics},
+        best_epoch=int(metrics.get("epoch", 0)),
+        epochs_completed=int((result.metrics or {}).get("epoch", 0)),
+        history=history,
+    )
+    if is_uri(storage) and not summary.best_checkpoint.startswith(storage.split("://")[0]):
+        summary.best_checkpoint = f"{storage.split('://')[0]}://{summary.best_checkpoint}"
+    write_text(join(storage, name, RESULT_FILE), json.dumps(asdict(summary), indent=2, default=float))
+    return summary
