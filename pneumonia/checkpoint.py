@@ -63,7 +63,8 @@ class CheckpointInfo:
 def save_checkpoint(directory: str | Path, model, info: CheckpointInfo) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save(directory / MODEL_FILE)
+    # save_format explicit: tf-keras silently falls back to HDF5 after its first save in a thread.
+    model.save(str(directory / MODEL_FILE), save_format="keras_v3")
     (directory / INFO_FILE).write_text(info.to_json())
     return directory
 
@@ -86,7 +87,7 @@ def load_model_from_directory(directory: str | Path, compile: bool = False):
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {MODEL_FILE}")
     try:
-        return tf.keras.models.load_model(path, compile=compile)
+        return tf.keras.models.load_model(str(path), compile=compile)
     except Exception as error:  # Keras raises many types for a damaged file
         raise CheckpointError(f"cannot load {path}: {error}") from None
 

@@ -162,9 +162,14 @@ def parse_set_option(items: list[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip() or not value.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {key.strip()}: cannot read value {value!r} "
+                              f"({getattr(error, 'problem', None) or error}); "
+                              "quote it if it is text") from None
     return overrides
 
 

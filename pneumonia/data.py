@@ -24,7 +24,7 @@ from pneumonia.storage import list_files
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".webp"})
 
-_PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_\d+$", re.IGNORECASE)
+_PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_\d+(?:_\d+)*$", re.IGNORECASE)
 _NORMAL = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
 
 
@@ -85,8 +85,8 @@ def _label_of(folder: str) -> int | None:
 def discover(root: str) -> Dataset:
     """List every labelled image under root (path or URI).
 
-    Raises DataError when the root is missing, has neither split nor class folders, or a split
-    has no images of one class. Files that are not images by extension (and hidden files) are
+    Raises DataError when the root is missing or holds no labelled images, or mixes the two
+    layouts (``training_records``/``evaluation_records`` then check that both classes are there). Files that are not images by extension (and hidden files) are
     skipped and listed in ``Dataset.skipped``; unreadable image contents are found at decode time.
     """
     entries = list_files(root)

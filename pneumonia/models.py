@@ -49,7 +49,9 @@ def build_xraynet(
 
     def conv_bn(x, filters, strides=1, name=None):
         x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
-        x = layers.BatchNormalization()(x)
+        # momentum 0.9: an epoch of a few thousand images is only ~100 steps, and the default
+        # 0.99 leaves the inference statistics far from the data for the first epochs.
+        x = layers.BatchNormalization(momentum=0.9)(x)
         return layers.ReLU()(x)
 
     x = conv_bn(x, width // 2, strides=2, name="stem")

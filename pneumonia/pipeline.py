@@ -24,6 +24,7 @@ import numpy as np
 import pneumonia  # noqa: F401  (selects tf-keras before TensorFlow loads)
 from pneumonia.config import AugmentConfig
 from pneumonia.data import ImageRecord
+from pneumonia.errors import PneumoniaError
 from pneumonia.preprocess import ImageDecodeError, PreprocessSpec, decode_image
 from pneumonia.storage import read_bytes
 
@@ -41,7 +42,7 @@ class DecodedImages:
 def _decode_record(record: ImageRecord, spec: PreprocessSpec) -> np.ndarray:
     try:
         data = read_bytes(record.location)
-    except OSError as error:
+    except (OSError, PneumoniaError) as error:
         raise ImageDecodeError(f"cannot read: {error}") from None
     return decode_image(data, spec)
 

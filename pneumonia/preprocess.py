@@ -20,6 +20,7 @@ Choices and why:
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -145,7 +146,10 @@ def decode_image(
         image = _resize(image, spec.image_size, spec.resize)
     except ImageDecodeError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            TypeError, OverflowError, IndexError, struct.error) as error:
+        # Pillow's plugins fail on corrupt headers with TypeError/OverflowError/... too (a TIFF
+        # whose StripOffsets tag has the wrong type); callers must see one exception type.
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
     pixels = np.asarray(image, dtype=np.uint8)
     if pixels.ndim == 2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import shutil
 import tempfile
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,11 +102,15 @@ def list_files(root: str) -> list[FileEntry]:
     if info.type != pyarrow.fs.FileType.Directory:
         raise DataError(f"data folder not found: {root}")
     prefix = root.rstrip("/")
+    scheme = root.partition("://")[0]
     entries = []
     for item in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True)):
         if item.type == pyarrow.fs.FileType.File:
             relative = item.path[len(path.rstrip("/")) + 1 :]
-            entries.append(FileEntry(f"{prefix}/{relative}", relative, item.size or 0))
+            # read_bytes takes s3/gs paths verbatim but parses other URIs (file://) again, so
+            # there a name with a space or '%' must be escaped to stay readable.
+            name = relative if scheme in ("s3", "gs", "gcs") else urllib.parse.quote(relative)
+            entries.append(FileEntry(f"{prefix}/{name}", relative, item.size or 0))
     return sorted(entries, key=lambda entry: entry.relative)
 
 

@@ -11,8 +11,9 @@ from typing import Any
 from PIL import Image
 
 from pneumonia.data import Dataset, discover
+from pneumonia.errors import PneumoniaError
 from pneumonia.pipeline import decode_threads
-from pneumonia.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+from pneumonia.preprocess import PreprocessSpec, decode_image
 from pneumonia.storage import read_bytes
 
 _PROBE = PreprocessSpec(image_size=32)  # full decode (catches truncation) at a cheap draft scale
@@ -69,7 +70,7 @@ def _probe(location: str) -> tuple[tuple[int, int] | None, str | None]:
         decode_image(data, _PROBE)
         with Image.open(io.BytesIO(data)) as image:
             return image.size, None
-    except (ImageDecodeError, OSError) as error:
+    except (PneumoniaError, OSError) as error:
         return None, str(error)
 
 

@@ -11,6 +11,7 @@ one instead of epoch 0. Re-running with the same run name (``--resume``) continu
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -36,7 +37,15 @@ from pneumonia.storage import exists, is_uri, join, list_files, read_bytes, writ
 
 RUN_MANIFEST = "pneumonia_run.json"
 RESULT_FILE = "pneumonia_result.json"
-WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+HISTORY_FILE = "history.json"
+WORKER_ENV = {
+    "TF_USE_LEGACY_KERAS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Ray Train v2 re-logs worker prints; ours are already one line per epoch.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # ... and logs every report at INFO level to the console; the log files are enough.
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+}
 """Set in every Ray process before TensorFlow loads (Keras 3 cannot train multi-worker)."""
 
 REPORTED_VAL_METRICS = ("loss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
@@ -105,6 +114,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import tensorflow as tf
 
+    # Keep worker output to one line per epoch: TF logs every collective at INFO level.
+    tf.get_logger().setLevel("ERROR")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" per epoch
+
     from pneumonia.checkpoint import CheckpointInfo, load_model_from_directory, read_info, save_checkpoint
     from pneumonia.metrics import binary_metrics
     from pneumonia.models import build_model, compile_model
@@ -155,6 +168,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             model = build_model(config.model, spec.shape)
             compile_model(model, config.train.optimizer, config.train.learning_rate)
 
+    # Every epoch's metrics, kept in storage (Ray keeps only those of the best K checkpoints).
+    # After a restart, epochs past the checkpoint we resumed from are dropped: they are redone.
+    history_location = join(config.run.storage, config.run.name, HISTORY_FILE)
+    history = [row for row in _read_history(history_location) if row["epoch"] <= start_epoch]
+
     class ReportEpoch(tf.keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.started = time.perf_counter()
@@ -179,6 +197,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 save_checkpoint(directory, model, info)
                 if rank == 0:
                     print("[pneumonia] " + format_epoch_line(metrics, config.train.epochs), flush=True)
+                    history.append(metrics)
+                    write_text(history_location, json.dumps(history, indent=1))
                 reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
                 ray.train.report(metrics, checkpoint=reported)
 
@@ -194,6 +214,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )
 
 
+def _read_history(location: str) -> list[dict[str, Any]]:
+    return json.loads(read_bytes(location)) if exists(location) else []
+
+
 # ----------------------------------------------------------------------------- driver side
 
 
@@ -206,7 +230,6 @@ def init_ray() -> None:
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None,
         runtime_env={"env_vars": WORKER_ENV},
-        include_dashboard=False,
         log_to_driver=True,
         logging_level="WARNING",
     )
@@ -355,15 +378,13 @@ def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> Tra
         raise PneumoniaError("training finished without a checkpoint")
     sign = 1 if config.run.checkpoint_mode == "max" else -1
     checkpoint, metrics = max(best, key=lambda item: sign * item[1].get(config.run.checkpoint_metric, -math.inf))
-    history = []
-    if result.metrics_dataframe is not None:
-        history = result.metrics_dataframe.to_dict(orient="records")
+    history = _read_history(join(storage, name, HISTORY_FILE))
     summary = TrainResult(
         run_dir=join(storage, name),
         best_checkpoint=checkpoint.path if is_uri(storage) else str(Path(checkpoint.path)),
         metrics={key: float(metrics[f"val_{key}"]) for key in REPORTED_VAL_METRICS if f"val_{key}" in metrics},
         best_epoch=int(metrics.get("epoch", 0)),
-        epochs_completed=int((result.metrics or {}).get("epoch", 0)),
+        epochs_completed=int(history[-1]["epoch"]) if history else int(metrics.get("epoch", 0)),
         history=history,
     )
     if is_uri(storage) and not summary.best_checkpoint.startswith(storage.split("://")[0]):

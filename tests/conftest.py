@@ -1,0 +1,46 @@
+"""Shared fixtures: a synthetic dataset, the real data folder (when present) and one local Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import pneumonia  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data with the real chest X-rays; tests using it skip cleanly when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A 1,000-image synthetic dataset at 64 px (train/val/test), made once per test session."""
+    from pneumonia.synth import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "chest_xray"
+    make_synthetic_dataset(root, n=1000, seed=7, image_size=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray for the whole session (starting Ray costs several seconds).
+
+    Four logical CPUs on a 2-core machine: two training workers plus headroom, so that nothing
+    waits forever for resources the machine does not declare.
+    """
+    import ray
+
+    from pneumonia.train import WORKER_ENV
+
+    ray.init(num_cpus=4, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,184 @@
+"""Distributed training on a local Ray: it learns, checkpoints load anywhere, failures recover."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumonia.config import ExperimentConfig, with_overrides
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+
+def small_config(storage: Path, **overrides) -> ExperimentConfig:
+    base = {
+        "data.image_size": 64,
+        "train.batch_size": 16,
+        "train.epochs": 12,
+        "scaling.workers": 2,
+        "run.storage": str(storage),
+        "run.keep_checkpoints": 2,
+    }
+    base.update(overrides)
+    return with_overrides(ExperimentConfig(), base)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, synthetic_data, tmp_path_factory):
+    from pneumonia.train import train
+
+    storage = tmp_path_factory.mktemp("runs")
+    result = train(small_config(storage, **{"run.name": "learns"}), str(synthetic_data), progress=lambda _: None)
+    return result
+
+
+def test_two_workers_learn_the_synthetic_signal(trained):
+    assert trained.epochs_completed == 12
+    assert trained.metrics["roc_auc"] >= 0.9, trained.metrics
+    assert trained.metrics["pr_auc"] >= 0.9, trained.metrics
+    assert set(trained.metrics) >= {"roc_auc", "pr_auc", "precision", "recall", "accuracy", "loss"}
+    # Every epoch reported train and validation metrics.
+    epochs = [row["epoch"] for row in trained.history]
+    assert epochs == list(range(1, 13))
+    assert all("val_roc_auc" in row and "roc_auc" in row for row in trained.history)
+
+
+def test_keeps_only_the_best_k_checkpoints(trained):
+    run_dir = Path(trained.run_dir)
+    kept = sorted(path for path in run_dir.glob("checkpoint_*") if path.is_dir())
+    # The best two by validation ROC-AUC, plus the latest one if it is not among them (for resume).
+    assert 2 <= len(kept) <= 3, kept
+    assert Path(trained.best_checkpoint) in kept
+    best_auc = trained.metrics["roc_auc"]
+    assert best_auc == max(row["val_roc_auc"] for row in trained.history)
+
+
+def test_checkpoint_loads_in_a_fresh_process_with_identical_predictions(trained, synthetic_data, tmp_path):
+    from pneumonia.checkpoint import load_checkpoint
+    from pneumonia.data import discover, evaluation_records
+    from pneumonia.pipeline import load_images, predict_probabilities
+
+    model, info = load_checkpoint(trained.best_checkpoint)
+    records = evaluation_records(discover(str(synthetic_data)))[:40]
+    images = load_images(records, info.preprocess).images
+    here = predict_probabilities(model, images)
+
+    np.save(tmp_path / "images.npy", images)
+    script = (
+        "import sys, numpy as np\n"
+        "from pneumonia.checkpoint import load_checkpoint\n"
+        "from pneumonia.pipeline import predict_probabilities\n"
+        "model, _ = load_checkpoint(sys.argv[1])\n"
+        "np.save(sys.argv[3], predict_probabilities(model, np.load(sys.argv[2])))\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, trained.best_checkpoint, str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
+        check=True, timeout=120,
+    )
+    there = np.load(tmp_path / "out.npy")
+    np.testing.assert_allclose(here, there, atol=1e-6)
+    assert info.preprocess.image_size == 64 and info.preprocess.channels == 1
+
+
+def test_evaluate_cli_prints_metrics_as_json(trained, synthetic_data):
+    from pneumonia.data import discover, evaluation_records
+
+    test_images = len(evaluation_records(discover(str(synthetic_data))))
+    completed = subprocess.run(
+        [sys.executable, "-m", "pneumonia.cli", "evaluate", "--checkpoint", trained.best_checkpoint,
+         "--data", str(synthetic_data), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    metrics = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert metrics["split"] == "test"
+    assert metrics["n"] == test_images
+    assert metrics["roc_auc"] >= 0.85
+    for name in ("accuracy", "precision", "recall", "specificity", "f1", "pr_auc", "loss"):
+        assert 0 <= metrics[name] <= (1 if name != "loss" else 100)
+
+
+def _worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [actor.pid for actor in actors if actor.pid]
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_cluster, synthetic_data, tmp_path):
+    from pneumonia.train import train
+
+    config = small_config(tmp_path, **{"train.epochs": 24, "run.name": "killed", "run.max_failures": 2})
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = train(config, str(synthetic_data), progress=lambda _: None)
+        except BaseException as error:  # surfaced by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    run_dir = tmp_path / "killed"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) < 2:
+        time.sleep(0.2)
+    assert thread.is_alive(), outcome
+    pids = _worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.epochs_completed == 24
+    restarted = [row for row in result.history if row.get("start_epoch", 0) > 0]
+    assert restarted, "training restarted from epoch 0 after the worker was killed"
+    assert min(row["start_epoch"] for row in restarted) >= 2
+    assert set(_worker_pids()).isdisjoint(pids) or not _worker_pids()
+
+
+def test_resume_continues_an_interrupted_run(ray_cluster, synthetic_data, tmp_path):
+    from pneumonia.config import with_overrides
+    from pneumonia.train import train
+
+    first = train(small_config(tmp_path, **{"train.epochs": 2, "run.name": "resumable"}), str(synthetic_data),
+                  progress=lambda _: None)
+    assert first.epochs_completed == 2
+    second = train(
+        small_config(tmp_path, **{"run.name": "resumable"}),
+        None,
+        resume=True,
+        overrides_on_resume=lambda stored: with_overrides(stored, {"train.epochs": 4}),
+        progress=lambda _: None,
+    )
+    assert second.epochs_completed == 4
+    new_rows = [row for row in second.history if row["epoch"] > 2]
+    assert [row["start_epoch"] for row in new_rows] == [2, 2]
+
+
+def test_a_new_run_refuses_to_overwrite_an_existing_one(ray_cluster, synthetic_data, tmp_path):
+    from pneumonia.errors import PneumoniaError
+    from pneumonia.train import RUN_MANIFEST, train
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / RUN_MANIFEST).write_text("{}")
+    with pytest.raises(PneumoniaError, match="already exists"):
+        train(small_config(tmp_path, **{"run.name": "taken"}), str(synthetic_data), progress=lambda _: None)
+
+
+def test_more_workers_than_cpus_fails_fast_instead_of_waiting(ray_cluster, synthetic_data, tmp_path):
+    from pneumonia.errors import ConfigError
+    from pneumonia.train import train
+
+    with pytest.raises(ConfigError, match="not enough resources"):
+        train(small_config(tmp_path, **{"scaling.workers": 64}), str(synthetic_data), progress=lambda _: None)
