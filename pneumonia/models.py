@@ -40,7 +40,7 @@ def build_xraynet(
     Why this shape: a strided stem cuts the first (most expensive) layer's cost by 4x; batch norm
     makes training stable at higher learning rates; global average pooling replaces the seed's
     3.2M-parameter dense layer, which over-fits a 5k-image dataset; dropout before the classifier
-    regularises further. At 150 px it needs about half the seed's multiply-adds and a tenth of
+    regularises further. At 150 px it needs 56% of the seed's multiply-adds and 16% of
     its parameters (see docs/BENCHMARKS.md).
     """
     layers = tf.keras.layers
@@ -99,6 +99,9 @@ def compile_model(model: tf.keras.Model, optimizer: str, learning_rate: float) -
         loss=tf.keras.losses.BinaryCrossentropy(),
         metrics=keras_metrics(),
         weighted_metrics=[],
+        # Several steps per compiled call: less Python and GIL work per batch, which matters in a
+        # Ray worker whose process also runs Ray's own threads (bench/train_throughput.py).
+        steps_per_execution=8,
     )
 
 

@@ -135,7 +135,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if mixed:
         tf.keras.mixed_precision.set_global_policy("mixed_float16")
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # One worker needs no collectives: the default strategy avoids MultiWorkerMirroredStrategy's
+    # per-step all-reduce overhead (measured in bench/train_throughput.py).
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     spec = preprocess_spec(config)
     batch_size = config.train.batch_size
     dataset, _, failures = training_dataset(
