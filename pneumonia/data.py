@@ -13,13 +13,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from pneumonia import CLASS_NAMES
 from pneumonia.errors import DataError
-from pneumonia.storage import list_files
+from pneumonia.storage import is_uri, list_files
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".webp"})
@@ -89,6 +89,9 @@ def discover(root: str) -> Dataset:
     layouts (``training_records``/``evaluation_records`` then check that both classes are there). Files that are not images by extension (and hidden files) are
     skipped and listed in ``Dataset.skipped``; unreadable image contents are found at decode time.
     """
+    if not is_uri(root):
+        # Absolute, because Ray workers run in another working directory.
+        root = str(Path(root).expanduser().resolve())
     entries = list_files(root)
     if not entries:
         raise DataError(f"no files under {root}")

@@ -164,8 +164,9 @@ def test_resume_continues_an_interrupted_run(ray_cluster, synthetic_data, tmp_pa
     from pneumonia.config import with_overrides
     from pneumonia.train import train
 
-    first = train(small_config(tmp_path, **{"train.epochs": 2, "run.name": "resumable"}), str(synthetic_data),
-                  progress=lambda _: None)
+    # A relative data path must work too: Ray workers run in another working directory.
+    first = train(small_config(tmp_path, **{"train.epochs": 2, "run.name": "resumable"}),
+                  os.path.relpath(synthetic_data), progress=lambda _: None)
     assert first.epochs_completed == 2
     second = train(
         small_config(tmp_path, **{"run.name": "resumable"}),
