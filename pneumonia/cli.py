@@ -126,15 +126,76 @@ def cmd_train(args) -> None:
     _emit(_clean_nan(result.to_json()), args.json, text)
 
 
+def cmd_tune(args) -> None:
+    from pneumonia.config import load_config, parse_set_option, with_overrides
+    from pneumonia.tune import tune
+
+    overrides = {"run.storage": args.storage, "run.name": args.name, "tune.num_samples": args.samples}
+    overrides.update(parse_set_option(args.set or []))
+    config = with_overrides(load_config(args.config), overrides)
+    if not args.resume and args.data is None:
+        raise PneumoniaError("--data is required (a dataset root or a folder of class folders)")
+    result = tune(config, args.data, resume=args.resume, progress=lambda line: print(line, flush=True))
+    _shutdown_ray()
+    lines = [f"{'trial':<10}{'objective':>10}{'pr_auc':>8}{'epochs':>7}  params"]
+    for trial in result.trials:
+        params = ", ".join(f"{k[6:]}={_short(v)}" for k, v in trial.items() if k.startswith("param:"))
+        objective = "-" if trial["objective"] is None else f"{trial['objective']:.4f}"
+        pr_auc = "-" if trial["pr_auc"] is None else f"{trial['pr_auc']:.4f}"
+        lines.append(f"{trial['trial_id']:<10}{objective:>10}{pr_auc:>8}{trial['epochs']:>7}  {params}")
+    lines += [
+        f"best: precision {result.objective:.4f} at recall >= {config.objective.target_recall} "
+        f"(threshold {result.threshold:.4f}); checkpoint {result.best_checkpoint}",
+        f"results: {result.results_csv}; plots: {', '.join(result.plots)}",
+    ]
+    _emit(_clean_nan(result.to_json()), args.json, "\n".join(lines))
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def cmd_evaluate(args) -> None:
-    from pneumonia.evaluate import evaluate_checkpoint
+    from pneumonia.evaluate import evaluate_artifact, evaluate_checkpoint
     from pneumonia.metrics import format_table
 
-    evaluation = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, threshold=args.threshold)
+    if (args.checkpoint is None) == (args.artifact is None):
+        raise PneumoniaError("pass exactly one of --checkpoint and --artifact")
+    if args.artifact is not None:
+        evaluation = evaluate_artifact(args.artifact, args.data, split=args.split, threshold=args.threshold)
+        source = {"artifact": args.artifact}
+    else:
+        threshold = 0.5 if args.threshold is None else args.threshold
+        evaluation = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, threshold=threshold)
+        source = {"checkpoint": args.checkpoint}
     title = (f"{evaluation.split}: {evaluation.counts['NORMAL']} NORMAL, {evaluation.counts['PNEUMONIA']} PNEUMONIA"
              + (f" ({evaluation.skipped} files skipped)" if evaluation.skipped else ""))
-    payload = {**evaluation.metrics, "split": evaluation.split, "skipped": evaluation.skipped}
-    _emit(_clean_nan(payload), args.json, format_table(evaluation.metrics, title))
+    payload = {**evaluation.metrics, "split": evaluation.split, "skipped": evaluation.skipped, **source}
+    text = format_table(evaluation.metrics, title)
+    if args.report:
+        from pneumonia.report import write_report
+
+        files = write_report(
+            args.report, evaluation.labels, evaluation.probabilities, evaluation.metrics["threshold"],
+            title=f"Pneumonia classifier on {evaluation.split}",
+            details={**source, "data": args.data, "split": evaluation.split, "skipped files": evaluation.skipped},
+            groups=evaluation.patient_ids,
+        )
+        summary = json.loads(files.json.read_text())
+        payload["intervals"] = {name: {"low": item["low"], "high": item["high"]}
+                                for name, item in summary["metrics"].items() if item.get("low") is not None}
+        payload["report"] = str(files.html)
+        text += f"\nreport: {files.html} (95% CIs by patient bootstrap in {files.json})"
+    _emit(_clean_nan(payload), args.json, text)
+
+
+def cmd_export(args) -> None:
+    from pneumonia.export import export
+
+    exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name)
+    text = (f"exported {exported.version} to {exported.artifact}\n"
+            f"  threshold {exported.threshold:.4f} (target recall {exported.target_recall})")
+    _emit(_clean_nan(exported.to_json()), args.json, text)
 
 
 def cmd_demo(args) -> None:
@@ -209,13 +270,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="metrics of a checkpoint on a split")
-    evaluate.add_argument("--checkpoint", required=True)
+    tune = commands.add_parser("tune", help="Ray Tune sweep: precision at a target recall")
+    tune.add_argument("--config", required=True, help="YAML with a tune: section (see tune_configs/)")
+    tune.add_argument("--data", help="dataset root (train/ val/ test/) or a folder of class folders")
+    tune.add_argument("--storage", help="sweep storage: local folder or URI (default ./runs)")
+    tune.add_argument("--name", help="sweep name (default tune-<timestamp>)")
+    tune.add_argument("--samples", type=int, help="number of trials (overrides tune.num_samples)")
+    tune.add_argument("--resume", action="store_true", help="continue the named (or latest) sweep")
+    tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key")
+    tune.add_argument("--json", action="store_true")
+    tune.set_defaults(func=cmd_tune)
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a checkpoint or artifact on a split")
+    evaluate.add_argument("--checkpoint", help="training checkpoint folder (path or URI)")
+    evaluate.add_argument("--artifact", help="serving artifact: version folder, or a registry (-> latest)")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--split", default="test", help="split to score (default test)")
-    evaluate.add_argument("--threshold", type=float, default=0.5)
+    evaluate.add_argument("--threshold", type=float,
+                          help="decision threshold (default: the artifact's, or 0.5 for a checkpoint)")
+    evaluate.add_argument("--report", metavar="DIR", help="also write metrics.json, plots and report.html here")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    export = commands.add_parser("export", help="checkpoint -> versioned serving artifact in a registry")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--registry", required=True, help="registry folder (versions are kept per model name)")
+    export.add_argument("--data", help="dataset root: choose the threshold on its validation split")
+    export.add_argument("--name", default="pneumonia-cnn", help="model name in the registry")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(func=cmd_export)
 
     demo = commands.add_parser("demo", help="synthetic data -> distributed training -> evaluation")
     demo.add_argument("--out", default="demo_out", help="working folder (default ./demo_out)")

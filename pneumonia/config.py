@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pneumonia.errors import ConfigError
 
@@ -94,14 +94,112 @@ class RunSection(_Section):
         return value
 
 
+class ObjectiveConfig(_Section):
+    """What "better" means: the highest precision at a clinically safe recall (sensitivity)."""
+
+    target_recall: float = Field(0.95, gt=0, le=1)
+
+
+class ParamSpec(_Section):
+    """One searched hyperparameter: a distribution over the values of one config key."""
+
+    type: Literal["loguniform", "uniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ParamSpec":
+        if self.type == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("choice needs a non-empty 'values' list (and no low/high)")
+        else:
+            if self.low is None or self.high is None or self.values is not None:
+                raise ValueError(f"{self.type} needs 'low' and 'high' (and no values)")
+            if not self.low < self.high:
+                raise ValueError("low must be below high")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError("loguniform needs low > 0")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values at the edges of the space, to validate against the config before a sweep."""
+        if self.type == "choice":
+            return list(self.values)
+        if self.type == "randint":
+            return [int(self.low), int(self.high) - 1]
+        return [self.low, self.high]
+
+
+class AshaConfig(_Section):
+    grace_period: int = Field(2, ge=1, description="epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(3, gt=1)
+
+
+class TuneSection(_Section):
+    """A Ray Tune sweep: each trial is a distributed training run with sampled hyperparameters."""
+
+    num_samples: int = Field(8, ge=1, le=10_000, description="trials")
+    max_concurrent_trials: int = Field(1, ge=1, le=1024)
+    search: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "none"] = "asha"
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    seed: int = 0
+    space: dict[str, ParamSpec] = Field(min_length=1, description="dotted config key -> distribution")
+
+
 class ExperimentConfig(_Section):
-    """Everything one training run needs besides the data location."""
+    """Everything one training run needs besides the data location (and, for a sweep, `tune`)."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    tune: TuneSection | None = None
+
+    @model_validator(mode="after")
+    def _space_matches_config(self) -> "ExperimentConfig":
+        """Every searched key must exist, and the edges of its range must be valid values."""
+        if self.tune is None:
+            return self
+        base = self.model_dump(exclude={"tune"})
+        for key, spec in self.tune.space.items():
+            section = key.split(".", 1)[0]
+            if section in ("tune", "run", "scaling") or not _has_key(base, key):
+                raise ValueError(f"tune.space: {key!r} is not a searchable config key")
+            for value in spec.candidates():
+                trial = apply_params(base, {key: value})
+                try:
+                    ExperimentConfig.model_validate(trial)
+                except ValidationError as error:
+                    problem = error.errors()[0]["msg"]
+                    raise ValueError(f"tune.space.{key}: value {value!r} is invalid ({problem})") from None
+        return self
+
+
+def _has_key(tree: dict[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def apply_params(tree: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a config dict with dotted keys set to new values."""
+    import copy
+
+    result = copy.deepcopy(tree)
+    for dotted, value in params.items():
+        *parents, leaf = dotted.split(".")
+        node = result
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return result
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

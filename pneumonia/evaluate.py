@@ -1,15 +1,17 @@
-"""Score a checkpoint on a labelled split with exact metrics."""
+"""Score a checkpoint or a serving artifact on a labelled split, with exact metrics."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from pneumonia.checkpoint import load_checkpoint
+import numpy as np
+
 from pneumonia.data import class_counts, discover, evaluation_records
 from pneumonia.errors import DataError
 from pneumonia.metrics import binary_metrics
-from pneumonia.pipeline import load_images, predict_probabilities
+from pneumonia.pipeline import load_images
+from pneumonia.preprocess import PreprocessSpec
 
 
 @dataclass
@@ -18,17 +20,49 @@ class Evaluation:
     split: str
     counts: dict[str, int]
     skipped: int  # files not used (non-images or undecodable)
+    labels: np.ndarray = field(repr=False)
+    probabilities: np.ndarray = field(repr=False)
+    patient_ids: list[str] = field(repr=False)
+
+
+def evaluate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    spec: PreprocessSpec,
+    data_root: str,
+    split: str = "test",
+    threshold: float = 0.5,
+) -> Evaluation:
+    """Metrics of a predictor (uint8 images -> probabilities) on data_root's split or class folders."""
+    dataset = discover(data_root)
+    records = evaluation_records(dataset, split)
+    decoded = load_images(records, spec)
+    if len(decoded.records) == 0:
+        raise DataError(f"none of the {len(records)} images in {data_root} could be decoded")
+    probabilities = np.asarray(predict(decoded.images), dtype=np.float32)
+    metrics = binary_metrics(decoded.labels, probabilities, threshold)
+    return Evaluation(
+        metrics=metrics,
+        split=split if dataset.splits != [None] else "class folders",
+        counts=class_counts(decoded.records),
+        skipped=len(dataset.skipped) + len(decoded.failures),
+        labels=decoded.labels.astype(int),
+        probabilities=probabilities,
+        patient_ids=[record.patient_id for record in decoded.records],
+    )
 
 
 def evaluate_checkpoint(checkpoint: str, data_root: str, split: str = "test", threshold: float = 0.5) -> Evaluation:
-    """Metrics of a checkpoint on data_root's split (or its class folders), at a threshold."""
+    from pneumonia.checkpoint import load_checkpoint
+    from pneumonia.pipeline import predict_probabilities
+
     model, info = load_checkpoint(checkpoint)
-    dataset = discover(data_root)
-    records = evaluation_records(dataset, split)
-    decoded = load_images(records, info.preprocess)
-    if len(decoded.records) == 0:
-        raise DataError(f"none of the {len(records)} images in {data_root} could be decoded")
-    probabilities = predict_probabilities(model, decoded.images)
-    metrics = binary_metrics(decoded.labels, probabilities, threshold)
-    name = split if dataset.splits != [None] else "class folders"
-    return Evaluation(metrics, name, class_counts(decoded.records), len(dataset.skipped) + len(decoded.failures))
+    return evaluate(lambda images: predict_probabilities(model, images), info.preprocess, data_root, split, threshold)
+
+
+def evaluate_artifact(location: str, data_root: str, split: str = "test", threshold: float | None = None) -> Evaluation:
+    """Score a serving artifact at its stored threshold (or the one given)."""
+    from pneumonia.registry import load_artifact
+
+    artifact = load_artifact(location)
+    chosen = artifact.threshold if threshold is None else threshold
+    return evaluate(artifact.predict, artifact.preprocess, data_root, split, chosen)

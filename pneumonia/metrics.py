@@ -7,7 +7,9 @@ share of healthy children correctly cleared, precision is how many alarms are re
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
+from dataclasses import dataclass
+
+from sklearn.metrics import average_precision_score, log_loss, precision_recall_curve, roc_auc_score
 
 METRIC_NAMES = ("loss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 
@@ -49,6 +51,36 @@ def binary_metrics(labels, probabilities, threshold: float = 0.5) -> dict[str, f
         "tn": tn,
         "fn": fn,
     }
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A decision threshold and what it achieves on the data it was chosen on."""
+
+    threshold: float
+    precision: float
+    recall: float
+    target_recall: float
+
+
+def operating_point(labels, probabilities, target_recall: float) -> OperatingPoint:
+    """The threshold with the highest precision among those whose recall is >= target_recall.
+
+    This is the clinical objective: miss at most (1 - target) of the sick children, and among
+    the thresholds that do, raise the fewest false alarms. Ties go to the higher threshold.
+    Recall 1.0 is always reachable (flag everyone), so a point always exists.
+    """
+    if not 0 < target_recall <= 1:
+        raise ValueError("target_recall must be in (0, 1]")
+    labels = np.asarray(labels).astype(int).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    if labels.sum() == 0:
+        raise ValueError("no positive (PNEUMONIA) examples: recall is undefined")
+    precision, recall, thresholds = precision_recall_curve(labels, probabilities)
+    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+    eligible = np.flatnonzero(recall >= target_recall - 1e-12)
+    best = eligible[np.lexsort((thresholds[eligible], precision[eligible]))[-1]]
+    return OperatingPoint(float(thresholds[best]), float(precision[best]), float(recall[best]), float(target_recall))
 
 
 def format_table(metrics: dict[str, float | int], title: str = "") -> str:

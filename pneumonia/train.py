@@ -45,10 +45,15 @@ WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # ... and logs every report at INFO level to the console; the log files are enough.
     "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    # Starting a worker imports TensorFlow: on a small, busy node that alone can take a minute.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
 """Set in every Ray process before TensorFlow loads (Keras 3 cannot train multi-worker)."""
 
-REPORTED_VAL_METRICS = ("loss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
+REPORTED_VAL_METRICS = (
+    "loss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
+    "precision_at_recall", "threshold",  # the objective, and the threshold that reaches it
+)
 
 
 @dataclass
@@ -105,6 +110,7 @@ def format_epoch_line(metrics: dict[str, Any], epochs: int) -> str:
         f" | val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.3f}"
         f" prec {metrics['val_precision']:.3f} rec {metrics['val_recall']:.3f}"
         f" roc_auc {metrics['val_roc_auc']:.4f} pr_auc {metrics['val_pr_auc']:.4f}"
+        f" prec@rec {metrics['val_precision_at_recall']:.3f}"
         f" | {metrics['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s"
     )
 
@@ -119,7 +125,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" per epoch
 
     from pneumonia.checkpoint import CheckpointInfo, load_model_from_directory, read_info, save_checkpoint
-    from pneumonia.metrics import binary_metrics
+    from pneumonia.metrics import binary_metrics, operating_point
     from pneumonia.models import build_model, compile_model
     from pneumonia.pipeline import load_images, predict_probabilities, training_dataset
 
@@ -183,6 +189,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - self.started
             probabilities = predict_probabilities(model, validation.images)
             val = binary_metrics(validation.labels, probabilities)
+            point = operating_point(validation.labels, probabilities, config.objective.target_recall)
+            val.update(precision_at_recall=point.precision, threshold=point.threshold)
             metrics: dict[str, Any] = {name: float(value) for name, value in (logs or {}).items()}
             metrics.update({f"val_{name}": val[name] for name in REPORTED_VAL_METRICS})
             metrics.update(
@@ -305,9 +313,6 @@ def train(
     from its last checkpoint, with its stored config and data (``overrides_on_resume`` may
     change them, e.g. to add epochs).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
-
     storage = resolve_storage(config.run.storage)
     if resume:
         name = config.run.name or latest_run(storage)
@@ -333,7 +338,7 @@ def train(
     )
     write_text(
         join(storage, name, RUN_MANIFEST),
-        json.dumps({"name": name, "data": data_root, "config": config.model_dump(),
+        json.dumps({"name": name, "data": dataset.root, "config": config.model_dump(),
                     "created": datetime.now(timezone.utc).isoformat()}, indent=2),
     )
 
@@ -343,6 +348,20 @@ def train(
         f"training {config.model.name} on {config.scaling.workers} worker(s)"
         f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
     )
+    result = fit_run(config, train_part, val_part)
+    return _summarize(result, config, storage, name)
+
+
+def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: list[ImageRecord],
+            callbacks: list | None = None):
+    """One Ray Train run (config.run.storage absolute, config.run.name set); returns Ray's Result.
+
+    A run whose name already has a snapshot in storage continues from its latest checkpoint:
+    that is how --resume, Ray's worker-failure recovery and restored Tune trials all work.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
     trainer = TensorflowTrainer(
         train_worker,
         train_loop_config={
@@ -356,22 +375,22 @@ def train(
             resources_per_worker={"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if config.scaling.gpu else {})},
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=storage,
+            name=config.run.name,
+            storage_path=config.run.storage,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints,
                 checkpoint_score_attribute=config.run.checkpoint_metric,
                 checkpoint_score_order=config.run.checkpoint_mode,
             ),
+            callbacks=callbacks or None,
         ),
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as error:  # Ray wraps worker errors; keep the cause, drop the stack
         cause = getattr(error, "__cause__", None) or error
         raise PneumoniaError(f"training failed: {type(cause).__name__}: {cause}") from error
-    return _summarize(result, config, storage, name)
 
 
 def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> TrainResult:

@@ -1,0 +1,505 @@
+"""The serving-artifact registry: versioned, self-describing, verifiable exports of a checkpoint.
+
+A training checkpoint is made for resuming (optimizer state, experiment config); a serving process
+needs something else: a model that loads in a fraction of a second without Keras code, the exact
+preprocessing, the decision threshold, and proof that the files are the ones that were exported.
+An artifact is one folder ``<registry>/<name>/<version>/`` holding:
+
+- ``saved_model/``: a TensorFlow SavedModel whose ``serving_default`` signature takes uint8
+  ``image`` [None, size, size, channels] and returns float32 ``probability`` [None]. It holds only
+  the traced inference graph and the variables, so ``tf.saved_model.load`` needs no Keras layers
+  and a batch of one runs in milliseconds.
+- ``model.keras``: the checkpoint's Keras model, kept because Grad-CAM explanations need layers.
+- ``metadata.json``: where it came from (git commit, checkpoint, data fingerprint, configs), how
+  to use it (input spec, threshold) and the sha256 of every other file, checked on every load.
+
+Versions count up per name (v0001, v0002, ...) and ``<name>/LATEST`` names the newest. A version
+is written in a hidden staging folder and renamed into place in one step, so readers never see a
+half-written version; ``LATEST`` is replaced atomically after that.
+
+This module must stay importable by a serving process: no Ray, and TensorFlow only inside the
+functions that need it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+import shutil
+import subprocess
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import pneumonia
+from pneumonia import CLASS_NAMES, __version__
+from pneumonia.checkpoint import MODEL_FILE, load_model_from_directory, read_info
+from pneumonia.errors import CheckpointError, DataError
+from pneumonia.preprocess import PreprocessSpec
+from pneumonia.storage import is_uri, local_directory
+
+if TYPE_CHECKING:
+    from pneumonia.data import ImageRecord
+
+FORMAT_VERSION = 1
+DEFAULT_NAME = "pneumonia-cnn"
+METADATA_FILE = "metadata.json"
+LATEST_FILE = "LATEST"
+SAVED_MODEL_DIR = "saved_model"
+SIGNATURE = "serving_default"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probability"
+REQUIRED_FILES = (MODEL_FILE, f"{SAVED_MODEL_DIR}/saved_model.pb")
+GIT_TIMEOUT_S = 5
+
+_VERSION = re.compile(r"^v(\d{4,})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ArtifactError(CheckpointError):
+    """A serving artifact is missing, corrupt or incompatible with this version."""
+
+
+@dataclass
+class Artifact:
+    """One version in a registry, as found on disk (``load_artifact`` is what verifies it)."""
+
+    path: Path  # the version folder
+    version: str  # "v0001", "v0002", ...
+    metadata: dict  # the parsed metadata.json
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_artifact(
+    checkpoint: str,
+    registry: str | Path,
+    *,
+    threshold: float,
+    target_recall: float,
+    validation_metrics: dict,
+    training_config: dict,
+    tuning_config: dict | None = None,
+    data_fingerprint: str | None = None,
+    name: str = DEFAULT_NAME,
+) -> Artifact:
+    """Export a training checkpoint (path or URI) as the next version of ``name`` in a local registry.
+
+    ``threshold`` is the probability above which an image is called PNEUMONIA, chosen on
+    validation data to reach ``target_recall``; both are stored so serving and audits agree.
+    Raises ValueError for impossible settings and ArtifactError for a checkpoint that cannot be
+    read; either way no version appears.
+    """
+    _check_settings(threshold, target_recall, name)
+    if is_uri(str(registry)):
+        raise ArtifactError(f"the registry must be a local folder, not {registry}")
+    # Cleaned and serialised before the slow part, so a bad config fails in the first second.
+    facts = _json_ready({
+        "name": name,
+        "package_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "classes": list(CLASS_NAMES),
+        "threshold": float(threshold),
+        "target_recall": float(target_recall),
+        "validation_metrics": validation_metrics,
+        "training_config": training_config,
+        "tuning_config": tuning_config,
+        "data_fingerprint": data_fingerprint,
+        "source_checkpoint": str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).resolve()),
+    })
+    name_dir = Path(registry).expanduser().resolve() / name
+    name_dir.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its folder is private (0700) and a serving user could not read it.
+    staging = name_dir / f".staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        spec = _stage(str(checkpoint), staging)
+        metadata = {
+            **facts,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": _git_commit(),
+            "input": {"image_size": spec.image_size, "channels": spec.channels,
+                      "resize": spec.resize, "dtype": "uint8"},
+            "files": _hash_files(staging),
+        }
+        version_dir = _publish(staging, name_dir, metadata)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _write_atomic(name_dir / LATEST_FILE, metadata["version"] + "\n")
+    return Artifact(version_dir, metadata["version"], metadata)
+
+
+def _check_settings(threshold: float, target_recall: float, name: str) -> None:
+    if not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a probability between 0 and 1, got {threshold!r}")
+    if not isinstance(target_recall, numbers.Real) or not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    if not _NAME.match(name):
+        raise ValueError(f"artifact name {name!r} must be letters, digits, '.', '_' or '-'")
+
+
+def _json_ready(value: Any) -> Any:
+    """Plain JSON types: numpy scalars unwrapped, NaN/inf as null (metadata must be strict JSON)."""
+    if isinstance(value, dict):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, np.generic):
+        return _json_ready(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise ValueError(f"cannot store a {type(value).__name__} in artifact metadata (not JSON)")
+
+
+def _stage(checkpoint: str, staging: Path) -> PreprocessSpec:
+    """Fill the staging folder with the SavedModel and model.keras; the checkpoint's spec."""
+    try:
+        with local_directory(checkpoint) as folder:
+            info = read_info(folder)
+            model = load_model_from_directory(folder)
+            shutil.copy2(folder / MODEL_FILE, staging / MODEL_FILE)
+    except (CheckpointError, DataError) as error:
+        raise ArtifactError(f"cannot export {checkpoint}: {error}") from None
+    spec = info.preprocess
+    if tuple(model.input_shape[1:]) != spec.shape:
+        raise ArtifactError(
+            f"{checkpoint}: the model takes {model.input_shape[1:]} but its preprocessing makes {spec.shape}"
+        )
+    _save_serving_model(model, spec, staging / SAVED_MODEL_DIR)
+    return spec
+
+
+def _save_serving_model(model, spec: PreprocessSpec, directory: Path) -> None:
+    """Trace inference (training=False: batch-norm statistics, no dropout) into a SavedModel.
+
+    Only the variables are tracked, not the Keras model, so the SavedModel has no Keras layer
+    metadata: saving is quicker and loading needs no Keras code.
+    """
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *spec.shape], tf.uint8, name=INPUT_NAME)])
+    def serve(image):
+        probability = model(tf.cast(image, tf.float32), training=False)
+        return {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1])}
+
+    module = tf.Module()
+    module.model_variables = list(model.variables)
+    tf.saved_model.save(module, str(directory), signatures={SIGNATURE: serve})
+
+
+def _hash_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder except the top-level metadata.json."""
+    return {
+        path.relative_to(folder).as_posix(): _sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder).as_posix() != METADATA_FILE
+    }
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _publish(staging: Path, name_dir: Path, metadata: dict) -> Path:
+    """Rename the staged folder to the next free version; a concurrent export that took the number
+    first makes us take the one after (a rename onto a non-empty folder fails)."""
+    while True:
+        version = _next_version(name_dir)
+        metadata["version"] = version
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False))
+        target = name_dir / version
+        try:
+            staging.rename(target)
+            return target
+        except OSError:
+            if not target.exists():
+                raise
+
+
+def _next_version(name_dir: Path) -> str:
+    numbers = [int(match.group(1)) for match in map(_VERSION.match, os.listdir(name_dir)) if match]
+    return f"v{max(numbers, default=0) + 1:04d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and os.replace, so readers see the old or the new text, never half."""
+    temporary = path.parent / f".{path.name}-{uuid.uuid4().hex}"
+    try:
+        with open(temporary, "x") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _git_commit() -> str:
+    """HEAD of the git checkout this package's code is tracked in; "unknown" for an installed copy
+    (which may sit inside some other repository) or when git is missing or slow."""
+    package_dir = Path(pneumonia.__file__).resolve().parent
+    try:
+        for command in (["ls-files", "--error-unmatch", "__init__.py"], ["rev-parse", "HEAD"]):
+            result = subprocess.run(["git", "-C", str(package_dir), *command], capture_output=True,
+                                    text=True, timeout=GIT_TIMEOUT_S, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip() or "unknown"
+
+
+# ----------------------------------------------------------------------------- data fingerprint
+
+
+def data_fingerprint(records: list[ImageRecord]) -> str:
+    """A short id of the data a model saw: "sha256:" over sorted (relative path, label, size).
+
+    Paths are relative to the records' common folder, so the same files copied elsewhere give the
+    same fingerprint, while an added, removed, relabelled or resized file changes it. Sizes come
+    from a stat of local files (URIs have none): cheap on thousands of images, but an edit that
+    keeps a file's size is not seen.
+    """
+    if not records:
+        raise ValueError("cannot fingerprint an empty list of records")
+    parts = [record.location.split("/") for record in records]
+    root = len(os.path.commonprefix([part[:-1] for part in parts]))
+    rows = sorted(
+        ("/".join(part[root:]), int(record.label), _local_size(record.location))
+        for part, record in zip(parts, records)
+    )
+    return "sha256:" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def _local_size(location: str) -> int | None:
+    if is_uri(location):
+        return None
+    try:
+        return os.path.getsize(location)
+    except OSError as error:
+        raise DataError(f"cannot fingerprint {location}: {error}") from None
+
+
+# ----------------------------------------------------------------------------- find
+
+
+def list_versions(registry: str | Path, name: str = DEFAULT_NAME) -> list[Artifact]:
+    """Every version of name, oldest first (metadata parsed, files not verified; unreadable
+    metadata is an ArtifactError rather than a silently shorter list)."""
+    root = Path(registry).expanduser()
+    if not root.is_dir():
+        raise ArtifactError(f"registry not found: {registry}")
+    name_dir = root / name
+    if not name_dir.is_dir():
+        return []
+    found = sorted((int(match.group(1)), match.group(0))
+                   for match in map(_VERSION.match, os.listdir(name_dir))
+                   if match and (name_dir / match.group(0)).is_dir())
+    return [Artifact(name_dir / version, version, _read_metadata(name_dir / version)) for _, version in found]
+
+
+def resolve_artifact(location: str | Path) -> Path:
+    """The version folder meant by location.
+
+    Accepts a version folder (it has metadata.json), a ``<registry>/<name>`` folder (its LATEST),
+    a registry root holding exactly one name (that name's LATEST) and ``<...>/latest`` in any case
+    (the LATEST of the folder it sits in).
+    """
+    if is_uri(str(location)):
+        raise ArtifactError(f"artifacts are loaded from a local folder, not {location}")
+    path = Path(location).expanduser()
+    if path.name.lower() == LATEST_FILE.lower():
+        parent = path.parent
+        if (parent / METADATA_FILE).is_file():
+            raise ArtifactError(f"{location}: a version folder has no LATEST; pass the folder itself")
+        return _resolve_folder(parent)
+    if (path / METADATA_FILE).is_file():
+        return path
+    return _resolve_folder(path)
+
+
+def _resolve_folder(path: Path) -> Path:
+    """A name folder's LATEST, or the only name folder's LATEST in a registry root."""
+    if not path.is_dir():
+        raise ArtifactError(f"artifact not found: {path}")
+    if (path / LATEST_FILE).is_file():
+        return _read_latest(path)
+    names = sorted(child.name for child in path.iterdir() if _is_name_folder(child))
+    if len(names) == 1:
+        return _read_latest(path / names[0])
+    if names:
+        raise ArtifactError(f"{path} holds several models ({', '.join(names)}); pass one of them")
+    versions = sorted(child.name for child in path.iterdir() if _VERSION.match(child.name))
+    if versions:
+        raise ArtifactError(f"{path} has versions ({', '.join(versions)}) but no {LATEST_FILE}; pass a version folder")
+    contents = sorted(child.name for child in path.iterdir()) or ["nothing"]
+    raise ArtifactError(
+        f"{path} is not an artifact, a model folder with {LATEST_FILE} or a registry; found: {', '.join(contents)}"
+    )
+
+
+def _is_name_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / LATEST_FILE).is_file() or any(_VERSION.match(c.name) for c in path.iterdir()))
+
+
+def _read_latest(name_dir: Path) -> Path:
+    version = (name_dir / LATEST_FILE).read_text().strip()
+    if not _VERSION.match(version):
+        raise ArtifactError(f"{name_dir / LATEST_FILE} does not name a version: {version!r}")
+    if not (name_dir / version / METADATA_FILE).is_file():
+        raise ArtifactError(f"{name_dir / LATEST_FILE} names {version}, which is missing or has no {METADATA_FILE}")
+    return name_dir / version
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class LoadedArtifact:
+    """A verified artifact, ready to score uint8 images; made by :func:`load_artifact`."""
+
+    path: Path
+    metadata: dict
+    preprocess: PreprocessSpec
+    threshold: float
+    _signature: Any = field(repr=False)
+    _saved_model: Any = field(repr=False)  # the signature's variables live as long as this object
+    _keras: Any = field(default=None, repr=False)
+    _keras_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def version(self) -> str:
+        return self.metadata["version"]
+
+    @property
+    def name(self) -> str:
+        return self.metadata["name"]
+
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Probabilities of PNEUMONIA (float32, shape [n]) for uint8 images [n, size, size, channels]."""
+        import tensorflow as tf
+
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.preprocess.shape:
+            raise ValueError(
+                f"expected uint8 images of shape (n, {', '.join(map(str, self.preprocess.shape))}), "
+                f"got {images.dtype} {images.shape}"
+            )
+        outputs = [
+            self._signature(**{INPUT_NAME: tf.constant(images[start : start + batch_size])})[OUTPUT_NAME].numpy()
+            for start in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros(0, np.float32)
+
+    def keras_model(self):
+        """The Keras model (uncompiled), loaded on first use: Grad-CAM needs its layers."""
+        with self._keras_lock:
+            if self._keras is None:
+                try:
+                    self._keras = load_model_from_directory(self.path, compile=False)
+                except CheckpointError as error:
+                    raise ArtifactError(str(error)) from None
+            return self._keras
+
+
+def load_artifact(location: str | Path) -> LoadedArtifact:
+    """Resolve, verify (format, classes, every file's sha256, signature) and load an artifact."""
+    path = resolve_artifact(location)
+    metadata = _read_metadata(path)
+    spec, threshold = _check_metadata(metadata, path)
+    _verify_files(path, metadata["files"])
+    saved_model, signature = _load_signature(path, spec)
+    return LoadedArtifact(path, metadata, spec, threshold, signature, saved_model)
+
+
+def _read_metadata(folder: Path) -> dict:
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not an artifact (no {METADATA_FILE})")
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ArtifactError(f"{path} is corrupt: {error}") from None
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{path} is corrupt: not a JSON object")
+    return metadata
+
+
+def _check_metadata(metadata: dict, folder: Path) -> tuple[PreprocessSpec, float]:
+    """The preprocessing spec and threshold, after checking that this code can use the artifact."""
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{folder}: artifact format version {version} is not supported (this version reads {FORMAT_VERSION})"
+        )
+    if metadata.get("classes") != list(CLASS_NAMES):
+        raise ArtifactError(f"{folder}: artifact classes {metadata.get('classes')} differ from {list(CLASS_NAMES)}")
+    missing = [key for key in ("name", "version", "input", "threshold", "files") if key not in metadata]
+    if missing:
+        raise ArtifactError(f"{folder / METADATA_FILE} lacks {', '.join(missing)}")
+    try:
+        facts = metadata["input"]
+        if facts["dtype"] != "uint8":
+            raise ValueError(f"input dtype {facts['dtype']!r} is not uint8")
+        spec = PreprocessSpec(int(facts["image_size"]), int(facts["channels"]), facts["resize"])
+        threshold = float(metadata["threshold"])
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold {threshold} is not a probability")
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArtifactError(f"{folder / METADATA_FILE} is invalid: {error}") from None
+    return spec, threshold
+
+
+def _verify_files(folder: Path, files: Any) -> None:
+    """Every listed file exists inside folder with its recorded sha256 (the model files must be listed)."""
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{folder / METADATA_FILE} is invalid: 'files' is not a mapping")
+    unlisted = [required for required in REQUIRED_FILES if required not in files]
+    if unlisted:
+        raise ArtifactError(f"{folder / METADATA_FILE} does not list {', '.join(unlisted)}")
+    for relative, expected in sorted(files.items()):
+        if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+            raise ArtifactError(f"{folder / METADATA_FILE} lists a file outside the artifact: {relative}")
+        path = folder / relative
+        if not path.is_file():
+            raise ArtifactError(f"{folder} is incomplete: {relative} is missing")
+        if _sha256(path) != expected:
+            raise ArtifactError(f"{folder} is corrupt: {relative} does not match its sha256 in {METADATA_FILE}")
+
+
+def _load_signature(folder: Path, spec: PreprocessSpec):
+    """(loaded SavedModel, its serving signature), checked against the metadata's input spec."""
+    import tensorflow as tf
+
+    directory = folder / SAVED_MODEL_DIR
+    try:
+        saved_model = tf.saved_model.load(str(directory))
+    except Exception as error:  # TensorFlow raises several types for a damaged SavedModel
+        raise ArtifactError(f"cannot load {directory}: {error}") from None
+    signature = saved_model.signatures.get(SIGNATURE)
+    if signature is None:
+        raise ArtifactError(f"{directory} has no {SIGNATURE!r} signature")
+    image = signature.structured_input_signature[1].get(INPUT_NAME)
+    expected = [None, *spec.shape]
+    if image is None or image.dtype != tf.uint8 or image.shape.as_list() != expected:
+        raise ArtifactError(
+            f"{directory}: the signature takes {image}, but {METADATA_FILE} says uint8 {expected}"
+        )
+    if OUTPUT_NAME not in signature.structured_outputs:
+        raise ArtifactError(f"{directory}: the signature has no {OUTPUT_NAME!r} output")
+    return saved_model, signature

@@ -1,0 +1,327 @@
+"""Hyperparameter search with Ray Tune, where every trial is a distributed Ray Train run.
+
+Objective: precision at recall >= ``objective.target_recall`` on the patient-grouped validation
+split (ties broken by PR-AUC). Each trial reports every epoch (Ray Train's ``TuneReportCallback``
+forwards the workers' reports), so ASHA can stop poor trials early; Optuna's TPE (or random
+search) proposes the next configuration. Trials checkpoint every epoch into the sweep's storage,
+so an interrupted sweep resumes (``--resume``) losing at most the epochs since those checkpoints.
+
+The outcome: a results table (CSV and JSON), plots, and the best trial's config, checkpoint and
+decision threshold (the one that reached the objective on validation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
+from pneumonia.errors import ConfigError, PneumoniaError
+from pneumonia.storage import exists, is_uri, join
+from pneumonia.train import carve_validation, check_resources, fit_run, init_ray, resolve_storage
+
+OBJECTIVE = "val_precision_at_recall"
+TIEBREAK = "val_pr_auc"
+TRIALS_FOLDER = "trials"
+SWEEP_MANIFEST = "pneumonia_sweep.json"
+TRIAL_DRIVER_CPU = 0.1
+"""CPU reserved for each trial's driver function, which only waits on its Train run (Tune
+refuses zero). Workers then need ``scaling.cpus_per_worker`` below 1 to fill a small machine."""
+
+
+@dataclass
+class TuneResult:
+    sweep_dir: str
+    best_checkpoint: str
+    best_config: dict[str, Any]  # the full experiment config of the best trial
+    best_params: dict[str, Any]  # just the searched values
+    objective: float
+    threshold: float
+    metrics: dict[str, float]  # validation metrics of the best checkpoint
+    results_csv: str
+    results_json: str
+    plots: list[str]
+    trials: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "best_checkpoint": self.best_checkpoint,
+            "best_config": self.best_config,
+            "best_params": self.best_params,
+            "objective": self.objective,
+            "threshold": self.threshold,
+            "metrics": self.metrics,
+            "results": self.results_csv,
+            "results_json": self.results_json,
+            "plots": self.plots,
+            "sweep_dir": self.sweep_dir,
+        }
+
+
+def search_space(space: dict[str, ParamSpec]) -> dict[str, Any]:
+    from ray import tune
+
+    def convert(spec: ParamSpec):
+        if spec.type == "loguniform":
+            return tune.loguniform(spec.low, spec.high)
+        if spec.type == "uniform":
+            return tune.uniform(spec.low, spec.high)
+        if spec.type == "randint":
+            return tune.randint(int(spec.low), int(spec.high))
+        return tune.choice(list(spec.values))
+
+    return {key: convert(spec) for key, spec in space.items()}
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], storage: str, trial_id: str) -> ExperimentConfig:
+    """The experiment config one trial trains with: the base with the sampled values applied."""
+    config = config_from_dict(apply_params(base, params), source=f"trial {trial_id}")
+    run = config.run.model_copy(update={
+        "storage": storage,
+        "name": trial_id,
+        # Keep the checkpoints that are best by the sweep's objective, not by ROC-AUC.
+        "checkpoint_metric": OBJECTIVE,
+        "checkpoint_mode": "max",
+    })
+    return config.model_copy(update={"run": run, "tune": None})
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: str, train_rows, val_rows) -> None:
+    """A Tune trial: one distributed training run, its epochs forwarded to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pneumonia.train import _rows_to_records
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = trial_config(base, params, trials_storage, trial_id)
+    fit_run(config, _rows_to_records(train_rows), _rows_to_records(val_rows), callbacks=[TuneReportCallback()])
+
+
+def _latest_sweep(storage: str) -> str:
+    from pneumonia.storage import list_files, read_bytes
+
+    candidates = []
+    for entry in list_files(storage):
+        parts = entry.relative.split("/")
+        if len(parts) == 2 and parts[1] == SWEEP_MANIFEST:
+            candidates.append((json.loads(read_bytes(entry.location)).get("created", ""), parts[0]))
+    if not candidates:
+        raise PneumoniaError(f"--resume: no earlier sweep found in {storage}")
+    return max(candidates)[1]
+
+
+def tune(
+    config: ExperimentConfig,
+    data_root: str | None,
+    resume: bool = False,
+    progress: Callable[[str], None] = print,
+) -> TuneResult:
+    """Run (or resume) the sweep described by ``config.tune`` on data_root."""
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from pneumonia.storage import read_bytes, write_text
+    from pneumonia.train import _records_to_rows
+
+    storage = resolve_storage(config.run.storage)
+    if resume:
+        name = config.run.name or _latest_sweep(storage)
+        manifest_location = join(storage, name, SWEEP_MANIFEST)
+        if not exists(manifest_location):
+            raise PneumoniaError(f"--resume: sweep {name!r} not found in {storage}")
+        manifest = json.loads(read_bytes(manifest_location))
+        config = config_from_dict(manifest["config"], source=f"sweep {name}")
+        data_root = manifest["data"]
+        progress(f"resuming sweep {name} from {join(storage, name)}")
+    else:
+        if config.tune is None:
+            raise ConfigError("the config has no `tune:` section (see tune_configs/quick.yaml)")
+        if data_root is None:
+            raise PneumoniaError("--data is required")
+        name = config.run.name or datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+        if exists(join(storage, name, SWEEP_MANIFEST)):
+            raise PneumoniaError(f"sweep {name!r} already exists in {storage}: pass --resume, or another --name")
+    sweep = config.tune
+    assert sweep is not None
+    dataset, train_part, val_part = carve_validation(data_root, config)
+    if not resume:
+        write_text(join(storage, name, SWEEP_MANIFEST), json.dumps({
+            "name": name, "data": dataset.root, "config": config.model_dump(),
+            "created": datetime.now().astimezone().isoformat(),
+        }, indent=2))
+
+    init_ray()
+    _check_concurrency(config)
+    base = config.model_dump(exclude={"tune"})
+    trainable = ray_tune.with_parameters(
+        ray_tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
+        base=base,
+        trials_storage=join(storage, name, TRIALS_FOLDER),
+        train_rows=_records_to_rows(train_part),
+        val_rows=_records_to_rows(val_part),
+    )
+    sweep_path = join(storage, name)
+    progress(
+        f"sweep {name}: {sweep.num_samples} trials of {config.scaling.workers}-worker training, "
+        f"{sweep.search} search, {'ASHA early stopping' if sweep.scheduler == 'asha' else 'no early stopping'}, "
+        f"objective precision at recall >= {config.objective.target_recall}"
+    )
+    if resume and ray_tune.Tuner.can_restore(sweep_path):
+        tuner = ray_tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=config.train.epochs,
+                grace_period=min(sweep.asha.grace_period, config.train.epochs),
+                reduction_factor=sweep.asha.reduction_factor,
+            )
+            if sweep.scheduler == "asha"
+            else FIFOScheduler()
+        )
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space=search_space(sweep.space),
+            tune_config=ray_tune.TuneConfig(
+                metric=OBJECTIVE,
+                mode="max",
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials,
+                scheduler=scheduler,
+                search_alg=_searcher(sweep),
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=ray_tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                verbose=1,
+                failure_config=ray_tune.FailureConfig(max_failures=1),
+            ),
+        )
+    grid = tuner.fit()
+    return summarize_sweep(grid, config, sweep_path)
+
+
+def _searcher(sweep):
+    if sweep.search == "random":
+        return None  # Tune's default: random sampling from the space
+    from ray.tune.search.optuna import OptunaSearch
+
+    import optuna
+
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+
+
+def _check_concurrency(config: ExperimentConfig) -> None:
+    """Fail fast when not even one trial fits (Ray would wait forever), and when the concurrency
+    asked for exceeds what fits (those trials would only wait)."""
+    import ray
+
+    per_trial = config.scaling.workers * config.scaling.cpus_per_worker + TRIAL_DRIVER_CPU
+    cpus = ray.cluster_resources().get("CPU", 0)
+    fits = int(cpus // per_trial + 1e-9)
+    wanted = config.tune.max_concurrent_trials if config.tune else 1
+    if fits >= wanted or os.environ.get("RAY_ADDRESS"):
+        return  # a remote cluster may autoscale
+    raise ConfigError(
+        f"{wanted} concurrent trial(s) of {config.scaling.workers} workers x {config.scaling.cpus_per_worker} CPUs "
+        f"(+{TRIAL_DRIVER_CPU} for the trial itself) need {wanted * per_trial:g} CPUs; this machine has {cpus:g}. "
+        "Lower tune.max_concurrent_trials, scaling.workers or scaling.cpus_per_worker (e.g. 0.9)."
+    )
+
+
+def _best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    eligible = [row for row in rows if row.get("checkpoint_path") and _finite(row.get(OBJECTIVE))]
+    if not eligible:
+        return None
+    return max(eligible, key=lambda row: (row[OBJECTIVE], row.get(TIEBREAK, 0.0)))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str) -> TuneResult:
+    """Results table, plots and the best checkpoint across every trial and epoch."""
+    from pneumonia.sweep_plots import plot_learning_curves, plot_objective_map
+
+    trials: list[dict[str, Any]] = []
+    best: tuple[tuple[float, float], dict[str, Any], dict[str, Any]] | None = None
+    for result in grid:
+        params = {key: value for key, value in (result.config or {}).items() if key in config.tune.space}
+        history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict(orient="records")
+        row = _best_row(history)
+        last = history[-1] if history else {}
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trials.append({
+            "trial_id": trial_id,
+            "status": "ERROR" if result.error else "TERMINATED",
+            **{f"param:{key}": value for key, value in params.items()},
+            "objective": row[OBJECTIVE] if row else None,
+            "pr_auc": row.get(TIEBREAK) if row else None,
+            "roc_auc": row.get("val_roc_auc") if row else None,
+            "threshold": row.get("val_threshold") if row else None,
+            "best_epoch": row.get("epoch") if row else None,
+            "epochs": int(last.get("epoch", 0)),
+            "time_s": float(last.get("time_total_s", 0.0)),
+            "checkpoint": row.get("checkpoint_path") if row else None,
+            "curve": [(r.get("epoch"), r.get(OBJECTIVE)) for r in history],
+            "error": str(result.error).splitlines()[0] if result.error else None,
+        })
+        if row is not None:
+            key = (row[OBJECTIVE], row.get(TIEBREAK, 0.0))
+            if best is None or key > best[0]:
+                best = (key, row, params)
+    if best is None:
+        errors = [t["error"] for t in trials if t["error"]]
+        raise PneumoniaError("no trial produced a checkpoint" + (f"; first error: {errors[0]}" if errors else ""))
+    _, row, params = best
+
+    out_dir = Path(sweep_path) if not is_uri(sweep_path) else Path(".") / Path(sweep_path.split("://", 1)[1]).name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = [{k: v for k, v in t.items() if k != "curve"} for t in trials]
+    table.sort(key=lambda t: (t["objective"] is not None, t["objective"] or 0, t["pr_auc"] or 0), reverse=True)
+    csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({k for t in table for k in t}, key=_column_order))
+        writer.writeheader()
+        writer.writerows(table)
+    json_path.write_text(json.dumps(table, indent=2, default=str))
+    plots = [
+        str(plot_objective_map(trials, config, out_dir / "objective_map.png")),
+        str(plot_learning_curves(trials, config, out_dir / "learning_curves.png")),
+    ]
+    best_config = trial_config(config.model_dump(exclude={"tune"}), params, "", "best").model_dump(exclude={"run", "tune"})
+    (out_dir / "best_config.yaml").write_text(_yaml(best_config))
+    metrics = {key[4:]: float(value) for key, value in row.items() if key.startswith("val_") and _finite(value)}
+    return TuneResult(
+        sweep_dir=sweep_path,
+        best_checkpoint=row["checkpoint_path"],
+        best_config=best_config,
+        best_params=params,
+        objective=float(row[OBJECTIVE]),
+        threshold=float(row["val_threshold"]),
+        metrics=metrics,
+        results_csv=str(csv_path),
+        results_json=str(json_path),
+        plots=plots,
+        trials=table,
+    )
+
+
+def _column_order(name: str) -> tuple[int, str]:
+    first = ["trial_id", "status", "objective", "pr_auc", "roc_auc", "threshold", "best_epoch", "epochs", "time_s"]
+    return (first.index(name), name) if name in first else (len(first) + (name == "checkpoint") + (name == "error"), name)
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,312 @@
+"""The serving-artifact registry: export, versioning, resolution, verified loading, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumonia.data import ImageRecord
+from pneumonia.preprocess import PreprocessSpec
+from pneumonia.registry import (
+    ArtifactError,
+    data_fingerprint,
+    export_artifact,
+    list_versions,
+    load_artifact,
+    resolve_artifact,
+)
+
+SPEC = PreprocessSpec(image_size=32)
+SETTINGS = dict(threshold=0.37, target_recall=np.float32(0.75),  # numpy numbers are fine
+                validation_metrics={"roc_auc": np.float32(0.91), "f1": float("nan")},
+                training_config={"model": {"name": "xraynet", "width": 8}}, tuning_config={"trials": 4},
+                data_fingerprint="sha256:abc")
+METADATA_KEYS = {
+    "name", "version", "created", "git_commit", "package_version", "format_version", "classes", "input",
+    "threshold", "target_recall", "validation_metrics", "training_config", "tuning_config",
+    "data_fingerprint", "source_checkpoint", "files",
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(checkpoint folder, Keras model): a tiny untrained xraynet with non-trivial batch-norm
+    statistics, so serving in training mode (batch statistics) would give different numbers."""
+    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.config import ModelConfig
+    from pneumonia.models import build_model, compile_model
+
+    model = build_model(ModelConfig(name="xraynet", width=8), SPEC.shape)
+    compile_model(model, "adam", 1e-3)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if hasattr(layer, "moving_variance"):
+            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+    folder = tmp_path_factory.mktemp("checkpoint") / "checkpoint_000001"
+    info = CheckpointInfo(epoch=1, config={"model": {"name": "xraynet"}}, preprocess=SPEC, metrics={"roc_auc": 0.9})
+    save_checkpoint(folder, model, info)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def registry(checkpoint, tmp_path_factory):
+    """A registry with two exports of the checkpoint: (root, first, second)."""
+    root = tmp_path_factory.mktemp("registry")
+    first = export_artifact(str(checkpoint[0]), root, **SETTINGS)
+    second = export_artifact(str(checkpoint[0]), root, **SETTINGS)
+    return root, first, second
+
+
+@pytest.fixture(scope="module")
+def loaded(registry):
+    return load_artifact(registry[2].path)
+
+
+@pytest.fixture
+def copy_of_latest(registry, tmp_path) -> Path:
+    """A private copy of the newest version, free to damage."""
+    return Path(shutil.copytree(registry[2].path, tmp_path / "v0002"))
+
+
+def images(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *SPEC.shape), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- export and find
+
+
+def test_versions_count_up_and_latest_names_the_newest(registry):
+    root, first, second = registry
+    assert (first.version, second.version) == ("v0001", "v0002")
+    assert first.path == root / "pneumonia-cnn" / "v0001"
+    assert (root / "pneumonia-cnn" / "LATEST").read_text().strip() == "v0002"
+    listed = list_versions(root)
+    assert [artifact.version for artifact in listed] == ["v0001", "v0002"]
+    assert [artifact.path for artifact in listed] == [first.path, second.path]
+    assert listed[1].metadata == second.metadata
+    assert list_versions(root, name="other") == []
+    assert sorted(path.name for path in (root / "pneumonia-cnn").iterdir()) == ["LATEST", "v0001", "v0002"]
+
+
+@pytest.mark.parametrize("form", ["version", "name", "root", "LATEST", "latest", "root/latest"])
+def test_resolve_accepts_every_documented_form(registry, form):
+    root, first, second = registry
+    location = {
+        "version": first.path,
+        "name": root / "pneumonia-cnn",
+        "root": root,
+        "LATEST": root / "pneumonia-cnn" / "LATEST",
+        "latest": str(root / "pneumonia-cnn" / "latest"),
+        "root/latest": root / "latest",
+    }[form]
+    assert resolve_artifact(location) == (first.path if form == "version" else second.path)
+
+
+def test_resolve_explains_what_it_found(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(ArtifactError, match="notes.txt"):
+        resolve_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match="not found"):
+        resolve_artifact(tmp_path / "missing")
+    for name in ("model-a", "model-b"):
+        (tmp_path / name / "v0001").mkdir(parents=True)
+        (tmp_path / name / "LATEST").write_text("v0001\n")
+    with pytest.raises(ArtifactError, match="model-a, model-b"):
+        resolve_artifact(tmp_path)
+    with pytest.raises(ArtifactError, match="v0001"):  # LATEST names a version without metadata
+        resolve_artifact(tmp_path / "model-a")
+
+
+def test_metadata_records_provenance_and_usage(registry, checkpoint):
+    metadata = registry[2].metadata
+    assert set(metadata) == METADATA_KEYS
+    assert metadata == json.loads((registry[2].path / "metadata.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", metadata["git_commit"]) or metadata["git_commit"] == "unknown"
+    assert datetime.fromisoformat(metadata["created"]).utcoffset() == timezone.utc.utcoffset(None)
+    assert metadata["format_version"] == 1 and metadata["classes"] == ["NORMAL", "PNEUMONIA"]
+    assert metadata["input"] == {"image_size": 32, "channels": 1, "resize": "stretch", "dtype": "uint8"}
+    assert metadata["threshold"] == 0.37 and metadata["target_recall"] == 0.75
+    assert metadata["validation_metrics"]["roc_auc"] == pytest.approx(0.91)
+    assert metadata["validation_metrics"]["f1"] is None  # NaN is not JSON
+    assert metadata["tuning_config"] == {"trials": 4} and metadata["data_fingerprint"] == "sha256:abc"
+    assert metadata["source_checkpoint"] == str(checkpoint[0].resolve())
+    files = metadata["files"]
+    assert {"model.keras", "saved_model/saved_model.pb"} <= set(files) and "metadata.json" not in files
+    assert any(name.startswith("saved_model/variables/") for name in files)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in files.values())
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"threshold": -0.1}, "threshold"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"threshold": float("nan")}, "threshold"),
+    ({"target_recall": 0.0}, "target_recall"),
+    ({"target_recall": 1.2}, "target_recall"),
+    ({"name": "../escape"}, "name"),
+    ({"training_config": {"when": object()}}, "JSON"),
+])
+def test_bad_settings_are_refused_before_any_work(registry, checkpoint, settings, message):
+    with pytest.raises(ValueError, match=message):
+        export_artifact(str(checkpoint[0]), registry[0], **{**SETTINGS, **settings})
+    assert [artifact.version for artifact in list_versions(registry[0])] == ["v0001", "v0002"]
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused(registry, tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"not a model")
+    with pytest.raises(ArtifactError, match="not a pneumonia checkpoint"):
+        export_artifact(str(tmp_path), registry[0], **SETTINGS)
+    with pytest.raises(ArtifactError, match="not found"):
+        export_artifact(str(tmp_path / "missing"), registry[0], **SETTINGS)
+    assert sorted(path.name for path in (registry[0] / "pneumonia-cnn").iterdir()) == ["LATEST", "v0001", "v0002"]
+
+
+def test_an_export_that_fails_midway_leaves_no_version(registry, checkpoint, monkeypatch):
+    import pneumonia.registry
+
+    def crash(model, spec, directory):
+        directory.mkdir()
+        (directory / "saved_model.pb").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pneumonia.registry, "_save_serving_model", crash)
+    root = registry[0]
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_artifact(str(checkpoint[0]), root, **SETTINGS)
+    assert [artifact.version for artifact in list_versions(root)] == ["v0001", "v0002"]
+    assert sorted(path.name for path in (root / "pneumonia-cnn").iterdir()) == ["LATEST", "v0001", "v0002"]
+    assert (root / "pneumonia-cnn" / "LATEST").read_text().strip() == "v0002"
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def test_predictions_match_the_keras_model_in_inference_mode(loaded, checkpoint):
+    model = checkpoint[1]
+    batch = images(9)
+    expected = model(batch.astype(np.float32), training=False).numpy().reshape(-1)
+    got = loaded.predict(batch)
+    assert got.dtype == np.float32 and got.shape == (9,)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(loaded.predict(batch[:1]), expected[:1], atol=1e-5)
+    np.testing.assert_allclose(loaded.predict(batch, batch_size=4), expected, atol=1e-5)
+    assert loaded.predict(batch[:0]).shape == (0,)
+
+
+def test_predict_refuses_the_wrong_input(loaded):
+    with pytest.raises(ValueError, match="uint8"):
+        loaded.predict(images(2).astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(n, 32, 32, 1\)"):
+        loaded.predict(np.zeros((2, 64, 64, 1), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        loaded.predict(images(1)[0])
+
+
+def test_loaded_artifact_carries_its_spec_and_threshold(loaded, registry):
+    assert loaded.preprocess == SPEC
+    assert loaded.threshold == 0.37
+    assert (loaded.version, loaded.name, loaded.path) == ("v0002", "pneumonia-cnn", registry[2].path)
+    assert loaded.metadata == registry[2].metadata
+
+
+def test_the_keras_model_is_there_for_explanations(loaded):
+    model = loaded.keras_model()
+    assert model is loaded.keras_model()
+    assert model.get_layer("last_conv") is not None
+    batch = images(3)
+    np.testing.assert_allclose(model(batch.astype(np.float32), training=False).numpy().reshape(-1),
+                               loaded.predict(batch), atol=1e-5)
+
+
+def test_a_flipped_byte_is_caught_and_named(copy_of_latest):
+    variables = next((copy_of_latest / "saved_model" / "variables").glob("variables.data-*"))
+    data = bytearray(variables.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    variables.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"corrupt: saved_model/variables/variables\.data-"):
+        load_artifact(copy_of_latest)
+
+
+def test_a_missing_file_is_caught_and_named(copy_of_latest):
+    (copy_of_latest / "model.keras").unlink()
+    with pytest.raises(ArtifactError, match="model.keras is missing"):
+        load_artifact(copy_of_latest)
+
+
+def _edit_metadata(folder: Path, **changes) -> None:
+    metadata = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps({**metadata, **changes}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"format_version": 2}, "format version 2 is not supported"),
+    ({"classes": ["PNEUMONIA", "NORMAL"]}, "classes"),
+    ({"input": {"image_size": 64, "channels": 1, "resize": "stretch", "dtype": "uint8"}}, "signature takes"),
+    ({"input": {"image_size": 32, "channels": 1, "resize": "stretch", "dtype": "float32"}}, "uint8"),
+    ({"files": {"model.keras": "0" * 64}}, "does not list saved_model/saved_model.pb"),
+])
+def test_incompatible_metadata_is_refused(copy_of_latest, changes, message):
+    _edit_metadata(copy_of_latest, **changes)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(copy_of_latest)
+
+
+def test_unreadable_metadata_is_refused(copy_of_latest):
+    (copy_of_latest / "metadata.json").write_text("{ not json")
+    with pytest.raises(ArtifactError, match="metadata.json is corrupt"):
+        load_artifact(copy_of_latest)
+    (copy_of_latest / "metadata.json").unlink()
+    with pytest.raises(ArtifactError):
+        load_artifact(copy_of_latest)
+
+
+def test_importing_the_registry_loads_neither_tensorflow_nor_ray():
+    """The serving process imports this module; TensorFlow must load only when a model does."""
+    code = ("import sys, pneumonia.registry; "
+            "print(sorted(m for m in ('tensorflow', 'ray', 'pneumonia.train', 'pneumonia.tune') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- data fingerprint
+
+
+def _records(root: Path) -> list[ImageRecord]:
+    return [ImageRecord(str(path), int(path.parent.name == "PNEUMONIA"), path.stem, "unknown", "train")
+            for path in sorted(root.rglob("*.jpeg"))]
+
+
+def test_the_data_fingerprint_is_stable_and_sensitive(tmp_path):
+    root = tmp_path / "a" / "train"
+    for index, label in enumerate(["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        (root / label / f"img{index}.jpeg").write_bytes(bytes(100 + index))
+    records = _records(root)
+    fingerprint = data_fingerprint(records)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", fingerprint)
+    assert data_fingerprint(list(reversed(records))) == fingerprint
+    moved = Path(shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b"))
+    assert data_fingerprint(_records(moved / "train")) == fingerprint  # same data, another place
+
+    changed = records[0].location
+    Path(changed).write_bytes(bytes(999))
+    assert data_fingerprint(records) != fingerprint
+    Path(changed).write_bytes(bytes(100))
+    assert data_fingerprint(records) == fingerprint
+
+    assert data_fingerprint(records[1:]) != fingerprint  # removed
+    extra = root / "NORMAL" / "img9.jpeg"
+    extra.write_bytes(bytes(5))
+    assert data_fingerprint(_records(root)) != fingerprint  # added
+    relabelled = [ImageRecord(r.location, 1 - r.label, r.patient_id, r.subtype, r.split) for r in records]
+    assert data_fingerprint(relabelled) != fingerprint
+    with pytest.raises(ValueError):
+        data_fingerprint([])
