@@ -285,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help="training checkpoint folder (path or URI)")
     evaluate.add_argument("--artifact", help="serving artifact: version folder, or a registry (-> latest)")
     evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--split", default="test", help="split to score (default test)")
+    evaluate.add_argument("--split", default="test",
+                          help="split folder to score (default test), or 'validation': the patient-grouped "
+                               "split that training carved out of train/")
     evaluate.add_argument("--threshold", type=float,
                           help="decision threshold (default: the artifact's, or 0.5 for a checkpoint)")
     evaluate.add_argument("--report", metavar="DIR", help="also write metrics.json, plots and report.html here")

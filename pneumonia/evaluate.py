@@ -25,16 +25,31 @@ class Evaluation:
     patient_ids: list[str] = field(repr=False)
 
 
+VALIDATION = "validation"
+"""Split name for the patient-grouped validation set carved out of train (as training did)."""
+
+
 def evaluate(
     predict: Callable[[np.ndarray], np.ndarray],
     spec: PreprocessSpec,
     data_root: str,
     split: str = "test",
     threshold: float = 0.5,
+    training_config: dict[str, Any] | None = None,
 ) -> Evaluation:
-    """Metrics of a predictor (uint8 images -> probabilities) on data_root's split or class folders."""
-    dataset = discover(data_root)
-    records = evaluation_records(dataset, split)
+    """Metrics of a predictor (uint8 images -> probabilities) on data_root's split or class folders.
+
+    ``split="validation"`` scores the validation set that training carved out of train/, rebuilt
+    from the training config (same seed and fraction), never the official val/ folder.
+    """
+    if split == VALIDATION:
+        from pneumonia.config import config_from_dict
+        from pneumonia.train import carve_validation
+
+        dataset, _, records = carve_validation(data_root, config_from_dict(training_config or {}))
+    else:
+        dataset = discover(data_root)
+        records = evaluation_records(dataset, split)
     decoded = load_images(records, spec)
     if len(decoded.records) == 0:
         raise DataError(f"none of the {len(records)} images in {data_root} could be decoded")
@@ -56,7 +71,8 @@ def evaluate_checkpoint(checkpoint: str, data_root: str, split: str = "test", th
     from pneumonia.pipeline import predict_probabilities
 
     model, info = load_checkpoint(checkpoint)
-    return evaluate(lambda images: predict_probabilities(model, images), info.preprocess, data_root, split, threshold)
+    return evaluate(lambda images: predict_probabilities(model, images), info.preprocess, data_root, split,
+                    threshold, training_config=info.config)
 
 
 def evaluate_artifact(location: str, data_root: str, split: str = "test", threshold: float | None = None) -> Evaluation:
@@ -65,4 +81,5 @@ def evaluate_artifact(location: str, data_root: str, split: str = "test", thresh
 
     artifact = load_artifact(location)
     chosen = artifact.threshold if threshold is None else threshold
-    return evaluate(artifact.predict, artifact.preprocess, data_root, split, chosen)
+    return evaluate(artifact.predict, artifact.preprocess, data_root, split, chosen,
+                    training_config=artifact.metadata.get("training_config"))
