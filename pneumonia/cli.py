@@ -198,32 +198,65 @@ def cmd_export(args) -> None:
     _emit(_clean_nan(exported.to_json()), args.json, text)
 
 
+def _quick_sweep_config() -> Path:
+    """tune_configs/quick.yaml of the checkout the demo runs in (or of this package's checkout)."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        candidate = base / "tune_configs" / "quick.yaml"
+        if candidate.is_file():
+            return candidate
+    raise PneumoniaError("tune_configs/quick.yaml not found: run the demo from the repository root")
+
+
 def cmd_demo(args) -> None:
-    """Synthetic data -> distributed training -> evaluation, on an embedded Ray."""
-    from pneumonia.config import ExperimentConfig, with_overrides
-    from pneumonia.evaluate import evaluate_checkpoint
+    """Synthetic data -> distributed training -> sweep -> serving artifact -> report, on a local Ray."""
+    from pneumonia.config import ExperimentConfig, load_config, with_overrides
+    from pneumonia.evaluate import evaluate_artifact, evaluate_checkpoint
+    from pneumonia.export import export
     from pneumonia.metrics import format_table
+    from pneumonia.report import write_report
     from pneumonia.synth import make_synthetic_dataset
     from pneumonia.train import train
+    from pneumonia.tune import tune
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     data = out / "data"
     if data.exists() and any(data.iterdir()):
-        print(f"[1/3] using the synthetic dataset already in {data}")
+        print(f"[1/5] using the synthetic dataset already in {data}")
     else:
         summary = make_synthetic_dataset(data, n=args.n, seed=0, image_size=128)
-        print(f"[1/3] wrote {summary.total()} synthetic X-rays to {data}")
+        print(f"[1/5] wrote {summary.total()} synthetic X-rays to {data}")
     config = with_overrides(ExperimentConfig(), {
-        "data.image_size": 64, "train.epochs": args.epochs, "train.batch_size": 32,
+        "data.image_size": 64, "train.epochs": args.epochs, "train.batch_size": 16,
         "scaling.workers": args.workers, "run.storage": str(out / "runs"), "run.keep_checkpoints": 2,
     })
-    print(f"[2/3] training xraynet on {args.workers} Ray workers")
+    print(f"[2/5] training xraynet on {args.workers} Ray workers")
     result = train(config, str(data), progress=lambda line: print(line, flush=True))
-    _shutdown_ray()
-    print(f"[3/3] evaluating the best checkpoint on the held-out synthetic test split")
     evaluation = evaluate_checkpoint(result.best_checkpoint, str(data))
-    print(format_table(evaluation.metrics, f"test metrics ({evaluation.split})"))
-    print(f"best checkpoint: {result.best_checkpoint}")
+    print(format_table(evaluation.metrics, f"test metrics of the best checkpoint at threshold 0.5 ({evaluation.split})"))
+
+    sweep_config = with_overrides(load_config(_quick_sweep_config()), {
+        "run.storage": str(out / "sweeps"), "tune.num_samples": args.samples,
+    })
+    print(f"[3/5] Ray Tune sweep ({args.samples} trials): learning rate x NORMAL class weight, "
+          f"objective precision at recall >= {sweep_config.objective.target_recall}")
+    swept = tune(sweep_config, str(data), progress=lambda line: print(line, flush=True))
+    print(f"best trial: {swept.best_params}, precision {swept.objective:.3f} at threshold {swept.threshold:.3f}")
+    _shutdown_ray()
+
+    print(f"[4/5] exporting the best checkpoint to the registry {out / 'registry'}")
+    exported = export(swept.best_checkpoint, str(out / "registry"), data_root=str(data))
+    print(f"artifact {exported.version}: {exported.artifact} (threshold {exported.threshold:.3f})")
+
+    print("[5/5] evaluating the artifact on the held-out synthetic test split")
+    tuned = evaluate_artifact(exported.artifact, str(data))
+    files = write_report(out / "report", tuned.labels, tuned.probabilities, tuned.metrics["threshold"],
+                         title="Demo: tuned model on the synthetic test split",
+                         details={"artifact": exported.artifact, "data": str(data), "split": tuned.split},
+                         groups=tuned.patient_ids)
+    print(format_table(tuned.metrics, "test metrics of the tuned artifact at its validation-chosen threshold"))
+    print(f"precision {evaluation.metrics['precision']:.3f} -> {tuned.metrics['precision']:.3f}, "
+          f"recall {evaluation.metrics['recall']:.3f} -> {tuned.metrics['recall']:.3f}")
+    print(f"report: {files.html}")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -302,11 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=cmd_export)
 
-    demo = commands.add_parser("demo", help="synthetic data -> distributed training -> evaluation")
+    demo = commands.add_parser("demo", help="synthetic data -> training -> sweep -> artifact -> report")
     demo.add_argument("--out", default="demo_out", help="working folder (default ./demo_out)")
     demo.add_argument("--n", type=int, default=800)
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--samples", type=int, default=4, help="sweep trials (default 4)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -211,7 +211,9 @@ def tune(
 
 def _searcher(sweep):
     if sweep.search == "random":
-        return None  # Tune's default: random sampling from the space
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=sweep.seed)  # seeded: repeatable sweeps
     from ray.tune.search.optuna import OptunaSearch
 
     import optuna
