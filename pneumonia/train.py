@@ -276,8 +276,8 @@ def resolve_storage(storage: str) -> str:
     return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
 
 
-def latest_run(storage: str) -> str:
-    """The most recently started run in storage (by its manifest's creation time)."""
+def latest_run(storage: str, manifest_name: str = RUN_MANIFEST, what: str = "run") -> str:
+    """The most recently started run (or sweep) in storage, by its manifest's creation time."""
     candidates = []
     try:
         entries = list_files(storage)
@@ -285,11 +285,11 @@ def latest_run(storage: str) -> str:
         entries = []
     for entry in entries:
         parts = entry.relative.split("/")
-        if len(parts) == 2 and parts[1] == RUN_MANIFEST:
+        if len(parts) == 2 and parts[1] == manifest_name:
             manifest = json.loads(read_bytes(entry.location))
             candidates.append((manifest.get("created", ""), parts[0]))
     if not candidates:
-        raise PneumoniaError(f"--resume: no earlier run found in {storage}")
+        raise PneumoniaError(f"--resume: no earlier {what} found in {storage}")
     return max(candidates)[1]
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
 from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.storage import exists, is_uri, join
-from pneumonia.train import carve_validation, check_resources, fit_run, init_ray, resolve_storage
+from pneumonia.train import carve_validation, fit_run, init_ray, latest_run, resolve_storage
 
 OBJECTIVE = "val_precision_at_recall"
 TIEBREAK = "val_pr_auc"
@@ -104,19 +104,6 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: s
     fit_run(config, _rows_to_records(train_rows), _rows_to_records(val_rows), callbacks=[TuneReportCallback()])
 
 
-def _latest_sweep(storage: str) -> str:
-    from pneumonia.storage import list_files, read_bytes
-
-    candidates = []
-    for entry in list_files(storage):
-        parts = entry.relative.split("/")
-        if len(parts) == 2 and parts[1] == SWEEP_MANIFEST:
-            candidates.append((json.loads(read_bytes(entry.location)).get("created", ""), parts[0]))
-    if not candidates:
-        raise PneumoniaError(f"--resume: no earlier sweep found in {storage}")
-    return max(candidates)[1]
-
-
 def tune(
     config: ExperimentConfig,
     data_root: str | None,
@@ -132,7 +119,7 @@ def tune(
 
     storage = resolve_storage(config.run.storage)
     if resume:
-        name = config.run.name or _latest_sweep(storage)
+        name = config.run.name or latest_run(storage, SWEEP_MANIFEST, "sweep")
         manifest_location = join(storage, name, SWEEP_MANIFEST)
         if not exists(manifest_location):
             raise PneumoniaError(f"--resume: sweep {name!r} not found in {storage}")

@@ -64,6 +64,12 @@ def test_synth_refuses_a_non_empty_folder(tmp_path, capsys):
         (["train"], "--data is required"),
         (["evaluate", "--checkpoint", "{empty}", "--data", "{data}"], "not a pneumonia checkpoint"),
         (["data", "summarize", "/nonexistent"], "data folder not found"),
+        (["evaluate", "--data", "{data}"], "exactly one of --checkpoint and --artifact"),
+        (["evaluate", "--artifact", "{empty}", "--data", "{data}"], "{empty}"),
+        (["export", "--checkpoint", "/nonexistent/ckpt", "--registry", "{empty}"], "not found"),
+        (["tune", "--config", "{no_tune}", "--data", "{data}"], "has no `tune:` section"),
+        (["tune", "--config", "{no_tune}", "--resume", "--storage", "{empty}"], "no earlier sweep found"),
+        (["tune", "--config", "{no_tune}"], "--data is required"),
     ],
 )
 def test_bad_input_gives_a_one_line_error_and_exit_1(tmp_path, capsys, argv, message):
@@ -75,11 +81,13 @@ def test_bad_input_gives_a_one_line_error_and_exit_1(tmp_path, capsys, argv, mes
     (tmp_path / "wrong" / "cats").mkdir(parents=True)
     (tmp_path / "wrong" / "cats" / "tom.jpeg").write_bytes(b"x")
     (tmp_path / "bad.yaml").write_text("train:\n  learning_rat: 0.1\n")
-    values = {"data": data, "empty": tmp_path / "empty", "wrong": tmp_path / "wrong", "bad_yaml": tmp_path / "bad.yaml"}
+    (tmp_path / "no_tune.yaml").write_text("train:\n  epochs: 2\n")
+    values = {"data": data, "empty": tmp_path / "empty", "wrong": tmp_path / "wrong", "bad_yaml": tmp_path / "bad.yaml",
+              "no_tune": tmp_path / "no_tune.yaml"}
     argv = [item.format(**values) for item in argv]
     code, _, err = run_cli(capsys, *argv)
     assert code == 1, err
-    assert message in err
+    assert message.format(**values) in err
     assert "Traceback" not in err
 
 
@@ -95,5 +103,5 @@ def test_console_script_is_installed():
     assert script.exists(), "pip install -e . should install the `pneumonia` command"
     completed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0
-    for command in ("synth", "data", "train", "evaluate", "demo"):
+    for command in ("synth", "data", "train", "tune", "evaluate", "export", "demo"):
         assert command in completed.stdout
