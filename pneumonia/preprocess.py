@@ -2,7 +2,8 @@
 
 A model must never see different pixels in production than in training, so every path that turns
 file bytes into a model input goes through :func:`decode_image`. It uses Pillow only (no
-TensorFlow), so a serving process can import it cheaply.
+TensorFlow), so a serving process can import it cheaply. Supported formats: JPEG, PNG, BMP, TIFF,
+GIF, WebP (through Pillow) and DICOM (through pydicom, imported only when a DICOM file arrives).
 
 Choices and why:
 - JPEGs are decoded with libjpeg's DCT-domain downscaling (``Image.draft``) to the smallest scale
@@ -13,6 +14,13 @@ Choices and why:
   leave many of them nearly black.
 - Transparent images are composited on black (an X-ray's background), palette and CMYK images are
   converted, and EXIF orientation is applied.
+- DICOM (what hospitals send, ``application/dicom``) is recognised by its content (``DICM`` at byte
+  128 of a Part 10 file), never by its name. Its pixels go through the Modality LUT (rescale slope
+  and intercept) and the VOI LUT or window, then min-max to 8 bits like any high-bit-depth image;
+  MONOCHROME1 (high values dark) is inverted so bone is bright as in every other format; colour
+  DICOM is treated as RGB; a multi-frame file gives its first frame. 8-bit grey data that no LUT
+  changes is used as stored, exactly like an 8-bit PNG. From there on it takes the same mode
+  conversion and resize as every other format.
 - Output is ``uint8`` of shape (size, size, channels); the model rescales to [0, 1] itself, so
   every caller sends the same bytes and the scaling lives with the weights it belongs to.
 """
@@ -33,7 +41,11 @@ from pneumonia.errors import PneumoniaError
 DEFAULT_MAX_PIXELS = 64_000_000
 """Larger images are refused: a real chest X-ray is at most about 4k x 4k (16 Mpx)."""
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO"})
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO", "DICOM"})
+"""Pillow format names we accept, plus DICOM (decoded by pydicom, see :func:`_open_dicom`)."""
+
+_DICOM_MAGIC_OFFSET = 128
+_DICOM_MAGIC = b"DICM"
 
 
 class ImageDecodeError(PneumoniaError):
@@ -106,9 +118,117 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     pixels = np.asarray(image, dtype=np.float64)
     if pixels.ndim == 3:
         pixels = pixels.mean(axis=2)
+    return Image.fromarray(_stretch_to_uint8(pixels), mode="L")
+
+
+def _stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Min-max scale any numeric array to uint8 (a constant array becomes all zeros)."""
     low, high = float(pixels.min()), float(pixels.max())
     scale = 255.0 / (high - low) if high > low else 0.0
-    return Image.fromarray(np.round((pixels - low) * scale).astype(np.uint8), mode="L")
+    return np.round((pixels - low) * scale).astype(np.uint8)
+
+
+def _is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: a 128-byte preamble, then ``DICM`` (whatever the file is called)."""
+    end = _DICOM_MAGIC_OFFSET + len(_DICOM_MAGIC)
+    return len(data) >= end and data[_DICOM_MAGIC_OFFSET:end] == _DICOM_MAGIC
+
+
+def _header_int(ds, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        if default is None:
+            raise ImageDecodeError(f"DICOM file has no {keyword}")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ImageDecodeError(f"DICOM {keyword} is not a number: {value!r}") from None
+
+
+def _open_dicom(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode a DICOM file into an 8-bit 'L' or 'RGB' image (first frame, top row first)."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+    except ImportError as error:  # pragma: no cover - pydicom is a dependency
+        raise ImageDecodeError(f"DICOM support needs pydicom ({error})") from None
+    with warnings.catch_warnings():
+        # pydicom warns about every non-conforming element; what matters is whether pixels decode.
+        warnings.simplefilter("ignore")
+        try:
+            return _dicom_to_image(
+                data, max_pixels, pydicom, apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+            )
+        except ImageDecodeError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            # pydicom parses lazily, so a corrupt element can fail on any access with almost any
+            # exception type (InvalidDicomError, KeyError, struct.error, RuntimeError, ...); callers
+            # must see one exception type.
+            raise ImageDecodeError(f"corrupt or unsupported DICOM file: {type(error).__name__}: {error}") from None
+
+
+def _dicom_to_image(data, max_pixels, pydicom, apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder):
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if not any(keyword in ds for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageDecodeError("DICOM file has no pixel data (not an image)")
+
+    # The size limit comes from the header, before a single pixel is decoded.
+    rows, columns = _header_int(ds, "Rows"), _header_int(ds, "Columns")
+    frames = _header_int(ds, "NumberOfFrames", default=1)
+    if rows < 1 or columns < 1 or frames < 1:
+        raise ImageDecodeError(f"DICOM image has no pixels ({columns}x{rows}, {frames} frames)")
+    if rows * columns * frames > max_pixels:
+        raise ImageTooLargeError(
+            f"DICOM image is {columns}x{rows} x {frames} frame(s) = {rows * columns * frames:,} pixels, "
+            f"above the limit of {max_pixels:,}"
+        )
+
+    syntax = ds.file_meta.get("TransferSyntaxUID", None)
+    if not syntax:
+        raise ImageDecodeError("DICOM file meta has no Transfer Syntax UID")
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ImageDecodeError(f"DICOM transfer syntax {syntax} is not supported") from None
+    if not decoder.is_available:
+        raise ImageDecodeError(
+            f"DICOM transfer syntax '{syntax.name}' ({syntax}) cannot be decoded here: it needs one of "
+            + "; ".join(decoder.missing_dependencies)
+        )
+
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    ds.pixel_array_options(index=0)  # the first frame only (multi-frame files)
+    pixels = ds.pixel_array  # YBR_FULL(_422) comes back converted to RGB
+    if pixels.shape[:2] != (rows, columns):
+        raise ImageDecodeError(f"DICOM pixel data has shape {pixels.shape}, expected {rows}x{columns}")
+
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if pixels.ndim != 2:
+            raise ImageDecodeError(f"{photometric} DICOM pixel data has shape {pixels.shape}")
+        slope, intercept = ds.get("RescaleSlope", None), ds.get("RescaleIntercept", None)
+        identity = slope in (None, "", 1) and intercept in (None, "", 0)
+        if ds.get("ModalityLUTSequence") or not identity:
+            pixels = apply_modality_lut(pixels, ds)
+        pixels = apply_voi_lut(pixels, ds, index=0)
+        if pixels.dtype != np.uint8:  # 8-bit data no LUT changed stays as stored, like an 8-bit PNG
+            if not np.isfinite(pixels).all():
+                raise ImageDecodeError("DICOM pixel data has NaN or infinite values")
+            pixels = _stretch_to_uint8(pixels)
+        if photometric == "MONOCHROME1":
+            pixels = 255 - pixels
+        return Image.fromarray(np.ascontiguousarray(pixels), mode="L")
+
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    elif pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageDecodeError(f"unsupported DICOM photometric interpretation {photometric or '(none)'}")
+    if pixels.dtype != np.uint8:
+        pixels = _stretch_to_uint8(pixels)  # one scale for all channels keeps the colours
+    return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
 
 
 def _resize(image: Image.Image, size: int, resize: str) -> Image.Image:
@@ -129,17 +249,20 @@ def decode_image(
 ) -> np.ndarray:
     """Decode image bytes into the model's input: uint8 array of shape ``spec.shape``.
 
+    Accepts JPEG, PNG, BMP, TIFF, GIF, WebP and DICOM (recognised by content, whatever the name).
     Raises ImageDecodeError (or its subclass ImageTooLargeError) for anything that is not a
     readable image within the size limit; never returns garbage for a truncated file.
     """
-    image = _open(data, max_pixels)
+    dicom = _is_dicom(data)
+    image = _open_dicom(data, max_pixels) if dicom else _open(data, max_pixels)
     target_mode = "L" if spec.channels == 1 else "RGB"
     try:
-        if image.format in ("JPEG", "MPO"):
-            # DCT-domain downscale: the result stays >= the requested size on both sides.
-            image.draft(target_mode, (spec.image_size, spec.image_size))
-        image.load()
-        image = ImageOps.exif_transpose(image)
+        if not dicom:  # a DICOM image arrives decoded, 8-bit and upright
+            if image.format in ("JPEG", "MPO"):
+                # DCT-domain downscale: the result stays >= the requested size on both sides.
+                image.draft(target_mode, (spec.image_size, spec.image_size))
+            image.load()
+            image = ImageOps.exif_transpose(image)
         image = _to_8bit(image)
         if image.mode != target_mode:
             image = image.convert(target_mode)

@@ -54,16 +54,20 @@ def read_bytes(location: str) -> bytes:
         return stream.read()
 
 
-def write_text(location: str, text: str) -> None:
-    """Write a small text file to a local path (creating folders) or a URI."""
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a file to a local path (creating folders) or a URI."""
     if not is_uri(location):
         Path(location).parent.mkdir(parents=True, exist_ok=True)
-        Path(location).write_text(text)
+        Path(location).write_bytes(data)
         return
     fs, path = _split_uri(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as stream:
-        stream.write(text.encode())
+        stream.write(data)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
 
 
 def exists(location: str) -> bool:
@@ -135,6 +139,14 @@ def local_directory(location: str) -> Iterator[Path]:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def qualify(path: str, storage: str) -> str:
+    """A path that Ray reports inside a storage filesystem, as a URI again when storage is one
+    (Ray reports ``bucket/runs/...`` for ``s3://bucket/runs``)."""
+    if is_uri(storage) and not is_uri(path):
+        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
 
 
 def join(location: str, *parts: str) -> str:

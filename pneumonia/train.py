@@ -33,7 +33,7 @@ from pneumonia.data import (
 )
 from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.preprocess import PreprocessSpec
-from pneumonia.storage import exists, is_uri, join, list_files, read_bytes, write_text
+from pneumonia.storage import exists, is_uri, join, list_files, qualify, read_bytes, write_text
 
 RUN_MANIFEST = "pneumonia_run.json"
 RESULT_FILE = "pneumonia_result.json"
@@ -402,13 +402,11 @@ def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> Tra
     history = _read_history(join(storage, name, HISTORY_FILE))
     summary = TrainResult(
         run_dir=join(storage, name),
-        best_checkpoint=checkpoint.path if is_uri(storage) else str(Path(checkpoint.path)),
+        best_checkpoint=qualify(checkpoint.path, storage),
         metrics={key: float(metrics[f"val_{key}"]) for key in REPORTED_VAL_METRICS if f"val_{key}" in metrics},
         best_epoch=int(metrics.get("epoch", 0)),
         epochs_completed=int(history[-1]["epoch"]) if history else int(metrics.get("epoch", 0)),
         history=history,
     )
-    if is_uri(storage) and not summary.best_checkpoint.startswith(storage.split("://")[0]):
-        summary.best_checkpoint = f"{storage.split('://')[0]}://{summary.best_checkpoint}"
     write_text(join(storage, name, RESULT_FILE), json.dumps(asdict(summary), indent=2, default=float))
     return summary

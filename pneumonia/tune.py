@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
 from pneumonia.errors import ConfigError, PneumoniaError
-from pneumonia.storage import exists, is_uri, join
+from pneumonia.storage import exists, is_uri, join, qualify, write_bytes
 from pneumonia.train import carve_validation, fit_run, init_ray, latest_run, resolve_storage
 
 OBJECTIVE = "val_precision_at_recall"
@@ -273,34 +274,37 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str) -> TuneResu
         raise PneumoniaError("no trial produced a checkpoint" + (f"; first error: {errors[0]}" if errors else ""))
     _, row, params = best
 
-    out_dir = Path(sweep_path) if not is_uri(sweep_path) else Path(".") / Path(sweep_path.split("://", 1)[1]).name
+    # Written locally (the sweep folder, or a scratch folder uploaded next to a remote sweep).
+    out_dir = Path(sweep_path) if not is_uri(sweep_path) else Path(tempfile.mkdtemp(prefix="pneumonia-sweep-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     table = [{k: v for k, v in t.items() if k != "curve"} for t in trials]
     table.sort(key=lambda t: (t["objective"] is not None, t["objective"] or 0, t["pr_auc"] or 0), reverse=True)
-    csv_path, json_path = out_dir / "results.csv", out_dir / "results.json"
-    with open(csv_path, "w", newline="") as handle:
+    with open(out_dir / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=sorted({k for t in table for k in t}, key=_column_order))
         writer.writeheader()
         writer.writerows(table)
-    json_path.write_text(json.dumps(table, indent=2, default=str))
-    plots = [
-        str(plot_objective_map(trials, config, out_dir / "objective_map.png")),
-        str(plot_learning_curves(trials, config, out_dir / "learning_curves.png")),
-    ]
+    (out_dir / "results.json").write_text(json.dumps(table, indent=2, default=str))
+    plot_objective_map(trials, config, out_dir / "objective_map.png")
+    plot_learning_curves(trials, config, out_dir / "learning_curves.png")
     best_config = trial_config(config.model_dump(exclude={"tune"}), params, "", "best").model_dump(exclude={"run", "tune"})
     (out_dir / "best_config.yaml").write_text(_yaml(best_config))
+    outputs = {}
+    for name in ("results.csv", "results.json", "objective_map.png", "learning_curves.png", "best_config.yaml"):
+        outputs[name] = join(sweep_path, name)
+        if is_uri(sweep_path):
+            write_bytes(outputs[name], (out_dir / name).read_bytes())
     metrics = {key[4:]: float(value) for key, value in row.items() if key.startswith("val_") and _finite(value)}
     return TuneResult(
         sweep_dir=sweep_path,
-        best_checkpoint=row["checkpoint_path"],
+        best_checkpoint=qualify(row["checkpoint_path"], sweep_path),
         best_config=best_config,
         best_params=params,
         objective=float(row[OBJECTIVE]),
         threshold=float(row["val_threshold"]),
         metrics=metrics,
-        results_csv=str(csv_path),
-        results_json=str(json_path),
-        plots=plots,
+        results_csv=outputs["results.csv"],
+        results_json=outputs["results.json"],
+        plots=[outputs["objective_map.png"], outputs["learning_curves.png"]],
         trials=table,
     )
 

@@ -196,3 +196,17 @@ def test_more_workers_than_cpus_fails_fast_instead_of_waiting(ray_cluster, synth
 
     with pytest.raises(ConfigError, match="not enough resources"):
         train(small_config(tmp_path, **{"scaling.workers": 64}), str(synthetic_data), progress=lambda _: None)
+
+
+def test_checkpoints_go_to_a_uri_storage(ray_cluster, synthetic_data, tmp_path):
+    """Any pyarrow URI works as storage (file:// here; s3:// and gs:// use the same code path)."""
+    from pneumonia.checkpoint import load_checkpoint
+    from pneumonia.train import train
+
+    storage = f"file://{tmp_path}/remote"
+    result = train(small_config(tmp_path, **{"train.epochs": 2, "run.storage": storage, "run.name": "uri"}),
+                   str(synthetic_data), progress=lambda _: None)
+    assert result.best_checkpoint.startswith(f"file://{tmp_path}/remote/uri/checkpoint_")
+    assert result.epochs_completed == 2
+    model, info = load_checkpoint(result.best_checkpoint)
+    assert info.epoch in (1, 2) and model.output_shape == (None, 1)

@@ -1,0 +1,265 @@
+"""Grad-CAM heatmaps: which parts of an X-ray drove the model's PNEUMONIA probability.
+
+Grad-CAM (Selvaraju et al., 2017) weights the feature maps of a convolutional layer by the mean
+gradient of the class score over each map, sums them and keeps the positive part: a coarse map of
+the regions that raise the score. It needs the Keras model's layers, so a serving replica gets the
+model from ``LoadedArtifact.keras_model()`` and builds one :class:`GradCam` for its lifetime.
+
+Choices and why:
+- The score is the pre-sigmoid logit when the model ends in a one-unit sigmoid ``Dense`` (both
+  project models do): d(probability) = p(1 - p) d(logit), a positive factor per image that the
+  normalisation cancels, except that a confident prediction (p == 1.0 in float32) makes it exactly
+  zero and the map blank. Other models fall back to the probability itself.
+- One ``tf.function`` with a fixed input signature, traced in the constructor: a request pays
+  for one forward and a partial backward pass (only down to the chosen layer), not for tracing.
+  The traced function holds no Python state, so several threads may call one instance at once.
+- Maps are computed in float32 whatever the model's precision (mixed-precision models give
+  float16 feature maps), resized bilinearly to the input size and scaled so that their maximum is
+  1; a map with no positive evidence stays all zero rather than becoming NaN.
+- Colour images are the ``jet`` colormap, the one Grad-CAM figures use, blended uniformly over the
+  grayscale X-ray so that the whole image stays readable under the colours.
+
+This module must stay importable by a serving process: no Ray, and TensorFlow only inside the
+functions that need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+import pneumonia  # noqa: F401  (selects tf-keras before TensorFlow loads)
+
+COLORMAP = "jet"
+BATCH_SIZE = 32  # images per compiled call in explain_batch: bounds the memory of a large batch
+
+
+@dataclass
+class Explanation:
+    """One image's Grad-CAM result."""
+
+    probability: float  # the model's PNEUMONIA probability for the image
+    heatmap: np.ndarray  # float32 [size, size] in [0, 1], at the model's input size
+    layer: str  # name of the layer whose feature maps were weighted
+
+    def overlay_png(self, image: np.ndarray, alpha: float = 0.45) -> bytes:
+        """PNG (RGB) of the colour-mapped heatmap blended over the grayscale X-ray.
+
+        ``image`` is the uint8 [size, size, channels] array that was explained; ``alpha`` is the
+        heatmap's opacity (0: the X-ray alone, 1: the heatmap alone).
+        """
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be between 0 and 1, got {alpha!r}")
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[:2] != self.heatmap.shape:
+            raise ValueError(
+                f"expected a uint8 image of shape ({', '.join(map(str, self.heatmap.shape))}, channels), "
+                f"got {image.dtype} {image.shape}"
+            )
+        gray = image.mean(axis=2, dtype=np.float32)[:, :, None]
+        blended = (1 - alpha) * gray + alpha * _colorize(self.heatmap).astype(np.float32)
+        return _png(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+
+    def heatmap_png(self) -> bytes:
+        """PNG (RGB) of the colour-mapped heatmap alone."""
+        return _png(_colorize(self.heatmap))
+
+
+class GradCam:
+    """Grad-CAM for a Keras model with one sigmoid output; build once, call from any thread."""
+
+    def __init__(self, model, layer: str | None = None):
+        """``layer`` names the layer whose feature maps are used; None picks the last Conv2D,
+        searching nested models too. Raises ValueError when there is no such layer."""
+        import tensorflow as tf
+
+        if not model.inputs or len(model.inputs) != 1 or len(model.outputs) != 1:
+            raise ValueError("GradCam needs a built functional or Sequential model with one input and one output")
+        shape = tuple(model.input_shape[1:])
+        if len(shape) != 3 or None in shape:
+            raise ValueError(f"GradCam needs a fixed image input (size, size, channels), the model takes {shape}")
+        if tuple(model.output_shape[1:]) != (1,):
+            raise ValueError(f"GradCam explains one sigmoid output, the model returns {model.output_shape[1:]}")
+        target = _find_layer(model, layer)
+        self.model = model
+        self.layer = target.name
+        self.input_shape = shape
+        forward = _features_and_score(model, target)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.uint8, name="image")])
+        def compute(images):
+            with tf.GradientTape() as tape:
+                features, score, probability = forward(tf.cast(images, tf.float32))
+            gradients = tf.cast(tape.gradient(score, features), tf.float32)
+            features = tf.cast(features, tf.float32)
+            weights = tf.reduce_mean(gradients, axis=[1, 2])  # one weight per channel
+            cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", features, weights))
+            cam = tf.image.resize(cam[..., None], shape[:2], method="bilinear")[..., 0]
+            cam = tf.where(tf.math.is_finite(cam), cam, 0.0)
+            peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
+            cam = tf.clip_by_value(tf.math.divide_no_nan(cam, peak), 0.0, 1.0)
+            return tf.reshape(tf.cast(probability, tf.float32), [-1]), cam
+
+        self._compute = compute.get_concrete_function()
+
+    def explain(self, image: np.ndarray) -> Explanation:
+        """Explain one uint8 image of the model's input shape (as ``decode_image`` returns it)."""
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.shape != self.input_shape:
+            raise ValueError(
+                f"expected a uint8 image of shape ({', '.join(map(str, self.input_shape))}), "
+                f"got {image.dtype} {image.shape}"
+            )
+        return self.explain_batch(image[None])[0]
+
+    def explain_batch(self, images: np.ndarray) -> list[Explanation]:
+        """Explain uint8 images [n, size, size, channels], in order."""
+        import tensorflow as tf
+
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.input_shape:
+            raise ValueError(
+                f"expected uint8 images of shape (n, {', '.join(map(str, self.input_shape))}), "
+                f"got {images.dtype} {images.shape}"
+            )
+        explanations = []
+        for start in range(0, len(images), BATCH_SIZE):
+            probabilities, maps = self._compute(tf.constant(images[start : start + BATCH_SIZE]))
+            explanations.extend(
+                Explanation(float(probability), heatmap, self.layer)
+                for probability, heatmap in zip(probabilities.numpy(), maps.numpy())
+            )
+        return explanations
+
+
+# ----------------------------------------------------------------------------- model surgery
+
+
+def _all_layers(model) -> list:
+    """Every layer in order, nested models replaced by their own layers (depth first)."""
+    import tensorflow as tf
+
+    found = []
+    for layer in model.layers:
+        found.extend(_all_layers(layer) if isinstance(layer, tf.keras.Model) else [layer])
+    return found
+
+
+def _find_layer(model, name: str | None):
+    """The layer called name, or the last Conv2D; anything else is a ValueError that says what exists."""
+    import tensorflow as tf
+
+    layers = _all_layers(model)
+    convolutions = [layer.name for layer in layers if isinstance(layer, tf.keras.layers.Conv2D)]
+    if name is None:
+        if not convolutions:
+            raise ValueError(f"model {model.name!r} has no Conv2D layer; pass layer= a layer with 4-D output")
+        name = convolutions[-1]
+    matches = [layer for layer in layers if layer.name == name]
+    if not matches:
+        raise ValueError(
+            f"model {model.name!r} has no layer {name!r}; its Conv2D layers are: {', '.join(convolutions) or 'none'}"
+        )
+    layer = matches[-1]
+    if len(layer.output_shape) != 4:
+        raise ValueError(f"layer {name!r} has output shape {layer.output_shape}; Grad-CAM needs [n, h, w, channels]")
+    return layer
+
+
+def _features_and_score(model, target):
+    """A function float32 images -> (target's feature maps, score to differentiate, probability).
+
+    The score is the logit when the model ends in a one-unit sigmoid Dense layer (see the module
+    docstring), otherwise the probability.
+    """
+    import tensorflow as tf
+
+    head = model.layers[-1]
+    if not (
+        isinstance(head, tf.keras.layers.Dense)
+        and head.activation is tf.keras.activations.sigmoid
+        and len(head.input_shape) == 2
+    ):
+        split = _split(model, target, before_head=False)
+
+        def probability_score(images):
+            features, probability = split(images)
+            return features, probability, probability
+
+        return probability_score
+
+    split = _split(model, target, before_head=True)
+
+    def logit_score(images):
+        features, head_input = split(images)
+        # The Dense layer's own arithmetic, stopped before its sigmoid: the probability is the
+        # model's output, bit for bit.
+        dtype = head.compute_dtype
+        logit = tf.matmul(tf.cast(head_input, dtype), tf.cast(head.kernel, dtype))
+        if head.use_bias:
+            logit = tf.nn.bias_add(logit, tf.cast(head.bias, dtype))
+        return features, logit, tf.sigmoid(logit)
+
+    return logit_score
+
+
+def _split(model, target, before_head: bool):
+    """A function images -> (target's output, the model's output or, before_head, its last layer's input).
+
+    A layer of the model itself gives one two-output Keras model. A layer inside a nested model is
+    reached by running the outer model's layers one after another, so the outer model must be
+    Sequential (the usual ``Sequential([backbone, pooling, head])``); calling layers inside the
+    traced function adds nothing to the caller's model, as rebuilding a Keras graph would.
+    """
+    import tensorflow as tf
+
+    if target in model.layers:
+        both = tf.keras.Model(model.inputs, [target.output, model.layers[-1].input if before_head else model.output])
+        return lambda images: both(images, training=False)
+    if not isinstance(model, tf.keras.Sequential):
+        raise ValueError(
+            f"layer {target.name!r} sits inside a nested model of the functional model {model.name!r}; "
+            "pass layer= one of the outer model's own layers"
+        )
+    nested = next(layer for layer in model.layers
+                  if isinstance(layer, tf.keras.Model) and target in _all_layers(layer))
+    inner = _split(nested, target, before_head=False)
+    layers = model.layers[:-1] if before_head else model.layers
+
+    def run(images):
+        x, features = images, None
+        for layer in layers:
+            if layer is nested:
+                features, x = inner(x)
+            else:
+                x = layer(x, training=False)
+        return features, x
+
+    return run
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@functools.lru_cache(maxsize=1)
+def _lookup_table() -> np.ndarray:
+    """uint8 [256, 3]: the colormap sampled at 256 levels (matplotlib imported on first use only)."""
+    from matplotlib import colormaps
+
+    return np.round(colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def _colorize(heatmap: np.ndarray) -> np.ndarray:
+    """uint8 RGB [h, w, 3] of a [0, 1] heatmap."""
+    levels = np.round(np.clip(np.nan_to_num(heatmap), 0.0, 1.0) * 255).astype(np.uint8)
+    return _lookup_table()[levels]
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
