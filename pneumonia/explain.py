@@ -261,5 +261,5 @@ def _colorize(heatmap: np.ndarray) -> np.ndarray:
 
 def _png(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()
