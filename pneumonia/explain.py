@@ -16,7 +16,11 @@ Choices and why:
 - Maps are computed in float32 whatever the model's precision (mixed-precision models give
   float16 feature maps), resized bilinearly to the input size and scaled so that their maximum is
   1; a map with no positive evidence stays all zero rather than becoming NaN.
-- Colour images are the ``jet`` colormap, the one Grad-CAM figures use, blended uniformly over the
+- The default layer is the last Conv2D, the usual Grad-CAM choice: the most class-specific maps
+  that still have a spatial layout. They are coarse (xraynet's ``last_conv`` is 10x10 at 150 px
+  and each cell sees about 109 px); an earlier layer (``layer="block3_conv"``) gives finer but
+  less class-specific maps.
+- The PNGs use the ``jet`` colormap, the one Grad-CAM figures use, blended uniformly over the
   grayscale X-ray so that the whole image stays readable under the colours.
 
 This module must stay importable by a serving process: no Ray, and TensorFlow only inside the
