@@ -427,6 +427,14 @@ def load_artifact(location: str | Path) -> LoadedArtifact:
     return LoadedArtifact(path, metadata, spec, threshold, signature, saved_model)
 
 
+def read_metadata(location: str | Path) -> dict:
+    """An artifact's checked metadata without loading TensorFlow (for a serving gateway)."""
+    path = resolve_artifact(location)
+    metadata = _read_metadata(path)
+    _check_metadata(metadata, path)
+    return metadata
+
+
 def _read_metadata(folder: Path) -> dict:
     path = folder / METADATA_FILE
     if not path.is_file():

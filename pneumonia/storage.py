@@ -145,7 +145,7 @@ def qualify(path: str, storage: str) -> str:
     """A path that Ray reports inside a storage filesystem, as a URI again when storage is one
     (Ray reports ``bucket/runs/...`` for ``s3://bucket/runs``)."""
     if is_uri(storage) and not is_uri(path):
-        return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}"
+        return f"{storage.split('://', 1)[0]}://{path}"
     return path
 
 

@@ -146,7 +146,7 @@ def test_an_interrupted_sweep_resumes_without_losing_finished_epochs(imbalanced_
     os.killpg(process.pid, signal.SIGINT)
     process.wait(timeout=120)
 
-    resumed = subprocess.run(command[:3] + ["--config", str(config), "--storage", str(tmp_path / "runs"),
+    resumed = subprocess.run(command[:4] + ["--config", str(config), "--storage", str(tmp_path / "runs"),
                                             "--name", "interrupted", "--resume", "--json"],
                              capture_output=True, text=True, timeout=480)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,0 +1,383 @@
+"""Ray Serve deployments: an HTTP gateway that decodes images, and a batched classifier.
+
+Why two deployments: decoding a full-resolution X-ray costs more CPU than the CNN (see
+docs/BENCHMARKS.md), so the gateway (FastAPI, no TensorFlow) decodes in a thread pool and scales
+out on its own, while classifier replicas hold the compiled SavedModel and batch requests
+(``@serve.batch``) to use each forward pass well. Both autoscale; each replica accepts a bounded
+number of requests and Serve queues a bounded number more, so overload answers 503 at once
+instead of piling up.
+
+Serving imports only the preprocessing function and the registry (never train or tune code), and
+applies the same ``decode_image`` that training used: no training/serving skew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pneumonia import CLASS_NAMES
+from pneumonia.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    ImageTooLargeError,
+    PreprocessSpec,
+    decode_image,
+)
+
+IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/dicom", "image/dicom", "application/octet-stream"}
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+
+
+class HTTPError(Exception):
+    """A client error with its status code; answered as {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+@serve.deployment(
+    name="Classifier",
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 16,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 30,
+    },
+    ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": {"TF_USE_LEGACY_KERAS": "1"}}},
+)
+class Classifier:
+    """Holds one artifact's compiled model; batches concurrent requests into one forward pass."""
+
+    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
+        from ray.serve import metrics
+
+        from pneumonia.registry import load_artifact
+
+        self.artifact = load_artifact(artifact)
+        self.predict_batch.set_max_batch_size(max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._explainer = None
+        self._batch_sizes = metrics.Histogram(
+            "pneumonia_batch_size", description="images per forward pass",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self._latency = metrics.Histogram(
+            "pneumonia_inference_ms", description="forward pass time per batch (ms)",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
+        self._predictions = metrics.Counter(
+            "pneumonia_predictions", description="predictions by label", tag_keys=("label",))
+        self.last_batch_sizes: list[int] = []  # the recent batch sizes, for tests and /model
+        self.predict(np.zeros((1, *self.artifact.preprocess.shape), np.uint8))  # compile before traffic
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        probabilities = self.artifact.predict(images)
+        self._latency.observe((time.perf_counter() - started) * 1000)
+        return probabilities
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, images: list[np.ndarray]) -> list[float]:
+        batch = np.stack(images)
+        self._batch_sizes.observe(len(images))
+        self.last_batch_sizes = (self.last_batch_sizes + [len(images)])[-256:]
+        probabilities = await asyncio.get_running_loop().run_in_executor(None, self.predict, batch)
+        threshold = self.artifact.threshold
+        for probability in probabilities:
+            self._predictions.inc(tags={"label": CLASS_NAMES[int(probability >= threshold)]})
+        return [float(p) for p in probabilities]
+
+    async def classify(self, image: np.ndarray) -> float:
+        return await self.predict_batch(image)
+
+    def explain(self, image: np.ndarray) -> dict[str, Any]:
+        from pneumonia.explain import GradCam
+
+        if self._explainer is None:
+            self._explainer = GradCam(self.artifact.keras_model())
+        explanation = self._explainer.explain(image)
+        probability = float(self.artifact.predict(image[None])[0])  # the same number /predict gives
+        return {
+            "probability": probability,
+            "layer": explanation.layer,
+            "overlay_png": base64.b64encode(explanation.overlay_png(image)).decode(),
+            "heatmap": np.round(explanation.heatmap, 3).tolist(),
+        }
+
+    def recent_batch_sizes(self) -> list[int]:
+        return list(self.last_batch_sizes)
+
+
+# ----------------------------------------------------------------------------- gateway
+
+api = FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")
+
+
+@serve.deployment(
+    name="Gateway",
+    max_ongoing_requests=128,
+    max_queued_requests=512,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 32,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 30,
+    },
+    ray_actor_options={"num_cpus": 1},
+)
+@serve.ingress(api)
+class Gateway:
+    """HTTP front: validates and decodes requests, asks the classifier, answers JSON."""
+
+    def __init__(self, classifier: DeploymentHandle, artifact: str, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        from pneumonia.registry import read_metadata
+
+        self.classifier = classifier
+        self.metadata = read_metadata(artifact)
+        image = self.metadata["input"]
+        self.spec = PreprocessSpec(image["image_size"], image["channels"], image["resize"])
+        self.threshold = float(self.metadata["threshold"])
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+
+    # -- helpers
+
+    async def _body_images(self, request: Request) -> list[tuple[str, bytes]]:
+        """(name, bytes) of every image in the request: a raw body or multipart `file` fields."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            raise HTTPError(413, f"request body of {int(length):,} bytes is above the limit of {self.max_bytes:,}")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            form = await request.form()
+            files = form.getlist("file")
+            if not files:
+                raise HTTPError(400, "multipart request has no 'file' fields")
+            items = []
+            for upload in files:
+                if isinstance(upload, str):
+                    raise HTTPError(400, "'file' fields must be files, not text")
+                data = await upload.read()
+                items.append((upload.filename or f"file{len(items)}", data))
+            return items
+        if content_type not in IMAGE_TYPES:
+            raise HTTPError(415, f"unsupported media type {content_type or '(none)'}; send image/jpeg, "
+                                 "image/png, application/dicom or multipart/form-data")
+        body = await request.body()
+        if len(body) > self.max_bytes:
+            raise HTTPError(413, f"request body of {len(body):,} bytes is above the limit of {self.max_bytes:,}")
+        if not body:
+            raise HTTPError(400, "empty request body")
+        return [("body", body)]
+
+    async def _decode(self, name: str, data: bytes) -> np.ndarray:
+        if len(data) > self.max_bytes:
+            raise HTTPError(413, f"{name}: {len(data):,} bytes is above the limit of {self.max_bytes:,}")
+        try:
+            return await asyncio.to_thread(decode_image, data, self.spec, self.max_pixels)
+        except ImageTooLargeError as error:
+            raise HTTPError(413, f"{name}: {error}") from None
+        except ImageDecodeError as error:
+            raise HTTPError(400, f"{name}: {error}") from None
+
+    def _answer(self, probability: float) -> dict[str, Any]:
+        return {
+            "label": CLASS_NAMES[int(probability >= self.threshold)],
+            "probability": probability,
+            "threshold": self.threshold,
+            "model": self.metadata["name"],
+            "version": self.metadata["version"],
+        }
+
+    async def _classify(self, images: list[np.ndarray]) -> list[float]:
+        return list(await asyncio.gather(*(self.classifier.classify.remote(image) for image in images)))
+
+    async def _guarded(self, work):
+        try:
+            return await work
+        except HTTPError as error:
+            return _json_error(error.status, error.message)
+        except Exception as error:  # back-pressure and replica loss are the server's, not the client's
+            name = type(error).__name__
+            if "BackPressure" in name or "Overload" in name:
+                return _json_error(503, "overloaded: too many requests in flight, retry shortly")
+            return _json_error(503, f"temporarily unavailable: {name}")
+
+    # -- routes
+
+    @api.post("/predict")
+    async def predict(self, request: Request):
+        async def work():
+            items = await self._body_images(request)
+            images = await asyncio.gather(*(self._decode(name, data) for name, data in items))
+            answers = [self._answer(p) for p in await self._classify(list(images))]
+            if len(items) == 1 and items[0][0] == "body":
+                return answers[0]
+            return {"predictions": [{"file": name, **answer} for (name, _), answer in zip(items, answers)]}
+
+        return await self._guarded(work())
+
+    @api.post("/explain")
+    async def explain(self, request: Request):
+        async def work():
+            items = await self._body_images(request)
+            if len(items) != 1:
+                raise HTTPError(400, "/explain takes one image")
+            image = await self._decode(*items[0])
+            result = await self.classifier.explain.remote(image)
+            return {**self._answer(result["probability"]), **result}
+
+        return await self._guarded(work())
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "model": self.metadata["name"], "version": self.metadata["version"]}
+
+    @api.get("/model")
+    async def model(self):
+        return self.metadata
+
+    # -- Open Inference Protocol (KServe v2)
+
+    @api.get("/v2/health/live")
+    async def live(self):
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def ready(self):
+        return {"ready": True}
+
+    @api.get("/v2/models/{name}")
+    async def model_metadata(self, name: str):
+        if name != self.metadata["name"]:
+            return _json_error(404, f"unknown model {name!r}; this server has {self.metadata['name']!r}")
+        size, channels = self.spec.image_size, self.spec.channels
+        return {
+            "name": name,
+            "versions": [self.metadata["version"]],
+            "platform": "tensorflow_savedmodel",
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [-1]},
+                {"name": "pixels", "datatype": "UINT8", "shape": [-1, size, size, channels]},
+            ],
+            "outputs": [
+                {"name": "probability", "datatype": "FP32", "shape": [-1]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            ],
+        }
+
+    @api.get("/v2/models/{name}/ready")
+    async def model_ready(self, name: str):
+        if name != self.metadata["name"]:
+            return _json_error(404, f"unknown model {name!r}")
+        return {"name": name, "ready": True}
+
+    @api.post("/v2/models/{name}/infer")
+    async def infer(self, name: str, request: Request):
+        async def work():
+            if name != self.metadata["name"]:
+                raise HTTPError(404, f"unknown model {name!r}; this server has {self.metadata['name']!r}")
+            try:
+                payload = await request.json()
+            except ValueError:
+                raise HTTPError(400, "body is not valid JSON") from None
+            images = await self._oip_images(payload)
+            probabilities = await self._classify(images)
+            labels = [self._answer(p)["label"] for p in probabilities]
+            return {
+                "model_name": name,
+                "model_version": self.metadata["version"],
+                "id": payload.get("id") if isinstance(payload, dict) else None,
+                "parameters": {"threshold": self.threshold},
+                "outputs": [
+                    {"name": "probability", "datatype": "FP32", "shape": [len(images)], "data": probabilities},
+                    {"name": "label", "datatype": "BYTES", "shape": [len(images)], "data": labels},
+                ],
+            }
+
+        return await self._guarded(work())
+
+    async def _oip_images(self, payload: Any) -> list[np.ndarray]:
+        """Images from an inference request: encoded files ("BYTES", base64) or decoded pixels ("UINT8")."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or not payload["inputs"]:
+            raise HTTPError(400, "expected {\"inputs\": [{\"name\", \"datatype\", \"shape\", \"data\"}]}")
+        tensor = payload["inputs"][0]
+        if not isinstance(tensor, dict):
+            raise HTTPError(400, "each input must be an object")
+        datatype, data = tensor.get("datatype"), tensor.get("data")
+        if not isinstance(data, list) or not data:
+            raise HTTPError(400, "input 'data' must be a non-empty list")
+        if datatype == "BYTES":
+            decoded = []
+            for index, item in enumerate(data):
+                try:
+                    raw = base64.b64decode(item, validate=True) if isinstance(item, str) else None
+                except ValueError:
+                    raw = None
+                if raw is None:
+                    raise HTTPError(400, f"input {index}: BYTES data must be base64-encoded image files")
+                decoded.append(await self._decode(f"input {index}", raw))
+            return decoded
+        if datatype == "UINT8":
+            expected = list(self.spec.shape)
+            shape = tensor.get("shape")
+            try:
+                pixels = np.asarray(data, dtype=np.int64)
+            except (TypeError, ValueError):
+                raise HTTPError(400, "UINT8 data must be integers") from None
+            if not isinstance(shape, list) or len(shape) != 4 or shape[1:] != expected:
+                raise HTTPError(400, f"UINT8 input must have shape [n, {', '.join(map(str, expected))}]")
+            if pixels.size != int(np.prod(shape)) or pixels.min() < 0 or pixels.max() > 255:
+                raise HTTPError(400, "UINT8 data does not match its shape or is outside 0..255")
+            return list(pixels.reshape(shape).astype(np.uint8))
+        raise HTTPError(400, f"unsupported datatype {datatype!r}: use BYTES (encoded images) or UINT8 (pixels)")
+
+
+# ----------------------------------------------------------------------------- application
+
+
+def default_artifact() -> str:
+    return os.environ.get("PNEUMONIA_ARTIFACT", "registry")
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """The Serve application. ``args`` (from `serve run serve_app:build_app key=value` or a serve
+    config's `args`): artifact (path to a version folder or a registry; default
+    $PNEUMONIA_ARTIFACT or ./registry, resolved to its latest version now, so every replica serves
+    the same version), max_batch_size, batch_wait_timeout_s, max_bytes."""
+    from pneumonia.registry import resolve_artifact
+
+    args = dict(args or {})
+    artifact = str(resolve_artifact(str(Path(args.pop("artifact", default_artifact())).expanduser().resolve())))
+    classifier = Classifier.bind(
+        artifact,
+        max_batch_size=int(args.pop("max_batch_size", 32)),
+        batch_wait_timeout_s=float(args.pop("batch_wait_timeout_s", 0.005)),
+    )
+    gateway = Gateway.bind(classifier, artifact, max_bytes=int(args.pop("max_bytes", DEFAULT_MAX_BYTES)))
+    if args:
+        raise ValueError(f"unknown application arguments: {', '.join(sorted(args))}")
+    return gateway
