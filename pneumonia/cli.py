@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,71 @@ def cmd_export(args) -> None:
     _emit(_clean_nan(exported.to_json()), args.json, text)
 
 
+def cmd_serve(args) -> None:
+    """Run the Serve application on a local Ray until interrupted."""
+    import time
+
+    import ray
+    from ray import serve
+
+    from pneumonia.serving import build_app
+    from pneumonia.train import WORKER_ENV
+
+    artifact = args.artifact or os.environ.get("PNEUMONIA_ARTIFACT") or "registry"
+    application = build_app({"artifact": artifact})  # resolves and checks the artifact first
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": WORKER_ENV},
+             logging_level="WARNING")
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application, name="pneumonia", route_prefix="/")
+    print(f"serving {artifact} on http://{args.host}:{args.port} (POST /predict, /explain; GET /healthz, /model, "
+          "/v2/...); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()
+
+
+def cmd_predict(args) -> None:
+    """POST each file to a running service and print its answer."""
+    import urllib.error
+    import urllib.request
+
+    types = {".png": "image/png", ".dcm": "application/dicom"}
+    rows, failed = [], 0
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise PneumoniaError(f"file not found: {name}")
+        request = urllib.request.Request(
+            args.url.rstrip("/") + "/predict", data=path.read_bytes(),
+            headers={"Content-Type": types.get(path.suffix.lower(), "image/jpeg")})
+        try:
+            with urllib.request.urlopen(request, timeout=args.timeout) as response:
+                rows.append({"file": name, **json.loads(response.read())})
+        except urllib.error.HTTPError as error:
+            failed += 1
+            try:
+                message = json.loads(error.read()).get("error", "")
+            except ValueError:
+                message = error.reason
+            rows.append({"file": name, "status": error.code, "error": message})
+        except (urllib.error.URLError, OSError) as error:
+            raise PneumoniaError(f"cannot reach {args.url}: {getattr(error, 'reason', error)}") from None
+    lines = [f"{'file':<40} {'label':<10} {'probability':>11}  threshold  version"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"{row['file']:<40} error {row['status']}: {row['error']}")
+        else:
+            lines.append(f"{row['file']:<40} {row['label']:<10} {row['probability']:>11.4f}  "
+                         f"{row['threshold']:.4f}     {row['version']}")
+    _emit({"predictions": rows}, args.json, "\n".join(lines))
+    if failed:
+        raise PneumoniaError(f"{failed} of {len(rows)} files were refused")
+
+
 def _quick_sweep_config() -> Path:
     """tune_configs/quick.yaml of the checkout the demo runs in (or of this package's checkout)."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
@@ -334,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", default="pneumonia-cnn", help="model name in the registry")
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=cmd_export)
+
+    serve_cmd = commands.add_parser("serve", help="run the HTTP service for an artifact on a local Ray")
+    serve_cmd.add_argument("--artifact", help="version folder or registry (default $PNEUMONIA_ARTIFACT or ./registry)")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.set_defaults(func=cmd_serve)
+
+    predict = commands.add_parser("predict", help="send X-ray files to a running service")
+    predict.add_argument("--url", default="http://127.0.0.1:8000")
+    predict.add_argument("files", nargs="+")
+    predict.add_argument("--timeout", type=float, default=60)
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(func=cmd_predict)
 
     demo = commands.add_parser("demo", help="synthetic data -> training -> sweep -> artifact -> report")
     demo.add_argument("--out", default="demo_out", help="working folder (default ./demo_out)")

@@ -87,7 +87,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as error:
             raise ImageTooLargeError(str(error)) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        except UnidentifiedImageError:
+            raise ImageDecodeError("not a recognised image (expected JPEG, PNG or DICOM)") from None
+        except (OSError, ValueError, SyntaxError) as error:
             raise ImageDecodeError(f"not a readable image: {error}") from None
     if image.format not in SUPPORTED_FORMATS:
         raise ImageDecodeError(f"unsupported image format {image.format}")

@@ -11,8 +11,8 @@ Serving imports only the preprocessing function and the registry (never train or
 applies the same ``decode_image`` that training used: no training/serving skew.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see real types (Request) in the
+# signatures of the class-based routes that Serve wraps.
 import asyncio
 import base64
 import os

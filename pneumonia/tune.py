@@ -201,7 +201,9 @@ def _searcher(sweep):
     if sweep.search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=sweep.seed)  # seeded: repeatable sweeps
+        # Seeded: repeatable sweeps. An explicit generator must be given the concurrency limit
+        # itself (Tune applies max_concurrent_trials only to the default one).
+        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials)
     from ray.tune.search.optuna import OptunaSearch
 
     import optuna
