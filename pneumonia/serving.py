@@ -24,6 +24,8 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pneumonia import CLASS_NAMES
@@ -220,11 +222,10 @@ class Gateway:
             return await work
         except HTTPError as error:
             return _json_error(error.status, error.message)
-        except Exception as error:  # back-pressure and replica loss are the server's, not the client's
-            name = type(error).__name__
-            if "BackPressure" in name or "Overload" in name:
-                return _json_error(503, "overloaded: too many requests in flight, retry shortly")
-            return _json_error(503, f"temporarily unavailable: {name}")
+        except BackPressureError:
+            return _json_error(503, "overloaded: too many requests in flight, retry shortly")
+        except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as error:
+            return _json_error(503, f"temporarily unavailable ({type(error).__name__}), retry shortly")
 
     # -- routes
 
