@@ -95,11 +95,11 @@ def carve_validation(data_root: str, config: ExperimentConfig):
 # ----------------------------------------------------------------------------- worker side
 
 
-def _records_to_rows(records: list[ImageRecord]) -> list[tuple]:
+def records_to_rows(records: list[ImageRecord]) -> list[tuple]:
     return [(r.location, r.label, r.patient_id, r.subtype, r.split) for r in records]
 
 
-def _rows_to_records(rows: list) -> list[ImageRecord]:
+def rows_to_records(rows: list) -> list[ImageRecord]:
     return [ImageRecord(*row) for row in rows]
 
 
@@ -130,8 +130,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from pneumonia.pipeline import load_images, predict_probabilities, training_dataset
 
     config = config_from_dict(loop_config["config"])
-    train_records = _rows_to_records(loop_config["train"])
-    val_records = _rows_to_records(loop_config["val"])
+    train_records = rows_to_records(loop_config["train"])
+    val_records = rows_to_records(loop_config["val"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = max(1, int(config.scaling.cpus_per_worker))
@@ -366,8 +366,8 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
         train_worker,
         train_loop_config={
             "config": config.model_dump(),
-            "train": _records_to_rows(train_part),
-            "val": _records_to_rows(val_part),
+            "train": records_to_rows(train_part),
+            "val": records_to_rows(val_part),
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.workers,

@@ -24,8 +24,16 @@ from typing import Any, Callable
 
 from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
 from pneumonia.errors import ConfigError, PneumoniaError
-from pneumonia.storage import exists, is_uri, join, qualify, write_bytes
-from pneumonia.train import carve_validation, fit_run, init_ray, latest_run, resolve_storage
+from pneumonia.storage import exists, is_uri, join, qualify, read_bytes, write_bytes, write_text
+from pneumonia.train import (
+    carve_validation,
+    fit_run,
+    init_ray,
+    latest_run,
+    records_to_rows,
+    resolve_storage,
+    rows_to_records,
+)
 
 OBJECTIVE = "val_precision_at_recall"
 TIEBREAK = "val_pr_auc"
@@ -98,11 +106,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: s
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pneumonia.train import _rows_to_records
-
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base, params, trials_storage, trial_id)
-    fit_run(config, _rows_to_records(train_rows), _rows_to_records(val_rows), callbacks=[TuneReportCallback()])
+    fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()])
 
 
 def tune(
@@ -114,9 +120,6 @@ def tune(
     """Run (or resume) the sweep described by ``config.tune`` on data_root."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from pneumonia.storage import read_bytes, write_text
-    from pneumonia.train import _records_to_rows
 
     storage = resolve_storage(config.run.storage)
     if resume:
@@ -152,8 +155,8 @@ def tune(
         ray_tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
         base=base,
         trials_storage=join(storage, name, TRIALS_FOLDER),
-        train_rows=_records_to_rows(train_part),
-        val_rows=_records_to_rows(val_part),
+        train_rows=records_to_rows(train_part),
+        val_rows=records_to_rows(val_part),
     )
     sweep_path = join(storage, name)
     progress(
