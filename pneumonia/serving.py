@@ -130,6 +130,10 @@ class Classifier:
     def recent_batch_sizes(self) -> list[int]:
         return list(self.last_batch_sizes)
 
+    def process_id(self) -> int:
+        """This replica's PID (operations and failure tests)."""
+        return os.getpid()
+
 
 # ----------------------------------------------------------------------------- gateway
 

@@ -1,0 +1,172 @@
+"""Operating the service under bounded loopback load: autoscaling, rollouts, replica failures."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_serving import _free_port, request
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+
+
+def _export(registry, width: int):
+    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.config import ExperimentConfig, ModelConfig
+    from pneumonia.models import build_model, compile_model
+    from pneumonia.preprocess import PreprocessSpec
+    from pneumonia.registry import export_artifact
+
+    model = build_model(ModelConfig(name="xraynet", width=width), (64, 64, 1))
+    compile_model(model, "adam", 1e-3)
+    checkpoint = registry.parent / f"ckpt-{width}"
+    save_checkpoint(checkpoint, model, CheckpointInfo(epoch=1, config=ExperimentConfig().model_dump(),
+                                                      preprocess=PreprocessSpec(64, 1), metrics={}))
+    return export_artifact(str(checkpoint), registry, threshold=0.5, target_recall=0.95,
+                           validation_metrics={}, training_config=ExperimentConfig().model_dump())
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ops") / "registry"
+    _export(root, width=8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_cluster):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def deploy(artifact: str, **classifier_options):
+    from ray import serve
+
+    from pneumonia.serving import Classifier, Gateway
+
+    classifier = Classifier.options(**classifier_options).bind(artifact, batch_wait_timeout_s=0.01)
+    serve.run(Gateway.bind(classifier, artifact), name="ops", route_prefix="/")
+
+
+def classifier_replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications["ops"].deployments["Classifier"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+@dataclass
+class Load:
+    """A bounded closed-loop load on loopback: `workers` threads, each one request at a time."""
+
+    url: str
+    workers: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    results: list = field(default_factory=list)  # (finished_at, status, version)
+
+    def __post_init__(self):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((64, 64), 100, np.uint8)).save(buffer, format="PNG")
+        self.body = buffer.getvalue()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(self.workers)]
+
+    def _loop(self):
+        deadline = time.monotonic() + 240  # never runs away, whatever the test does
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                status, answer = request(f"{self.url}/predict", self.body, "image/png")
+            except OSError:
+                status, answer = 0, {}
+            self.results.append((time.monotonic(), status, answer.get("version")))
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=90)
+
+    def failures(self, since: float = 0.0) -> list:
+        return [r for r in self.results if r[0] >= since and r[1] != 200]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_the_classifier_scales_up_under_load_and_back_down_after(serve_port, registry):
+    deploy(str(registry), autoscaling_config={
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+        "upscale_delay_s": 1, "downscale_delay_s": 4, "metrics_interval_s": 0.5, "look_back_period_s": 2,
+    }, max_ongoing_requests=8)
+    assert classifier_replicas() == 1
+    with Load(f"http://127.0.0.1:{serve_port}", workers=12) as load:
+        assert wait_for(lambda: classifier_replicas() == 2, timeout=90), "no scale-up under load"
+        assert len(load.results) > 0
+    assert not load.failures(), load.failures()[:5]
+    assert wait_for(lambda: classifier_replicas() == 1, timeout=120), "no scale-down after the load"
+
+
+def test_a_new_version_rolls_out_under_load_without_failed_requests(serve_port, registry):
+    deploy(str(registry / "pneumonia-cnn" / "v0001"), num_replicas=1, autoscaling_config=None)
+    second = _export(registry, width=12)
+    with Load(f"http://127.0.0.1:{serve_port}", workers=6) as load:
+        time.sleep(2)
+        deploy(str(second.path), num_replicas=1, autoscaling_config=None)
+        assert wait_for(lambda: any(r[2] == "v0002" for r in load.results[-20:]), timeout=90)
+        time.sleep(2)
+    assert not load.failures(), load.failures()[:5]
+    versions = [r[2] for r in load.results]
+    assert versions[0] == "v0001" and versions[-1] == "v0002"
+
+
+def test_a_killed_replica_is_replaced_while_the_service_keeps_answering(serve_port, registry):
+    from ray import serve
+
+    deploy(str(registry / "pneumonia-cnn" / "v0001"), num_replicas=2, autoscaling_config=None)
+    assert wait_for(lambda: classifier_replicas() == 2, timeout=60)
+    handle = serve.get_deployment_handle("Classifier", app_name="ops")
+    pids: set[int] = set()
+
+    def both_replicas_seen() -> bool:
+        calls = [handle.process_id.remote() for _ in range(16)]  # concurrent: spread over replicas
+        pids.update(call.result() for call in calls)
+        return len(pids) == 2
+
+    assert wait_for(both_replicas_seen, timeout=60), pids
+    with Load(f"http://127.0.0.1:{serve_port}", workers=6) as load:
+        time.sleep(2)
+        killed_at = time.monotonic()
+        os.kill(sorted(pids)[0], signal.SIGKILL)
+        def replaced() -> bool:
+            calls = [handle.process_id.remote() for _ in range(16)]
+            return classifier_replicas() == 2 and len({call.result() for call in calls} - pids) > 0
+
+        assert wait_for(replaced, timeout=120), "the killed replica was not replaced"
+        recovered_at = time.monotonic()
+        time.sleep(2)
+    failed = load.failures(since=killed_at)
+    answered = [r for r in load.results if r[0] >= killed_at and r[1] == 200]
+    print(f"replica replaced in {recovered_at - killed_at:.1f} s; {len(failed)} failed, {len(answered)} answered")
+    assert len(answered) > 20, "the surviving replica kept answering"
+    assert len(failed) <= 6, f"only requests in flight on the killed replica may fail: {failed[:10]}"
