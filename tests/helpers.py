@@ -1,0 +1,24 @@
+"""Small helpers shared by several test modules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pneumonia.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+
+
+def assert_byte_corruptions_fail_cleanly(data: bytes, offsets, values, spec: PreprocessSpec, label: str = "") -> None:
+    """Every single-byte corruption either decodes to a valid input or raises ImageDecodeError,
+    never another exception type (which would crash a training run or answer a 500)."""
+    for offset in offsets:
+        for value in values:
+            corrupt = bytearray(data)
+            corrupt[offset] = value
+            try:
+                out = decode_image(bytes(corrupt), spec)
+            except ImageDecodeError:
+                continue
+            except Exception as error:  # noqa: BLE001 - the point of the check
+                pytest.fail(f"{label} byte {offset} = {value:#x}: {type(error).__name__}: {error}")
+            assert out.shape == spec.shape and out.dtype == np.uint8
