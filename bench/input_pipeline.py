@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +37,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 import pneumonia  # noqa: F401  (tf-keras)
+from bench_report import machine_info, write_report
 from pneumonia.config import AugmentConfig
 from pneumonia.data import ImageRecord, discover, training_records
 from pneumonia.pipeline import load_images, training_dataset
@@ -202,14 +201,6 @@ def print_table(rows: list[dict], overhead: dict[str, float]) -> None:
           f"map_batches) {overhead['dataset_creation_s']:.2f} s; Ray's worker start-up lands in round 1")
 
 
-def machine_info() -> dict:
-    import ray
-    import tensorflow as tf
-
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "ray": ray.__version__, "tensorflow": tf.__version__}
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="dataset root (default: ../shared/data/chest_xray_224, else synthetic)")
@@ -253,9 +244,7 @@ def main() -> int:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-input-") as scratch:  # synthetic data, if any
         report = measure(args, Path(scratch))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -25,9 +25,7 @@ Non-200 answers and failed requests count as errors. Prints a table and writes J
 import argparse
 import http.client
 import io
-import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -41,6 +39,7 @@ from typing import Callable
 import numpy as np
 
 import pneumonia  # noqa: F401  (tf-keras, before anything imports TensorFlow)
+from bench_report import machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_XRAY = ROOT.parent / "shared" / "data" / "chest_xray_val16" / "NORMAL" / "NORMAL2-IM-1427-0001.jpeg"
@@ -324,14 +323,6 @@ def targets(rows: list[dict]) -> list[dict]:
     return [throughput, latency]
 
 
-def machine_info() -> dict:
-    import ray
-    import tensorflow as tf
-
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-            "ray": ray.__version__, "tensorflow": tf.__version__, "load_average_at_start": os.getloadavg()}
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -397,7 +388,7 @@ def main(argv=None) -> int:
     body, source = load_payload(args.payload)
     scratch = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     artifact = args.artifact or export_untrained_artifact(scratch)
-    machine = machine_info()
+    machine = {**machine_info(), "load_average_at_start": os.getloadavg()}
     print(f"payload: {source} ({len(body):,} bytes); artifact: {artifact}; levels {levels}, "
           f"{args.warmup:g} s warm-up + {args.duration:g} s per level; Ray CPUs {args.ray_cpus}", flush=True)
     print(HEADER, flush=True)
@@ -417,10 +408,8 @@ def main(argv=None) -> int:
         "artifact": artifact, "concurrency": levels, "warmup_s": args.warmup, "duration_s": args.duration,
         "max_requests_per_level": args.max_requests, "ray_cpus": args.ray_cpus, "results": rows, "targets": checks,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     shutil.rmtree(scratch, ignore_errors=True)  # kept after a failure: it holds the plain server's log
-    print(f"\nwrote {args.out}")
     return 0
 
 

@@ -11,9 +11,7 @@ fit; with N workers, the CPUs are split between them. Prints a table and writes 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 import pneumonia  # noqa: F401  (tf-keras)
+from bench_report import machine_info, write_report
 from pneumonia.config import ExperimentConfig, with_overrides
 from pneumonia.data import shard
 from pneumonia.train import carve_validation, preprocess_spec, train
@@ -127,14 +126,11 @@ def main() -> int:
     report = {
         "benchmark": "train_throughput", "model": args.model, "image_size": args.image_size,
         "batch_size_per_worker": args.batch_size, "train_images": len(train_records), "epochs": args.epochs,
-        "data": source, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                    "python": sys.version.split()[0]},
+        "data": source, "machine": machine_info(),
         "results": rows, "target": "Ray Train 1 worker >= 0.9x plain fit",
         "target_met": rows[1]["ratio_to_plain"] >= 0.9,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -11,14 +11,12 @@ Reported per sweep: trial-epochs spent (the compute budget), wall time, and the 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench_report import machine_info, write_report
 from pneumonia.config import load_config, with_overrides
 from pneumonia.synth import make_synthetic_dataset
 from pneumonia.tune import tune
@@ -84,11 +82,9 @@ def main() -> int:
     report = {
         "benchmark": "tune_efficiency", "samples": args.samples, "max_epochs": args.epochs,
         "images": args.images, "config": args.config, "results": rows, "summary": summary,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "machine": machine_info(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -61,7 +61,7 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
         point = operating_point(validation.labels, probabilities, target)
         threshold = point.threshold
         metrics = binary_metrics(validation.labels, probabilities, threshold)
-        metrics.update(precision_at_recall=point.precision, roc_auc=metrics["roc_auc"])
+        metrics["precision_at_recall"] = point.precision
         fingerprint = data_fingerprint(train_part)
     elif "val_threshold" in info.metrics:
         threshold = float(info.metrics["val_threshold"])

@@ -39,9 +39,9 @@ class DecodedImages:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
 
 
-def _decode_record(record: ImageRecord, spec: PreprocessSpec) -> np.ndarray:
+def _decode_location(location: str, spec: PreprocessSpec) -> np.ndarray:
     try:
-        data = read_bytes(record.location)
+        data = read_bytes(location)
     except (OSError, PneumoniaError) as error:
         raise ImageDecodeError(f"cannot read: {error}") from None
     return decode_image(data, spec)
@@ -61,7 +61,7 @@ def load_images(
 
     def work(index: int) -> None:
         try:
-            images[index] = _decode_record(records[index], spec)
+            images[index] = _decode_location(records[index].location, spec)
             ok[index] = True
         except ImageDecodeError as error:
             failures.append((records[index].location, str(error)))
@@ -144,8 +144,7 @@ def _streaming_dataset(records: list[ImageRecord], spec: PreprocessSpec, weights
 
     def decode(location: bytes) -> tuple[np.ndarray, bool]:
         try:
-            record = ImageRecord(location.decode(), 0, "", "", None)
-            return _decode_record(record, spec), True
+            return _decode_location(location.decode(), spec), True
         except ImageDecodeError as error:
             log.warning("skipping %s: %s", location.decode(), error)
             return np.zeros(spec.shape, np.uint8), False

@@ -245,25 +245,29 @@ def init_ray() -> None:
     )
 
 
-def check_resources(config: ExperimentConfig) -> None:
-    """Fail fast when the cluster can never fit the run (Ray would wait forever instead)."""
+def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float = 0.0,
+                    hint: str = "lower --workers or scaling.cpus_per_worker") -> None:
+    """Fail fast when the cluster can never fit ``copies`` concurrent runs of this config, each
+    needing ``extra_cpus`` besides its workers (a Tune trial's driver); Ray would wait forever."""
     import ray
 
     available = ray.cluster_resources()
-    wanted_cpus = config.scaling.workers * config.scaling.cpus_per_worker
+    what = f"{copies} concurrent runs of " if copies > 1 else ""
+    wanted_cpus = copies * (config.scaling.workers * config.scaling.cpus_per_worker + extra_cpus)
     problems = []
-    if available.get("CPU", 0) < wanted_cpus:
+    if available.get("CPU", 0) < wanted_cpus - 1e-9:
+        extra = f" + {extra_cpus:g}" if extra_cpus else ""
         problems.append(
-            f"{config.scaling.workers} workers x {config.scaling.cpus_per_worker} CPUs = {wanted_cpus:g} CPUs, "
-            f"but the cluster has {available.get('CPU', 0):g}"
+            f"{what}{config.scaling.workers} workers x {config.scaling.cpus_per_worker} CPUs{extra} = "
+            f"{wanted_cpus:g} CPUs, but the cluster has {available.get('CPU', 0):g}"
         )
-    if config.scaling.gpu and available.get("GPU", 0) < config.scaling.workers:
-        problems.append(
-            f"{config.scaling.workers} workers x 1 GPU, but the cluster has {available.get('GPU', 0):g} GPUs"
-        )
+    wanted_gpus = copies * config.scaling.workers
+    if config.scaling.gpu and available.get("GPU", 0) < wanted_gpus:
+        problems.append(f"{what}{config.scaling.workers} workers x 1 GPU, but the cluster has "
+                        f"{available.get('GPU', 0):g} GPUs")
     if not problems:
         return
-    message = "not enough resources: " + "; ".join(problems) + " (lower --workers or scaling.cpus_per_worker)"
+    message = "not enough resources: " + "; ".join(problems) + f" ({hint})"
     if os.environ.get("RAY_ADDRESS"):
         # An autoscaling cluster may still add nodes: warn, do not fail.
         print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +26,7 @@ from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.storage import exists, is_uri, join, qualify, read_bytes, write_bytes, write_text
 from pneumonia.train import (
     carve_validation,
+    check_resources,
     fit_run,
     init_ray,
     latest_run,
@@ -149,7 +149,8 @@ def tune(
         }, indent=2))
 
     init_ray()
-    _check_concurrency(config)
+    check_resources(config, copies=sweep.max_concurrent_trials, extra_cpus=TRIAL_DRIVER_CPU,
+                    hint="lower tune.max_concurrent_trials, scaling.workers or scaling.cpus_per_worker (e.g. 0.9)")
     base = config.model_dump(exclude={"tune"})
     trainable = ray_tune.with_parameters(
         ray_tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
@@ -212,24 +213,6 @@ def _searcher(sweep):
     import optuna
 
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
-
-
-def _check_concurrency(config: ExperimentConfig) -> None:
-    """Fail fast when not even one trial fits (Ray would wait forever), and when the concurrency
-    asked for exceeds what fits (those trials would only wait)."""
-    import ray
-
-    per_trial = config.scaling.workers * config.scaling.cpus_per_worker + TRIAL_DRIVER_CPU
-    cpus = ray.cluster_resources().get("CPU", 0)
-    fits = int(cpus // per_trial + 1e-9)
-    wanted = config.tune.max_concurrent_trials if config.tune else 1
-    if fits >= wanted or os.environ.get("RAY_ADDRESS"):
-        return  # a remote cluster may autoscale
-    raise ConfigError(
-        f"{wanted} concurrent trial(s) of {config.scaling.workers} workers x {config.scaling.cpus_per_worker} CPUs "
-        f"(+{TRIAL_DRIVER_CPU} for the trial itself) need {wanted * per_trial:g} CPUs; this machine has {cpus:g}. "
-        "Lower tune.max_concurrent_trials, scaling.workers or scaling.cpus_per_worker (e.g. 0.9)."
-    )
 
 
 def _best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -155,3 +155,12 @@ def test_an_interrupted_sweep_resumes_without_losing_finished_epochs(imbalanced_
     assert len(table) == 2 and all(row["epochs"] == 8 for row in table), table
     histories = [json.loads(path.read_text()) for path in trials.glob("*/history.json")]
     assert any(row["start_epoch"] > 0 for history in histories for row in history), "a trial restarted from 0"
+
+
+@pytest.mark.ray
+def test_a_sweep_that_cannot_fit_fails_fast_instead_of_waiting(ray_cluster, imbalanced_data, tmp_path):
+    from pneumonia.tune import tune
+
+    config = _sweep_config(tmp_path, **{"tune.max_concurrent_trials": 3})  # 3 x (2 x 0.9 + 0.1) CPUs > 4
+    with pytest.raises(ConfigError, match="3 concurrent runs .* tune.max_concurrent_trials"):
+        tune(config, str(imbalanced_data), progress=lambda _: None)
