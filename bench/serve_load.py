@@ -1,7 +1,7 @@
-"""Serving under load: the in-process limit vs a hand-written FastAPI server vs our Ray Serve app.
+"""Serving under load: the in-process limit vs hand-written FastAPI servers vs our Ray Serve app.
 
-Why: the Serve app (pneumonia.serving) splits decoding (Gateway) from batched inference
-(Classifier). That costs extra hops per request; this measures whether batching pays for them
+Why: a request to the Serve app crosses processes (HAProxy or Serve's proxy, then the replica)
+and waits to be batched; this measures whether decoding in parallel and batching pay for that
 under concurrency, and how close a single request gets to the in-process latency.
 
 Closed-loop load on loopback only: each of C workers sends one request, waits for the answer,
@@ -9,15 +9,21 @@ sends the next, over its own keep-alive connection, for a warm-up then `--durati
 until `--max-requests` per level). The payload is a full-resolution real chest X-ray (a synthetic
 1800x1400 grayscale JPEG when the shared data is absent). Modes, at each concurrency:
 
-  in-process limit       decode_image + LoadedArtifact.predict on C threads, no HTTP
-  plain FastAPI          one uvicorn process: POST /predict decodes and predicts per request, the
-                         blocking work in FastAPI's thread pool (the stronger hand-written version)
-  Serve, batching off    build_app(max_batch_size=1) on a local Ray
-  Serve, batching on     build_app() (max_batch_size 32, 5 ms batch wait)
+  a  in-process limit        decode_image + LoadedArtifact.predict on C threads, no HTTP
+  b  hand-written FastAPI    one uvicorn process, what a user writes by hand: Pillow decodes the
+                             whole image, converts and resizes it (as Keras' load_img does), then
+                             the same compiled model; the blocking work in FastAPI's thread pool
+  c  FastAPI + our decode    the same server calling pneumonia's decode_image (DCT-domain JPEG
+                             downscaling): how much of the gap is decoding alone
+  d  Serve, batching off     our app (max_batch_size 1), Serve's throughput mode (HAProxy)
+  e  Serve, batching on      our app as shipped (max_batch_size 32, no batch wait), throughput mode
+  f  Serve, default proxy    as e, under Serve's default Python proxy
 
-Non-200 answers and failed requests count as errors. Prints a table and writes JSON.
+Each server runs in a child process started for its mode (Ray reads Serve's mode from the
+environment when it starts). Non-200 answers and failed requests count as errors. The targets
+compare e with b. Prints a table and writes JSON.
 
-    python bench/serve_load.py [--artifact PATH] [--concurrency 1,8,32,64] [--duration 8]
+    python bench/serve_load.py [--artifact PATH] [--concurrency 1,8,32,64] [--duration 8] [--modes a,b,e]
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real Request type in the plain
@@ -47,7 +53,9 @@ HOST = "127.0.0.1"
 REQUEST_TIMEOUT_S = 30
 SERVER_START_TIMEOUT_S = 180
 TARGET_SPEEDUP, TARGET_P99_MS, TARGET_P50_GAP_MS, TARGET_CONCURRENCY = 2.0, 1500.0, 5.0, 32
-MODES = ("in-process limit", "plain FastAPI", "Serve, batching off", "Serve, batching on")
+MODES = {"a": "in-process limit", "b": "hand-written FastAPI", "c": "FastAPI + our decode",
+         "d": "Serve, batching off", "e": "Serve, batching on", "f": "Serve, default proxy"}
+SERVE_MODES = {"d": (1, True), "e": (32, True), "f": (32, False)}  # max_batch_size, throughput mode
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -185,8 +193,20 @@ def run_levels(mode: str, make_sender, levels: list[int], args) -> list[dict]:
 # ----------------------------------------------------------------------------- servers
 
 
-def plain_fastapi_app(artifact_path: str):
-    """What a user writes by hand: decode, predict, answer; no batching, no second process."""
+def hand_written_decode(spec):
+    """Decode as a Keras user would by hand: the whole image with Pillow, convert, resize."""
+    from PIL import Image
+
+    def decode(data: bytes) -> np.ndarray:
+        image = Image.open(io.BytesIO(data)).convert("L" if spec.channels == 1 else "RGB")
+        image = image.resize((spec.image_size, spec.image_size))
+        return np.asarray(image, np.uint8).reshape(spec.shape)
+
+    return decode
+
+
+def plain_fastapi_app(artifact_path: str, our_decode: bool):
+    """A single-process FastAPI server: decode, predict, answer; no batching."""
     from fastapi import FastAPI, Request
     from starlette.concurrency import run_in_threadpool
 
@@ -195,10 +215,12 @@ def plain_fastapi_app(artifact_path: str):
     from pneumonia.registry import load_artifact
 
     artifact = load_artifact(artifact_path)
+    decode = (lambda data: decode_image(data, artifact.preprocess)) if our_decode \
+        else hand_written_decode(artifact.preprocess)
     app = FastAPI()
 
     def classify(data: bytes) -> float:
-        return float(artifact.predict(decode_image(data, artifact.preprocess)[None])[0])
+        return float(artifact.predict(decode(data)[None])[0])
 
     @app.get("/healthz")
     def healthz():
@@ -212,12 +234,54 @@ def plain_fastapi_app(artifact_path: str):
     return app
 
 
-def start_plain_server(artifact: str, port: int, log: Path) -> subprocess.Popen:
-    """This script, re-run as the plain FastAPI server (one uvicorn worker) on `port`."""
-    command = [sys.executable, __file__, "--plain-server", str(port), "--artifact", artifact]
+def serve_plain(port: int, artifact: str, our_decode: bool) -> int:
+    import uvicorn
+
+    uvicorn.run(plain_fastapi_app(artifact, our_decode), host=HOST, port=port, workers=1, log_level="warning")
+    return 0
+
+
+def serve_with_ray(port: int, artifact: str, max_batch_size: int, throughput_mode: bool, cpus: int) -> int:
+    """Our app on a local Ray until SIGTERM. Ray starts worker processes at nice 15 unless told
+    otherwise (`ray job submit` sets 0): replicas would then lose the CPU to the load generator."""
+    import signal
+
+    import ray
+    from pneumonia.serve_mode import enable_throughput_mode
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    if throughput_mode:
+        enable_throughput_mode(drain_s=2)
+    else:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
+    from ray import serve
+
+    from pneumonia.serving import build_app
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
+    try:
+        serve.start(http_options={"host": HOST, "port": port})
+        serve.run(build_app({"artifact": artifact, "max_batch_size": max_batch_size}), name="pneumonia",
+                  route_prefix="/")
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def start_server(arguments: list[str], port: int, log: Path) -> subprocess.Popen:
+    """This script, re-run as a server on `port` with `arguments`; returns once it answers."""
+    command = [sys.executable, __file__, "--server", str(port), *arguments]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    wait_until_healthy(port, process, log)
+    try:
+        wait_until_healthy(port, process, log)
+    except BaseException:
+        stop_process(process)
+        raise
     return process
 
 
@@ -225,7 +289,7 @@ def wait_until_healthy(port: int, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the plain FastAPI server exited ({process.returncode}); see {log}")
+            raise RuntimeError(f"the server exited ({process.returncode}); see {log}")
         try:
             connection = http.client.HTTPConnection(HOST, port, timeout=2)
             connection.request("GET", "/healthz")
@@ -234,7 +298,7 @@ def wait_until_healthy(port: int, process: subprocess.Popen, log: Path) -> None:
         except OSError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the plain FastAPI server did not answer within {SERVER_START_TIMEOUT_S} s; see {log}")
+    raise RuntimeError(f"the server did not answer within {SERVER_START_TIMEOUT_S} s; see {log}")
 
 
 def stop_process(process: subprocess.Popen | None) -> None:
@@ -242,45 +306,10 @@ def stop_process(process: subprocess.Popen | None) -> None:
         return
     process.terminate()
     try:
-        process.wait(timeout=15)
+        process.wait(timeout=90)  # Serve drains its replicas before it stops
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def start_ray(cpus: int) -> int:
-    """Local Ray and Serve's HTTP proxy on a free loopback port; the port.
-
-    Ray starts worker processes at nice 15 unless told otherwise (`ray job submit` sets 0): the
-    replicas would then lose the CPU to the load generator and the plain server, both at nice 0.
-    """
-    import ray
-    from ray import serve
-
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
-    port = free_port()
-    serve.start(http_options={"host": HOST, "port": port})
-    return port
-
-
-def deploy(artifact: str, max_batch_size: int) -> None:
-    from ray import serve
-
-    from pneumonia.serving import build_app
-
-    serve.run(build_app({"artifact": artifact, "max_batch_size": max_batch_size}), name="pneumonia",
-              route_prefix="/")
-
-
-def stop_ray() -> None:
-    import ray
-    from ray import serve
-
-    if ray.is_initialized():
-        serve.shutdown()
-        ray.shutdown()
 
 
 # ----------------------------------------------------------------------------- report
@@ -300,12 +329,12 @@ def targets(rows: list[dict]) -> list[dict]:
     def find(mode, concurrency):
         return next((r for r in rows if r["mode"] == mode and r["concurrency"] == concurrency), None)
 
-    plain, batched = find(MODES[1], TARGET_CONCURRENCY), find(MODES[3], TARGET_CONCURRENCY)
-    limit_1, batched_1 = find(MODES[0], 1), find(MODES[3], 1)
+    plain, batched = find(MODES["b"], TARGET_CONCURRENCY), find(MODES["e"], TARGET_CONCURRENCY)
+    limit_1, batched_1 = find(MODES["a"], 1), find(MODES["e"], 1)
     throughput = {"target": f"at concurrency {TARGET_CONCURRENCY}, Serve batching on >= {TARGET_SPEEDUP}x the "
-                            f"plain FastAPI req/s, p99 < {TARGET_P99_MS:.0f} ms, no errors", "met": None}
+                            f"hand-written FastAPI req/s, p99 < {TARGET_P99_MS:.0f} ms, no errors", "met": None}
     if plain and batched and not plain["rps"]:
-        throughput.update(note="plain FastAPI answered no request with 200: nothing to compare against")
+        throughput.update(note="hand-written FastAPI answered no request with 200: nothing to compare against")
     elif plain and batched:
         speedup = batched["rps"] / plain["rps"]
         p99 = batched["p99_ms"]
@@ -335,55 +364,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each level")
     parser.add_argument("--max-requests", type=int, default=20_000, help="cap on measured requests per level")
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2,
-                        help="logical CPUs for Ray (2 = one Gateway and one Classifier replica, no upscaling)")
-    parser.add_argument("--modes", default="a,b,c,d", help="which of a,b,c,d (the modes above) to run")
+                        help="logical CPUs for Ray (each replica takes 1)")
+    parser.add_argument("--modes", default="a,b,c,d,e,f", help="which of a..f (the modes above) to run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
-    parser.add_argument("--plain-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--server-mode", choices=sorted(MODES)[1:], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = set(args.modes.replace(" ", "").split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    return args
 
 
-def serve_plain(port: int, artifact: str) -> int:
-    import uvicorn
-
-    uvicorn.run(plain_fastapi_app(artifact), host=HOST, port=port, workers=1, log_level="warning")
-    return 0
+def run_server(args) -> int:
+    """The child process side: serve `args.server_mode` on port `args.server`."""
+    if args.server_mode in ("b", "c"):
+        return serve_plain(args.server, args.artifact, our_decode=args.server_mode == "c")
+    max_batch_size, throughput_mode = SERVE_MODES[args.server_mode]
+    return serve_with_ray(args.server, args.artifact, max_batch_size, throughput_mode, args.ray_cpus)
 
 
 def run_modes(args, artifact: str, body: bytes, levels: list[int], scratch: Path) -> list[dict]:
-    """Every chosen mode at every level; servers and Ray stopped before it returns or raises."""
-    chosen = {MODES["abcd".index(letter.strip())] for letter in args.modes.split(",")}
+    """Every chosen mode at every level; each server stopped before the next starts."""
+    chosen = [letter for letter in MODES if letter in args.modes.replace(" ", "").split(",")]
     rows: list[dict] = []
-    plain = None
-    try:
-        if MODES[0] in chosen:
+    for letter in chosen:
+        mode = MODES[letter]
+        print(f"running: {mode}", flush=True)
+        if letter == "a":
             from pneumonia.registry import load_artifact
 
-            print(f"running: {MODES[0]}", flush=True)
-            rows += run_levels(MODES[0], in_process_sender(load_artifact(artifact), body), levels, args)
-        if MODES[1] in chosen:
-            print(f"running: {MODES[1]}", flush=True)
-            port = free_port()
-            plain = start_plain_server(artifact, port, scratch / "plain_fastapi.log")
-            rows += run_levels(MODES[1], http_sender(port, body), levels, args)
-            stop_process(plain)
-        serve_modes = [(MODES[2], 1), (MODES[3], 32)]
-        if any(mode in chosen for mode, _ in serve_modes):
-            port = start_ray(args.ray_cpus)
-            for mode, batch in serve_modes:
-                if mode in chosen:
-                    print(f"running: {mode}", flush=True)
-                    deploy(artifact, batch)
-                    rows += run_levels(mode, http_sender(port, body), levels, args)
-    finally:
-        stop_process(plain)
-        stop_ray()
+            rows += run_levels(mode, in_process_sender(load_artifact(artifact), body), levels, args)
+            continue
+        port = free_port()
+        server = start_server(["--server-mode", letter, "--artifact", artifact, "--ray-cpus", str(args.ray_cpus)],
+                              port, scratch / f"server-{letter}.log")
+        try:
+            rows += run_levels(mode, http_sender(port, body), levels, args)
+        finally:
+            stop_process(server)
     return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.plain_server:
-        return serve_plain(args.plain_server, args.artifact)
+    if args.server:
+        return run_server(args)
     levels = [int(level) for level in args.concurrency.split(",")]
     body, source = load_payload(args.payload)
     scratch = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -409,7 +435,7 @@ def main(argv=None) -> int:
         "max_requests_per_level": args.max_requests, "ray_cpus": args.ray_cpus, "results": rows, "targets": checks,
     }
     write_report(args.out, report)
-    shutil.rmtree(scratch, ignore_errors=True)  # kept after a failure: it holds the plain server's log
+    shutil.rmtree(scratch, ignore_errors=True)  # kept after a failure: it holds the servers' logs
     return 0
 
 

@@ -203,65 +203,36 @@ def cmd_serve(args) -> None:
     """Run the Serve application on a local Ray until interrupted."""
     import time
 
-    import ray
-    from ray import serve
-
-    from pneumonia.serving import build_app
-    from pneumonia.train import WORKER_ENV
+    from pneumonia.service import local_service
 
     artifact = args.artifact or os.environ.get("PNEUMONIA_ARTIFACT") or "registry"
-    application = build_app({"artifact": artifact})  # resolves and checks the artifact first
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": WORKER_ENV},
-             logging_level="WARNING")
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application, name="pneumonia", route_prefix="/")
-    print(f"serving {artifact} on http://{args.host}:{args.port} (POST /predict, /explain; GET /healthz, /model, "
-          "/v2/...); Ctrl-C stops", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        serve.shutdown()
+    with local_service(artifact, host=args.host, port=args.port) as url:
+        print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
+              "Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
 
 
 def cmd_predict(args) -> None:
     """POST each file to a running service and print its answer."""
-    import urllib.error
-    import urllib.request
+    from pneumonia.client import format_predictions, predict_files
 
-    types = {".png": "image/png", ".dcm": "application/dicom"}
-    rows, failed = [], 0
-    for name in args.files:
-        path = Path(name)
-        if not path.is_file():
-            raise PneumoniaError(f"file not found: {name}")
-        request = urllib.request.Request(
-            args.url.rstrip("/") + "/predict", data=path.read_bytes(),
-            headers={"Content-Type": types.get(path.suffix.lower(), "image/jpeg")})
-        try:
-            with urllib.request.urlopen(request, timeout=args.timeout) as response:
-                rows.append({"file": name, **json.loads(response.read())})
-        except urllib.error.HTTPError as error:
-            failed += 1
-            try:
-                message = json.loads(error.read()).get("error", "")
-            except ValueError:
-                message = error.reason
-            rows.append({"file": name, "status": error.code, "error": message})
-        except (urllib.error.URLError, OSError) as error:
-            raise PneumoniaError(f"cannot reach {args.url}: {getattr(error, 'reason', error)}") from None
-    lines = [f"{'file':<40} {'label':<10} {'probability':>11}  threshold  version"]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"{row['file']:<40} error {row['status']}: {row['error']}")
-        else:
-            lines.append(f"{row['file']:<40} {row['label']:<10} {row['probability']:>11.4f}  "
-                         f"{row['threshold']:.4f}     {row['version']}")
-    _emit({"predictions": rows}, args.json, "\n".join(lines))
+    rows = predict_files(args.url, args.files, timeout_s=args.timeout)
+    _emit({"predictions": rows}, args.json, format_predictions(rows))
+    failed = sum("error" in row for row in rows)
     if failed:
         raise PneumoniaError(f"{failed} of {len(rows)} files were refused")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _quick_sweep_config() -> Path:
@@ -274,12 +245,15 @@ def _quick_sweep_config() -> Path:
 
 
 def cmd_demo(args) -> None:
-    """Synthetic data -> distributed training -> sweep -> serving artifact -> report, on a local Ray."""
+    """Synthetic data -> distributed training -> sweep -> serving artifact -> report -> a live
+    service answering a few requests, on a local Ray."""
+    from pneumonia.client import format_predictions, predict_files
     from pneumonia.config import ExperimentConfig, load_config, with_overrides
     from pneumonia.evaluate import evaluate_artifact, evaluate_checkpoint
     from pneumonia.export import export
     from pneumonia.metrics import format_table
     from pneumonia.report import write_report
+    from pneumonia.service import local_service
     from pneumonia.synth import make_synthetic_dataset
     from pneumonia.train import train
     from pneumonia.tune import tune
@@ -287,15 +261,15 @@ def cmd_demo(args) -> None:
     out = Path(args.out).resolve()
     data = out / "data"
     if data.exists() and any(data.iterdir()):
-        print(f"[1/5] using the synthetic dataset already in {data}")
+        print(f"[1/6] using the synthetic dataset already in {data}")
     else:
         summary = make_synthetic_dataset(data, n=args.n, seed=0, image_size=128)
-        print(f"[1/5] wrote {summary.total()} synthetic X-rays to {data}")
+        print(f"[1/6] wrote {summary.total()} synthetic X-rays to {data}")
     config = with_overrides(ExperimentConfig(), {
         "data.image_size": 64, "train.epochs": args.epochs, "train.batch_size": 16,
         "scaling.workers": args.workers, "run.storage": str(out / "runs"), "run.keep_checkpoints": 2,
     })
-    print(f"[2/5] training xraynet on {args.workers} Ray workers")
+    print(f"[2/6] training xraynet on {args.workers} Ray workers")
     result = train(config, str(data), progress=lambda line: print(line, flush=True))
     evaluation = evaluate_checkpoint(result.best_checkpoint, str(data))
     print(format_table(evaluation.metrics, f"test metrics of the best checkpoint at threshold 0.5 ({evaluation.split})"))
@@ -303,17 +277,17 @@ def cmd_demo(args) -> None:
     sweep_config = with_overrides(load_config(_quick_sweep_config()), {
         "run.storage": str(out / "sweeps"), "tune.num_samples": args.samples,
     })
-    print(f"[3/5] Ray Tune sweep ({args.samples} trials): learning rate x NORMAL class weight, "
+    print(f"[3/6] Ray Tune sweep ({args.samples} trials): learning rate x NORMAL class weight, "
           f"objective precision at recall >= {sweep_config.objective.target_recall}")
     swept = tune(sweep_config, str(data), progress=lambda line: print(line, flush=True))
     print(f"best trial: {swept.best_params}, precision {swept.objective:.3f} at threshold {swept.threshold:.3f}")
     _shutdown_ray()
 
-    print(f"[4/5] exporting the best checkpoint to the registry {out / 'registry'}")
+    print(f"[4/6] exporting the best checkpoint to the registry {out / 'registry'}")
     exported = export(swept.best_checkpoint, str(out / "registry"), data_root=str(data))
     print(f"artifact {exported.version}: {exported.artifact} (threshold {exported.threshold:.3f})")
 
-    print("[5/5] evaluating the artifact on the held-out synthetic test split")
+    print("[5/6] evaluating the artifact on the held-out synthetic test split")
     tuned = evaluate_artifact(exported.artifact, str(data))
     files = write_report(out / "report", tuned.labels, tuned.probabilities, tuned.metrics["threshold"],
                          title="Demo: tuned model on the synthetic test split",
@@ -323,6 +297,15 @@ def cmd_demo(args) -> None:
     print(f"precision {evaluation.metrics['precision']:.3f} -> {tuned.metrics['precision']:.3f}, "
           f"recall {evaluation.metrics['recall']:.3f} -> {tuned.metrics['recall']:.3f}")
     print(f"report: {files.html}")
+
+    port = args.serve_port or _free_port()
+    print(f"[6/6] serving {exported.version} with Ray Serve on http://127.0.0.1:{port}, sending test X-rays")
+    samples = [path for label in ("NORMAL", "PNEUMONIA") for path in sorted((data / "test" / label).iterdir())[:3]]
+    with local_service(exported.artifact, port=port) as url:
+        rows = predict_files(url, samples)
+        print(format_predictions([{**row, "file": str(Path(row["file"]).relative_to(data))} for row in rows]))
+        print(f"POST {url}/predict answered {len(rows)} requests; stopping the service", flush=True)
+    print("service stopped")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -420,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--epochs", type=int, default=8)
     demo.add_argument("--samples", type=int, default=4, help="sweep trials (default 4)")
+    demo.add_argument("--serve-port", type=int, default=0, help="port for the final service (default: a free one)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,11 +1,12 @@
-"""Ray Serve deployments: an HTTP gateway that decodes images, and a batched classifier.
+"""Ray Serve deployment: one FastAPI ingress that decodes images and batches them through the model.
 
-Why two deployments: decoding a full-resolution X-ray costs more CPU than the CNN (see
-docs/BENCHMARKS.md), so the gateway (FastAPI, no TensorFlow) decodes in a thread pool and scales
-out on its own, while classifier replicas hold the compiled SavedModel and batch requests
-(``@serve.batch``) to use each forward pass well. Both autoscale; each replica accepts a bounded
-number of requests and Serve queues a bounded number more, so overload answers 503 at once
-instead of piling up.
+Why one deployment: decoding a full-resolution X-ray costs more CPU than the CNN (see
+docs/BENCHMARKS.md), and every hop between Serve processes costs about as much again. So each
+replica decodes in a thread pool (Pillow releases the GIL) and gathers concurrent requests into
+one compiled forward pass (``@serve.batch``); replicas autoscale together. Each replica accepts a
+bounded number of requests and Serve queues a bounded number more, so overload answers 503 at
+once instead of piling up. Run under Serve's throughput-optimised mode (see
+:mod:`pneumonia.serve_mode`), HTTP goes from HAProxy straight to the replica.
 
 Serving imports only the preprocessing function and the registry (never train or tune code), and
 applies the same ``decode_image`` that training used: no training/serving skew.
@@ -17,6 +18,7 @@ import asyncio
 import base64
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,6 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
 
 from pneumonia import CLASS_NAMES
 from pneumonia.preprocess import (
@@ -54,7 +53,9 @@ def _json_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-# ----------------------------------------------------------------------------- classifier
+# ----------------------------------------------------------------------------- the service
+
+api = FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")
 
 
 @serve.deployment(
@@ -70,18 +71,30 @@ def _json_error(status: int, message: str) -> JSONResponse:
     },
     ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": {"TF_USE_LEGACY_KERAS": "1"}}},
 )
+@serve.ingress(api)
 class Classifier:
-    """Holds one artifact's compiled model; batches concurrent requests into one forward pass."""
+    """One replica: validates and decodes requests in threads, batches them through the model.
 
-    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
+    Decoding and inference share a process so that a request costs one hop (ingress to replica),
+    not two: on a small machine the hop costs as much CPU as the forward pass.
+    """
+
+    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0,
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS):
         from ray.serve import metrics
 
         from pneumonia.registry import load_artifact
 
         self.artifact = load_artifact(artifact)
+        self.metadata = self.artifact.metadata
+        self.spec = self.artifact.preprocess
+        self.threshold = float(self.artifact.threshold)
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._explainer = None
+        self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         self._batch_sizes = metrics.Histogram(
             "pneumonia_batch_size", description="images per forward pass",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
@@ -90,38 +103,57 @@ class Classifier:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
         self._predictions = metrics.Counter(
             "pneumonia_predictions", description="predictions by label", tag_keys=("label",))
-        self.last_batch_sizes: list[int] = []  # the recent batch sizes, for tests and /model
-        self.predict(np.zeros((1, *self.artifact.preprocess.shape), np.uint8))  # compile before traffic
+        self.last_batch_sizes: list[int] = []  # the recent batch sizes, for tests and operators
+        self._forward(np.zeros((1, *self.spec.shape), np.uint8))  # compile before traffic
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    # -- inference
+
+    def _forward(self, images: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
         probabilities = self.artifact.predict(images)
         self._latency.observe((time.perf_counter() - started) * 1000)
         return probabilities
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, images: list[np.ndarray]) -> list[float]:
-        batch = np.stack(images)
-        self._batch_sizes.observe(len(images))
-        self.last_batch_sizes = (self.last_batch_sizes + [len(images)])[-256:]
-        probabilities = await asyncio.get_running_loop().run_in_executor(None, self.predict, batch)
-        threshold = self.artifact.threshold
-        for probability in probabilities:
-            self._predictions.inc(tags={"label": CLASS_NAMES[int(probability >= threshold)]})
-        return [float(p) for p in probabilities]
+    def _decoded(self, item: bytes | np.ndarray) -> np.ndarray | ImageDecodeError:
+        if isinstance(item, np.ndarray):
+            return item
+        try:
+            return decode_image(item, self.spec, self.max_pixels)
+        except ImageDecodeError as error:  # ImageTooLargeError included: answered per image
+            return error
 
-    async def classify(self, image: np.ndarray) -> float:
-        return await self.predict_batch(image)
+    def _run_batch(self, items: list[bytes | np.ndarray]) -> list[float | ImageDecodeError]:
+        """Decode (in parallel) and score one batch; an undecodable image gets its error back."""
+        results: list = list(self._decoders.map(self._decoded, items)) if len(items) > 1 else [self._decoded(items[0])]
+        good = [index for index, result in enumerate(results) if isinstance(result, np.ndarray)]
+        if good:
+            probabilities = self._forward(np.stack([results[index] for index in good]))
+            for index, probability in zip(good, probabilities):
+                results[index] = float(probability)
+                self._predictions.inc(tags={"label": CLASS_NAMES[int(probability >= self.threshold)]})
+        return results
 
-    def explain(self, image: np.ndarray) -> dict[str, Any]:
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    async def predict_batch(self, items: list[bytes | np.ndarray]) -> list[float | ImageDecodeError]:
+        """Concurrent requests' images (encoded, or decoded pixels) through one forward pass.
+
+        Decoding happens here, not per request, so a batch costs one hand-off to a worker thread
+        instead of two per image. With no batch wait a lone request runs at once, and requests
+        that arrive meanwhile form the next batch; two batches may be in flight, so one decodes
+        while the other runs the model.
+        """
+        self._batch_sizes.observe(len(items))
+        self.last_batch_sizes = (self.last_batch_sizes + [len(items)])[-256:]
+        return await asyncio.to_thread(self._run_batch, items)
+
+    def _explain(self, image: np.ndarray) -> dict[str, Any]:
         from pneumonia.explain import GradCam
 
         if self._explainer is None:
             self._explainer = GradCam(self.artifact.keras_model())
         explanation = self._explainer.explain(image)
-        probability = float(self.artifact.predict(image[None])[0])  # the same number /predict gives
         return {
-            "probability": probability,
+            "probability": float(self.artifact.predict(image[None])[0]),  # the number /predict gives
             "layer": explanation.layer,
             "overlay_png": base64.b64encode(explanation.overlay_png(image)).decode(),
             "heatmap": np.round(explanation.heatmap, 3).tolist(),
@@ -133,41 +165,6 @@ class Classifier:
     def process_id(self) -> int:
         """This replica's PID (operations and failure tests)."""
         return os.getpid()
-
-
-# ----------------------------------------------------------------------------- gateway
-
-api = FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")
-
-
-@serve.deployment(
-    name="Gateway",
-    max_ongoing_requests=128,
-    max_queued_requests=512,
-    autoscaling_config={
-        "min_replicas": 1,
-        "max_replicas": 4,
-        "target_ongoing_requests": 32,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 30,
-    },
-    ray_actor_options={"num_cpus": 1},
-)
-@serve.ingress(api)
-class Gateway:
-    """HTTP front: validates and decodes requests, asks the classifier, answers JSON."""
-
-    def __init__(self, classifier: DeploymentHandle, artifact: str, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
-        from pneumonia.registry import read_metadata
-
-        self.classifier = classifier
-        self.metadata = read_metadata(artifact)
-        image = self.metadata["input"]
-        self.spec = PreprocessSpec(image["image_size"], image["channels"], image["resize"])
-        self.threshold = float(self.metadata["threshold"])
-        self.max_bytes = max_bytes
-        self.max_pixels = max_pixels
 
     # -- helpers
 
@@ -218,18 +215,23 @@ class Gateway:
             "version": self.metadata["version"],
         }
 
-    async def _classify(self, images: list[np.ndarray]) -> list[float]:
-        return list(await asyncio.gather(*(self.classifier.classify.remote(image) for image in images)))
+    async def _classify(self, items: list[tuple[str, bytes | np.ndarray]]) -> list[float]:
+        """Probabilities for named images (encoded bytes or decoded pixels), via the batch queue;
+        the first image that cannot be decoded answers for the request."""
+        for name, data in items:
+            if isinstance(data, bytes) and len(data) > self.max_bytes:
+                raise HTTPError(413, f"{name}: {len(data):,} bytes is above the limit of {self.max_bytes:,}")
+        results = await asyncio.gather(*(self.predict_batch(data) for _, data in items))
+        for (name, _), result in zip(items, results):
+            if isinstance(result, ImageDecodeError):
+                raise HTTPError(413 if isinstance(result, ImageTooLargeError) else 400, f"{name}: {result}")
+        return results
 
     async def _guarded(self, work):
         try:
             return await work
         except HTTPError as error:
             return _json_error(error.status, error.message)
-        except BackPressureError:
-            return _json_error(503, "overloaded: too many requests in flight, retry shortly")
-        except (RayActorError, ActorUnavailableError, DeploymentUnavailableError) as error:
-            return _json_error(503, f"temporarily unavailable ({type(error).__name__}), retry shortly")
 
     # -- routes
 
@@ -237,8 +239,7 @@ class Gateway:
     async def predict(self, request: Request):
         async def work():
             items = await self._body_images(request)
-            images = await asyncio.gather(*(self._decode(name, data) for name, data in items))
-            answers = [self._answer(p) for p in await self._classify(list(images))]
+            answers = [self._answer(p) for p in await self._classify(items)]
             if len(items) == 1 and items[0][0] == "body":
                 return answers[0]
             return {"predictions": [{"file": name, **answer} for (name, _), answer in zip(items, answers)]}
@@ -252,7 +253,7 @@ class Gateway:
             if len(items) != 1:
                 raise HTTPError(400, "/explain takes one image")
             image = await self._decode(*items[0])
-            result = await self.classifier.explain.remote(image)
+            result = await asyncio.to_thread(self._explain, image)
             return {**self._answer(result["probability"]), **result}
 
         return await self._guarded(work())
@@ -309,7 +310,7 @@ class Gateway:
                 payload = await request.json()
             except ValueError:
                 raise HTTPError(400, "body is not valid JSON") from None
-            images = await self._oip_images(payload)
+            images = self._oip_images(payload)
             probabilities = await self._classify(images)
             labels = [self._answer(p)["label"] for p in probabilities]
             return {
@@ -325,8 +326,9 @@ class Gateway:
 
         return await self._guarded(work())
 
-    async def _oip_images(self, payload: Any) -> list[np.ndarray]:
-        """Images from an inference request: encoded files ("BYTES", base64) or decoded pixels ("UINT8")."""
+    def _oip_images(self, payload: Any) -> list[tuple[str, bytes | np.ndarray]]:
+        """Named images from an inference request: encoded files ("BYTES", base64) or decoded
+        pixels ("UINT8")."""
         if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or not payload["inputs"]:
             raise HTTPError(400, "expected {\"inputs\": [{\"name\", \"datatype\", \"shape\", \"data\"}]}")
         tensor = payload["inputs"][0]
@@ -336,7 +338,7 @@ class Gateway:
         if not isinstance(data, list) or not data:
             raise HTTPError(400, "input 'data' must be a non-empty list")
         if datatype == "BYTES":
-            decoded = []
+            encoded = []
             for index, item in enumerate(data):
                 try:
                     raw = base64.b64decode(item, validate=True) if isinstance(item, str) else None
@@ -344,8 +346,8 @@ class Gateway:
                     raw = None
                 if raw is None:
                     raise HTTPError(400, f"input {index}: BYTES data must be base64-encoded image files")
-                decoded.append(await self._decode(f"input {index}", raw))
-            return decoded
+                encoded.append((f"input {index}", raw))
+            return encoded
         if datatype == "UINT8":
             expected = list(self.spec.shape)
             shape = tensor.get("shape")
@@ -357,7 +359,7 @@ class Gateway:
                 raise HTTPError(400, f"UINT8 input must have shape [n, {', '.join(map(str, expected))}]")
             if pixels.size != int(np.prod(shape)) or pixels.min() < 0 or pixels.max() > 255:
                 raise HTTPError(400, "UINT8 data does not match its shape or is outside 0..255")
-            return list(pixels.reshape(shape).astype(np.uint8))
+            return [(f"input {index}", image) for index, image in enumerate(pixels.reshape(shape).astype(np.uint8))]
         raise HTTPError(400, f"unsupported datatype {datatype!r}: use BYTES (encoded images) or UINT8 (pixels)")
 
 
@@ -372,17 +374,17 @@ def build_app(args: dict[str, Any] | None = None):
     """The Serve application. ``args`` (from `serve run serve_app:build_app key=value` or a serve
     config's `args`): artifact (path to a version folder or a registry; default
     $PNEUMONIA_ARTIFACT or ./registry, resolved to its latest version now, so every replica serves
-    the same version), max_batch_size, batch_wait_timeout_s, max_bytes."""
+    the same version), max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels."""
     from pneumonia.registry import resolve_artifact
 
     args = dict(args or {})
     artifact = str(resolve_artifact(str(Path(args.pop("artifact", default_artifact())).expanduser().resolve())))
-    classifier = Classifier.bind(
-        artifact,
-        max_batch_size=int(args.pop("max_batch_size", 32)),
-        batch_wait_timeout_s=float(args.pop("batch_wait_timeout_s", 0.005)),
-    )
-    gateway = Gateway.bind(classifier, artifact, max_bytes=int(args.pop("max_bytes", DEFAULT_MAX_BYTES)))
+    options = {
+        "max_batch_size": int(args.pop("max_batch_size", 32)),
+        "batch_wait_timeout_s": float(args.pop("batch_wait_timeout_s", 0.0)),
+        "max_bytes": int(args.pop("max_bytes", DEFAULT_MAX_BYTES)),
+        "max_pixels": int(args.pop("max_pixels", DEFAULT_MAX_PIXELS)),
+    }
     if args:
         raise ValueError(f"unknown application arguments: {', '.join(sorted(args))}")
-    return gateway
+    return Classifier.bind(artifact, **options)

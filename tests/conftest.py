@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 
 import pneumonia  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from pneumonia.service import enable_throughput_mode
+
+# Serve runs in the tests as it runs in production (HAProxy in front), set before Ray starts;
+# replicas drain for 2 s instead of 30 when they stop, to keep rollouts and teardown quick.
+enable_throughput_mode(drain_s=2)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_serving import _free_port, request
+from tests.test_serving import _free_port, call_replicas, request
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -54,10 +54,10 @@ def serve_port(ray_cluster):
 def deploy(artifact: str, **classifier_options):
     from ray import serve
 
-    from pneumonia.serving import Classifier, Gateway
+    from pneumonia.serving import Classifier
 
-    classifier = Classifier.options(**classifier_options).bind(artifact, batch_wait_timeout_s=0.01)
-    serve.run(Gateway.bind(classifier, artifact), name="ops", route_prefix="/")
+    serve.run(Classifier.options(**classifier_options).bind(artifact, batch_wait_timeout_s=0.01), name="ops",
+              route_prefix="/")
 
 
 def classifier_replicas() -> int:
@@ -141,16 +141,12 @@ def test_a_new_version_rolls_out_under_load_without_failed_requests(serve_port, 
 
 
 def test_a_killed_replica_is_replaced_while_the_service_keeps_answering(serve_port, registry):
-    from ray import serve
-
     deploy(str(registry / "pneumonia-cnn" / "v0001"), num_replicas=2, autoscaling_config=None)
     assert wait_for(lambda: classifier_replicas() == 2, timeout=60)
-    handle = serve.get_deployment_handle("Classifier", app_name="ops")
     pids: set[int] = set()
 
     def both_replicas_seen() -> bool:
-        calls = [handle.process_id.remote() for _ in range(16)]  # concurrent: spread over replicas
-        pids.update(call.result() for call in calls)
+        pids.update(call_replicas("ops", "process_id", calls=16))  # concurrent: spread over replicas
         return len(pids) == 2
 
     assert wait_for(both_replicas_seen, timeout=60), pids
@@ -159,8 +155,7 @@ def test_a_killed_replica_is_replaced_while_the_service_keeps_answering(serve_po
         killed_at = time.monotonic()
         os.kill(sorted(pids)[0], signal.SIGKILL)
         def replaced() -> bool:
-            calls = [handle.process_id.remote() for _ in range(16)]
-            return classifier_replicas() == 2 and len({call.result() for call in calls} - pids) > 0
+            return classifier_replicas() == 2 and len(set(call_replicas("ops", "process_id", calls=16)) - pids) > 0
 
         assert wait_for(replaced, timeout=120), "the killed replica was not replaced"
         recovered_at = time.monotonic()
