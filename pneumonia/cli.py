@@ -78,6 +78,11 @@ def cmd_data_summarize(args) -> None:
     _emit(summary.to_json(), args.json, summary.format())
 
 
+def _storage(args) -> str | None:
+    """--storage, else $PNEUMONIA_STORAGE (set once per cluster), else the config's run.storage."""
+    return args.storage or os.environ.get("PNEUMONIA_STORAGE") or None
+
+
 def _train_overrides(args) -> dict[str, Any]:
     from pneumonia.config import parse_set_option
 
@@ -90,7 +95,7 @@ def _train_overrides(args) -> dict[str, Any]:
         "train.normal_class_weight": args.normal_weight,
         "model.name": args.model,
         "data.image_size": args.image_size,
-        "run.storage": args.storage,
+        "run.storage": _storage(args),
         "run.name": args.name,
     }
     overrides.update(parse_set_option(args.set or []))
@@ -131,7 +136,7 @@ def cmd_tune(args) -> None:
     from pneumonia.config import load_config, parse_set_option, with_overrides
     from pneumonia.tune import tune
 
-    overrides = {"run.storage": args.storage, "run.name": args.name, "tune.num_samples": args.samples}
+    overrides = {"run.storage": _storage(args), "run.name": args.name, "tune.num_samples": args.samples}
     overrides.update(parse_set_option(args.set or []))
     config = with_overrides(load_config(args.config), overrides)
     if not args.resume and args.data is None:
@@ -200,20 +205,26 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    """Run the Serve application on a local Ray until interrupted."""
+    """Run the Serve application on a local Ray until Ctrl-C or SIGTERM, then stop it cleanly."""
+    import signal
     import time
 
     from pneumonia.service import local_service
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: the same clean stop as Ctrl-C
     artifact = args.artifact or os.environ.get("PNEUMONIA_ARTIFACT") or "registry"
-    with local_service(artifact, host=args.host, port=args.port) as url:
-        print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
-              "Ctrl-C stops", flush=True)
-        try:
+    try:
+        with local_service(artifact, host=args.host, port=args.port) as url:
+            print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
+                  "Ctrl-C stops", flush=True)
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            print("stopping", flush=True)
+    except KeyboardInterrupt:
+        pass
+    print("service stopped", flush=True)
 
 
 def cmd_predict(args) -> None:
@@ -345,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--normal-weight", type=float, help="class weight of NORMAL relative to PNEUMONIA")
     train.add_argument("--model", choices=["seed", "xraynet"])
     train.add_argument("--image-size", type=int)
-    train.add_argument("--storage", help="checkpoint storage: local folder or URI (default ./runs)")
+    train.add_argument("--storage", help="checkpoint storage: local folder or URI (default $PNEUMONIA_STORAGE, "
+                                         "else the config's run.storage, else ./runs)")
     train.add_argument("--name", help="run name (default train-<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue the named (or latest) run")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. data.augment.enabled=true")
@@ -355,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="Ray Tune sweep: precision at a target recall")
     tune.add_argument("--config", required=True, help="YAML with a tune: section (see tune_configs/)")
     tune.add_argument("--data", help="dataset root (train/ val/ test/) or a folder of class folders")
-    tune.add_argument("--storage", help="sweep storage: local folder or URI (default ./runs)")
+    tune.add_argument("--storage", help="sweep storage: local folder or URI (default $PNEUMONIA_STORAGE, "
+                                        "else the config's run.storage, else ./runs)")
     tune.add_argument("--name", help="sweep name (default tune-<timestamp>)")
     tune.add_argument("--samples", type=int, help="number of trials (overrides tune.num_samples)")
     tune.add_argument("--resume", action="store_true", help="continue the named (or latest) sweep")

@@ -38,6 +38,7 @@ from pneumonia.preprocess import (
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/dicom", "image/dicom", "application/octet-stream"}
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_PENDING = 128  # per replica: four full batches
 
 
 class HTTPError(Exception):
@@ -60,12 +61,14 @@ api = FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")
 
 @serve.deployment(
     name="Classifier",
-    max_ongoing_requests=64,
-    max_queued_requests=256,
+    # Above max_pending the replica itself answers a JSON 503 at once; Serve's own bounds sit
+    # above it (their 503 is plain text), so they only catch what the replica cannot.
+    max_ongoing_requests=192,
+    max_queued_requests=64,
     autoscaling_config={
         "min_replicas": 1,
         "max_replicas": 4,
-        "target_ongoing_requests": 16,
+        "target_ongoing_requests": 32,  # a full batch waiting per replica
         "upscale_delay_s": 5,
         "downscale_delay_s": 30,
     },
@@ -80,7 +83,8 @@ class Classifier:
     """
 
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0,
-                 max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_pending: int = DEFAULT_MAX_PENDING):
         from ray.serve import metrics
 
         from pneumonia.registry import load_artifact
@@ -91,6 +95,8 @@ class Classifier:
         self.threshold = float(self.artifact.threshold)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.max_pending = max_pending
+        self._pending = 0  # requests in the prediction routes now (one event loop: no lock)
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._explainer = None
@@ -228,10 +234,19 @@ class Classifier:
         return results
 
     async def _guarded(self, work):
+        """Run a prediction route's work: admission first (overload is a quick JSON 503, not a
+        growing queue), then HTTPError -> its JSON answer."""
+        if self._pending >= self.max_pending:
+            work.close()
+            return JSONResponse({"error": f"overloaded: {self._pending} requests in progress on this replica, "
+                                          "retry shortly"}, status_code=503, headers={"Retry-After": "1"})
+        self._pending += 1
         try:
             return await work
         except HTTPError as error:
             return _json_error(error.status, error.message)
+        finally:
+            self._pending -= 1
 
     # -- routes
 
@@ -241,8 +256,8 @@ class Classifier:
             items = await self._body_images(request)
             answers = [self._answer(p) for p in await self._classify(items)]
             if len(items) == 1 and items[0][0] == "body":
-                return answers[0]
-            return {"predictions": [{"file": name, **answer} for (name, _), answer in zip(items, answers)]}
+                return JSONResponse(answers[0])  # plain JSON types: skips FastAPI's generic encoder
+            return JSONResponse({"predictions": [{"file": name, **answer} for (name, _), answer in zip(items, answers)]})
 
         return await self._guarded(work())
 
@@ -374,7 +389,7 @@ def build_app(args: dict[str, Any] | None = None):
     """The Serve application. ``args`` (from `serve run serve_app:build_app key=value` or a serve
     config's `args`): artifact (path to a version folder or a registry; default
     $PNEUMONIA_ARTIFACT or ./registry, resolved to its latest version now, so every replica serves
-    the same version), max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels."""
+    the same version), max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, max_pending."""
     from pneumonia.registry import resolve_artifact
 
     args = dict(args or {})
@@ -384,6 +399,7 @@ def build_app(args: dict[str, Any] | None = None):
         "batch_wait_timeout_s": float(args.pop("batch_wait_timeout_s", 0.0)),
         "max_bytes": int(args.pop("max_bytes", DEFAULT_MAX_BYTES)),
         "max_pixels": int(args.pop("max_pixels", DEFAULT_MAX_PIXELS)),
+        "max_pending": int(args.pop("max_pending", DEFAULT_MAX_PENDING)),
     }
     if args:
         raise ValueError(f"unknown application arguments: {', '.join(sorted(args))}")

@@ -231,6 +231,20 @@ def _read_history(location: str) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- driver side
 
 
+def driver_env_vars() -> dict[str, str]:
+    """WORKER_ENV less the variables a Ray Job's own runtime env already sets: Ray refuses to
+    merge a job's runtime env with a driver's that sets the same variable, and the job's value
+    (what the user submitted) should win anyway."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        taken = set()
+    return {name: value for name, value in WORKER_ENV.items() if name not in taken}
+
+
 def init_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
     import ray
@@ -239,7 +253,7 @@ def init_ray() -> None:
         return
     ray.init(
         address=os.environ.get("RAY_ADDRESS") or None,
-        runtime_env={"env_vars": WORKER_ENV},
+        runtime_env={"env_vars": driver_env_vars()},
         log_to_driver=True,
         logging_level="WARNING",
     )

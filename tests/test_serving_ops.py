@@ -51,13 +51,13 @@ def serve_port(ray_cluster):
     serve.shutdown()
 
 
-def deploy(artifact: str, **classifier_options):
+def deploy(artifact: str, app_options: dict | None = None, **deployment_options):
     from ray import serve
 
     from pneumonia.serving import Classifier
 
-    serve.run(Classifier.options(**classifier_options).bind(artifact, batch_wait_timeout_s=0.01), name="ops",
-              route_prefix="/")
+    options = {"batch_wait_timeout_s": 0.01, **(app_options or {})}
+    serve.run(Classifier.options(**deployment_options).bind(artifact, **options), name="ops", route_prefix="/")
 
 
 def classifier_replicas() -> int:
@@ -74,7 +74,7 @@ class Load:
     url: str
     workers: int
     stop: threading.Event = field(default_factory=threading.Event)
-    results: list = field(default_factory=list)  # (finished_at, status, version)
+    results: list = field(default_factory=list)  # (finished_at, status, version, error)
 
     def __post_init__(self):
         buffer = io.BytesIO()
@@ -89,7 +89,9 @@ class Load:
                 status, answer = request(f"{self.url}/predict", self.body, "image/png")
             except OSError:
                 status, answer = 0, {}
-            self.results.append((time.monotonic(), status, answer.get("version")))
+            except ValueError:  # an answer that is not JSON
+                status, answer = -1, {}
+            self.results.append((time.monotonic(), status, answer.get("version"), answer.get("error")))
 
     def __enter__(self):
         for thread in self.threads:
@@ -165,3 +167,15 @@ def test_a_killed_replica_is_replaced_while_the_service_keeps_answering(serve_po
     print(f"replica replaced in {recovered_at - killed_at:.1f} s; {len(failed)} failed, {len(answered)} answered")
     assert len(answered) > 20, "the surviving replica kept answering"
     assert len(failed) <= 6, f"only requests in flight on the killed replica may fail: {failed[:10]}"
+
+
+def test_overload_is_answered_with_a_quick_json_503(serve_port, registry):
+    deploy(str(registry / "pneumonia-cnn" / "v0001"), app_options={"max_pending": 1}, num_replicas=1,
+           autoscaling_config=None)
+    with Load(f"http://127.0.0.1:{serve_port}", workers=12) as load:
+        time.sleep(4)
+    statuses = {r[1] for r in load.results}
+    refused = [r for r in load.results if r[1] == 503]
+    assert statuses <= {200, 503}, statuses
+    assert refused and any(r[1] == 200 for r in load.results)
+    assert all("overloaded" in r[3] for r in refused), refused[:3]
