@@ -247,7 +247,7 @@ def serve_with_ray(port: int, artifact: str, max_batch_size: int, throughput_mod
     import signal
 
     import ray
-    from pneumonia.serve_mode import enable_throughput_mode
+    from pneumonia.service import enable_throughput_mode
 
     os.environ.setdefault("RAY_worker_niceness", "0")
     if throughput_mode:

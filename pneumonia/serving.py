@@ -3,10 +3,10 @@
 Why one deployment: decoding a full-resolution X-ray costs more CPU than the CNN (see
 docs/BENCHMARKS.md), and every hop between Serve processes costs about as much again. So each
 replica decodes in a thread pool (Pillow releases the GIL) and gathers concurrent requests into
-one compiled forward pass (``@serve.batch``); replicas autoscale together. Each replica accepts a
-bounded number of requests and Serve queues a bounded number more, so overload answers 503 at
-once instead of piling up. Run under Serve's throughput-optimised mode (see
-:mod:`pneumonia.serve_mode`), HTTP goes from HAProxy straight to the replica.
+one compiled forward pass (``@serve.batch``); replicas autoscale together. Each replica takes a
+bounded number of requests (``max_pending``) and answers the rest at once with a JSON 503, so
+overload never becomes a growing queue. Run under Serve's throughput-optimised mode (see
+:mod:`pneumonia.service`), HTTP goes from HAProxy straight to the replica.
 
 Serving imports only the preprocessing function and the registry (never train or tune code), and
 applies the same ``decode_image`` that training used: no training/serving skew.
@@ -18,7 +18,6 @@ import asyncio
 import base64
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,10 @@ from pneumonia.preprocess import (
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/dicom", "image/dicom", "application/octet-stream"}
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PENDING = 128  # per replica: four full batches
+# Batches decoded and scored side by side, each in its own worker thread (Pillow and TensorFlow
+# release the GIL). Measured with bench/serve_load.py on 2 cores at concurrency 32: 1 batch in
+# flight ~250 req/s, 3 in flight 306-335 req/s, 4 no better; more cores may want more.
+BATCHES_IN_FLIGHT = 3
 
 
 class HTTPError(Exception):
@@ -100,7 +103,6 @@ class Classifier:
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._explainer = None
-        self._decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         self._batch_sizes = metrics.Histogram(
             "pneumonia_batch_size", description="images per forward pass",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
@@ -129,24 +131,26 @@ class Classifier:
             return error
 
     def _run_batch(self, items: list[bytes | np.ndarray]) -> list[float | ImageDecodeError]:
-        """Decode (in parallel) and score one batch; an undecodable image gets its error back."""
-        results: list = list(self._decoders.map(self._decoded, items)) if len(items) > 1 else [self._decoded(items[0])]
+        """Decode and score one batch in this worker thread; an undecodable image gets its error
+        back. Batches run side by side (BATCHES_IN_FLIGHT), so decoding uses every core."""
+        results: list = [self._decoded(item) for item in items]
         good = [index for index, result in enumerate(results) if isinstance(result, np.ndarray)]
         if good:
             probabilities = self._forward(np.stack([results[index] for index in good]))
+            labels = [CLASS_NAMES[int(probability >= self.threshold)] for probability in probabilities]
             for index, probability in zip(good, probabilities):
                 results[index] = float(probability)
-                self._predictions.inc(tags={"label": CLASS_NAMES[int(probability >= self.threshold)]})
+            for label in set(labels):
+                self._predictions.inc(labels.count(label), tags={"label": label})
         return results
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def predict_batch(self, items: list[bytes | np.ndarray]) -> list[float | ImageDecodeError]:
         """Concurrent requests' images (encoded, or decoded pixels) through one forward pass.
 
         Decoding happens here, not per request, so a batch costs one hand-off to a worker thread
         instead of two per image. With no batch wait a lone request runs at once, and requests
-        that arrive meanwhile form the next batch; two batches may be in flight, so one decodes
-        while the other runs the model.
+        that arrive meanwhile form the next batch.
         """
         self._batch_sizes.observe(len(items))
         self.last_batch_sizes = (self.last_batch_sizes + [len(items)])[-256:]

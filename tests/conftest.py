@@ -46,6 +46,7 @@ def ray_cluster():
 
     from pneumonia.train import WORKER_ENV
 
-    ray.init(num_cpus=4, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
+    context = ray.init(num_cpus=4, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
+    ray.dashboard_url = context.dashboard_url  # for tests that use Ray's REST APIs (`serve deploy`)
     yield ray
     ray.shutdown()

@@ -524,6 +524,25 @@ def test_rayservice_artifact_is_synced_into_every_pod():
             assert syncs, f"{group}: nothing fills {artifact} before Ray starts"
 
 
+def test_rayservice_pods_run_serve_in_throughput_mode():
+    """HAProxy in front of the replicas, as `pneumonia serve` runs it: set on every Ray pod,
+    since Ray reads it when its processes start."""
+    from pneumonia.service import THROUGHPUT_MODE
+
+    for group, pod in pod_specs(cluster_spec("rayservice")):
+        for container in pod["containers"]:
+            env = {item["name"]: item.get("value") for item in container.get("env", [])}
+            assert THROUGHPUT_MODE.items() <= env.items(), f"{group}/{container['name']}: {env}"
+
+
+def test_the_launcher_sets_serve_throughput_mode_for_every_node():
+    from pneumonia.service import THROUGHPUT_MODE
+
+    text = _launcher_text()
+    for name, value in THROUGHPUT_MODE.items():
+        assert f"{name}={value}" in text
+
+
 def test_rayservice_workers_can_hold_every_replica_at_its_maximum():
     spec = cluster_spec("rayservice")
     assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"

@@ -179,3 +179,52 @@ def test_overload_is_answered_with_a_quick_json_503(serve_port, registry):
     assert statuses <= {200, 503}, statuses
     assert refused and any(r[1] == 200 for r in load.results)
     assert all("overloaded" in r[3] for r in refused), refused[:3]
+
+
+def test_serve_deploy_of_serve_config_rolls_out_a_new_version_without_failed_requests(
+        ray_cluster, serve_port, registry, tmp_path):
+    """The production path: `serve deploy` of the shipped serve_config.yaml (only the artifact,
+    the port and the import path adjusted for a test), v0001 then v0002, under load."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    if not ray_cluster.dashboard_url:
+        pytest.skip("the session's Ray runs without a dashboard: `serve deploy` has no address")
+    root = Path(__file__).resolve().parents[1]
+    address = f"http://{ray_cluster.dashboard_url}"
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    v1 = registry / "pneumonia-cnn" / "v0001"
+    v2 = _export(registry, width=10).path
+
+    def deploy_config(artifact: Path) -> None:
+        config = yaml.safe_load((root / "serve_config.yaml").read_text())
+        config["http_options"] = {"host": "127.0.0.1", "port": serve_port}
+        app = config["applications"][0]
+        app["args"]["artifact"] = str(artifact)
+        app["runtime_env"]["env_vars"]["PYTHONPATH"] = str(root)  # serve_app.py, as a cluster's working dir
+        app["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+        path = tmp_path / f"serve-{artifact.name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        completed = subprocess.run([serve_cli, "deploy", str(path), "--address", address],
+                                   capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    def serving(version: str) -> bool:
+        try:
+            status, answer = request(f"http://127.0.0.1:{serve_port}/healthz")
+        except (OSError, ValueError):  # not up yet: refused, or Serve's plain-text 404
+            return False
+        return status == 200 and answer.get("version") == version
+
+    deploy_config(v1)
+    assert wait_for(lambda: serving("v0001"), timeout=120), "serve deploy did not bring up v0001"
+    with Load(f"http://127.0.0.1:{serve_port}", workers=6) as load:
+        time.sleep(2)
+        deploy_config(v2)
+        assert wait_for(lambda: any(r[2] == "v0002" for r in load.results[-20:]), timeout=120)
+        time.sleep(2)
+    assert not load.failures(), load.failures()[:5]
+    assert load.results[0][2] == "v0001" and load.results[-1][2] == "v0002"
