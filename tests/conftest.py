@@ -48,5 +48,6 @@ def ray_cluster():
 
     context = ray.init(num_cpus=4, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
     ray.dashboard_url = context.dashboard_url  # for tests that use Ray's REST APIs (`serve deploy`)
+    ray.metrics_export_port = context.address_info.get("metrics_export_port")  # Prometheus scrape
     yield ray
     ray.shutdown()

@@ -172,6 +172,30 @@ def test_parallel_requests_are_batched(server):
     assert max(sizes) > 1, sizes
 
 
+def test_custom_metrics_reach_rays_prometheus_export(server, ray_cluster):
+    """Predictions by label, batch sizes and inference latency, as a Prometheus scrape sees them."""
+    import time
+
+    port = ray_cluster.metrics_export_port
+    if not port:
+        pytest.skip("this Ray exports no metrics")
+    for value in (0, 255):
+        assert request(f"{server}/predict", _png(np.full((40, 40), value, np.uint8)), "image/png")[0] == 200
+    wanted = ("ray_pneumonia_predictions_total", "ray_pneumonia_batch_size_bucket", "ray_pneumonia_inference_ms_bucket")
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not exported: {missing}"
+    labels = {line.split('label="')[1].split('"')[0] for line in text.splitlines()
+              if line.startswith("ray_pneumonia_predictions_total{")}
+    assert labels <= {"NORMAL", "PNEUMONIA"} and labels
+
+
 def test_health_model_and_v2_protocol(server):
     assert request(f"{server}/healthz")[0] == 200
     status, metadata = request(f"{server}/model")
