@@ -60,6 +60,14 @@ def deploy(artifact: str, app_options: dict | None = None, **deployment_options)
     serve.run(Classifier.options(**deployment_options).bind(artifact, **options), name="ops", route_prefix="/")
 
 
+def serve_status_text() -> str:
+    from ray import serve
+
+    return "; ".join(f"{name}: {app.status} {app.message} "
+                     + ", ".join(f"{d}: {s.status} {s.message} {dict(s.replica_states)}" for d, s in app.deployments.items())
+                     for name, app in serve.status().applications.items())
+
+
 def classifier_replicas() -> int:
     from ray import serve
 
@@ -191,13 +199,17 @@ def test_serve_deploy_of_serve_config_rolls_out_a_new_version_without_failed_req
 
     import yaml
 
+    from ray import serve
+
     if not ray_cluster.dashboard_url:
         pytest.skip("the session's Ray runs without a dashboard: `serve deploy` has no address")
+    serve.delete("ops")  # `serve deploy` manages only the apps it deployed; this one also routes "/"
     root = Path(__file__).resolve().parents[1]
     address = f"http://{ray_cluster.dashboard_url}"
     serve_cli = str(Path(sys.executable).parent / "serve")
     v1 = registry / "pneumonia-cnn" / "v0001"
-    v2 = _export(registry, width=10).path
+    newer = _export(registry, width=10)  # v0002, or later when the module's other tests exported first
+    v2 = newer.path
 
     def deploy_config(artifact: Path) -> None:
         config = yaml.safe_load((root / "serve_config.yaml").read_text())
@@ -224,7 +236,9 @@ def test_serve_deploy_of_serve_config_rolls_out_a_new_version_without_failed_req
     with Load(f"http://127.0.0.1:{serve_port}", workers=6) as load:
         time.sleep(2)
         deploy_config(v2)
-        assert wait_for(lambda: any(r[2] == "v0002" for r in load.results[-20:]), timeout=120)
+        switched = wait_for(lambda: any(r[2] == newer.version for r in load.results[-20:]), timeout=120)
+        assert switched, (f"still {load.results[-3:]} after deploying {newer.version}; "
+                          f"Serve: {serve_status_text()}")
         time.sleep(2)
     assert not load.failures(), load.failures()[:5]
-    assert load.results[0][2] == "v0001" and load.results[-1][2] == "v0002"
+    assert load.results[0][2] == "v0001" and load.results[-1][2] == newer.version
