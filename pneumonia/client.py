@@ -44,11 +44,11 @@ def predict_files(url: str, files: list[str | Path], timeout_s: float = 60) -> l
 
 def format_predictions(rows: list[dict]) -> str:
     """The rows as a fixed-width table (errors inline)."""
-    lines = [f"{'file':<40} {'label':<10} {'probability':>11}  threshold  version"]
+    lines = [f"{'file':<44} {'label':<10} {'probability':>11}  threshold  version"]
     for row in rows:
         if "error" in row:
-            lines.append(f"{row['file']:<40} error {row['status']}: {row['error']}")
+            lines.append(f"{row['file']:<44} error {row['status']}: {row['error']}")
         else:
-            lines.append(f"{row['file']:<40} {row['label']:<10} {row['probability']:>11.4f}  "
+            lines.append(f"{row['file']:<44} {row['label']:<10} {row['probability']:>11.4f}  "
                          f"{row['threshold']:.4f}     {row['version']}")
     return "\n".join(lines)
