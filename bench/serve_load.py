@@ -33,7 +33,6 @@ import http.client
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,8 @@ from typing import Callable
 
 import numpy as np
 
-import pneumonia  # noqa: F401  (tf-keras, before anything imports TensorFlow)
+from pneumonia import RAY_ENV  # (importing the package selects tf-keras before TensorFlow loads)
+from pneumonia.service import free_port
 from bench_report import machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,12 +93,6 @@ def export_untrained_artifact(root: Path) -> str:
     export_artifact(str(root / "ckpt"), root / "registry", threshold=0.5, target_recall=0.95,
                     validation_metrics={}, training_config=ExperimentConfig().model_dump())
     return str(root / "registry")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- load generator
@@ -260,7 +254,7 @@ def serve_with_ray(port: int, artifact: str, max_batch_size: int, throughput_mod
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
+             runtime_env={"env_vars": RAY_ENV})
     try:
         serve.start(http_options={"host": HOST, "port": port})
         serve.run(build_app({"artifact": artifact, "max_batch_size": max_batch_size}), name="pneumonia",

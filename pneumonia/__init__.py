@@ -8,8 +8,11 @@ under ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585), and TensorFlow r
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+RAY_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+"""What every Ray process of ours needs in its environment (runtime_env) before TensorFlow loads."""
+
+for _name, _value in RAY_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 __version__ = "0.1.0"
 

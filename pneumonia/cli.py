@@ -238,14 +238,6 @@ def cmd_predict(args) -> None:
         raise PneumoniaError(f"{failed} of {len(rows)} files were refused")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _quick_sweep_config() -> Path:
     """tune_configs/quick.yaml of the checkout the demo runs in (or of this package's checkout)."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
@@ -264,7 +256,7 @@ def cmd_demo(args) -> None:
     from pneumonia.export import export
     from pneumonia.metrics import format_table
     from pneumonia.report import write_report
-    from pneumonia.service import local_service
+    from pneumonia.service import free_port, local_service
     from pneumonia.synth import make_synthetic_dataset
     from pneumonia.train import train
     from pneumonia.tune import tune
@@ -309,7 +301,7 @@ def cmd_demo(args) -> None:
           f"recall {evaluation.metrics['recall']:.3f} -> {tuned.metrics['recall']:.3f}")
     print(f"report: {files.html}")
 
-    port = args.serve_port or _free_port()
+    port = args.serve_port or free_port()
     print(f"[6/6] serving {exported.version} with Ray Serve on http://127.0.0.1:{port}, sending test X-rays")
     samples = [path for label in ("NORMAL", "PNEUMONIA") for path in sorted((data / "test" / label).iterdir())[:3]]
     with local_service(exported.artifact, port=port) as url:

@@ -22,14 +22,13 @@ import time
 import urllib.request
 from collections.abc import Iterator, MutableMapping
 
+from pneumonia import RAY_ENV
 from pneumonia.errors import PneumoniaError
 
 THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # Without HAProxy, direct ingress would leave nothing listening on the HTTP port.
 WITHOUT_HAPROXY = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 DRAIN_VARIABLE = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
-# Every replica process: legacy Keras before TensorFlow loads (see DESIGN.md), quiet TF logs.
-SERVING_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 # HAProxy's own listeners; Ray's fixed defaults (8404, 9101) clash when two services share a host.
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
 
@@ -68,6 +67,13 @@ def uses_haproxy(environ: MutableMapping[str, str] | None = None) -> bool:
     """Whether Serve started with this environment puts HAProxy in front."""
     environ = os.environ if environ is None else environ
     return environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for a service, a test or a benchmark server)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _port_or_free(port: int) -> int:
@@ -117,7 +123,7 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
             raise PneumoniaError(f"cannot serve on {host}:{port}: {error.strerror}") from None
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": SERVING_ENV},
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": RAY_ENV},
                  logging_level="WARNING")
     try:
         serve.start(http_options={"host": host, "port": port})

@@ -26,12 +26,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from pneumonia import CLASS_NAMES
+from pneumonia import CLASS_NAMES, RAY_ENV
 from pneumonia.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     ImageTooLargeError,
-    PreprocessSpec,
     decode_image,
 )
 
@@ -75,7 +74,7 @@ api = FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")
         "upscale_delay_s": 5,
         "downscale_delay_s": 30,
     },
-    ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": {"TF_USE_LEGACY_KERAS": "1"}}},
+    ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": RAY_ENV}},
 )
 @serve.ingress(api)
 class Classifier:

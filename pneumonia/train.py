@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from pneumonia import RAY_ENV
 from pneumonia.config import ExperimentConfig, config_from_dict
 from pneumonia.data import (
     ImageRecord,
@@ -39,8 +40,7 @@ RUN_MANIFEST = "pneumonia_run.json"
 RESULT_FILE = "pneumonia_result.json"
 HISTORY_FILE = "history.json"
 WORKER_ENV = {
-    "TF_USE_LEGACY_KERAS": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
+    **RAY_ENV,
     # Ray Train v2 re-logs worker prints; ours are already one line per epoch.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     # ... and logs every report at INFO level to the console; the log files are enough.

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import struct
 import threading
 import urllib.error
@@ -18,13 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pneumonia.service import free_port as _free_port  # the name the serving test modules share
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
