@@ -35,6 +35,10 @@ class AugmentConfig(_Section):
     shift: float = Field(0.05, ge=0, le=0.2, description="fraction of the image size")
     zoom: float = Field(0.05, ge=0, le=0.2)
     contrast: float = Field(0.1, ge=0, le=0.5)
+    brightness: float = Field(0.0, ge=0, le=0.5, description="exposure change, fraction of the range")
+    gamma: float = Field(0.0, ge=0, le=0.8, description="log-uniform gamma in [exp(-g), exp(g)]")
+    blur: float = Field(0.0, ge=0, le=1, description="probability of a mild Gaussian blur")
+    noise: float = Field(0.0, ge=0, le=0.2, description="max Gaussian noise std, fraction of the range")
 
 
 class DataConfig(_Section):
@@ -46,6 +50,11 @@ class DataConfig(_Section):
         "stretch",
         description="stretch: resize to a square ignoring aspect ratio (as the original notebook "
         "and the 224 px copy of the data do); pad: letterbox to a square first.",
+    )
+    normalize: Literal["none", "standardize", "equalize"] = Field(
+        "none",
+        description="intensity normalisation inside decode_image (served identically): "
+        "standardize maps each image to mean 128, std 48; equalize applies histogram equalisation.",
     )
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 42
@@ -70,6 +79,16 @@ class TrainConfig(_Section):
     mixed_precision: bool | None = Field(
         None, description="float16 compute; default: on with GPUs, off on CPUs"
     )
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning-rate schedule over the run (cosine: decays to 1% of lr)"
+    )
+    warmup_epochs: float = Field(0.0, ge=0, le=100, description="linear warm-up before the schedule")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights (e.g. 0.99); "
+        "validation, checkpoints and export use the averaged weights"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    mixup: float = Field(0.0, ge=0, le=1, description="mixup Beta(alpha, alpha); 0 turns it off")
 
 
 class ScalingSection(_Section):
@@ -94,10 +113,36 @@ class RunSection(_Section):
         return value
 
 
+class StressConfig(_Section):
+    """Shift stress validation: the validation split re-scored under the changes a new site brings."""
+
+    enabled: bool = Field(False, description="score the stress shifts after every epoch (costs time)")
+    shifts: list[str] | None = Field(None, description="names from pneumonia.stress.SHIFTS; default all")
+    max_images: int | None = Field(None, ge=10, description="score a seeded, stratified subset of validation")
+
+
 class ObjectiveConfig(_Section):
     """What "better" means: the highest precision at a clinically safe recall (sensitivity)."""
 
     target_recall: float = Field(0.95, gt=0, le=1)
+    metric: str = Field(
+        "val_precision_at_recall",
+        description="reported metric a sweep maximises (e.g. val_stress_worst_roc_auc with stress.enabled)",
+    )
+    threshold_rule: Literal["point", "lower_bound"] = Field(
+        "lower_bound",
+        description="point: validation recall >= target; lower_bound: the lower end of the patient-"
+        "bootstrap confidence interval of validation recall >= target (a margin for shift)",
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided level of that interval")
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000)
+
+
+class EnsembleConfig(_Section):
+    """Train K members (seeds) in parallel as Ray Train runs and export them as one artifact."""
+
+    members: int = Field(1, ge=1, le=32, description="1: a single model")
+    max_concurrent: int | None = Field(None, ge=1, description="members training at once; default: as many as fit")
 
 
 class ParamSpec(_Section):
@@ -157,6 +202,8 @@ class ExperimentConfig(_Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    stress: StressConfig = Field(default_factory=StressConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     tune: TuneSection | None = None
 
     @model_validator(mode="after")

@@ -48,6 +48,12 @@ _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
 
 
+NORMALIZATIONS = ("none", "standardize", "equalize")
+STANDARD_MEAN, STANDARD_STD = 128.0, 48.0
+"""``standardize`` maps every image to this mean and standard deviation (in uint8 units): about
+2.7 standard deviations fit on each side before clipping, and the model keeps its uint8 input."""
+
+
 class ImageDecodeError(PneumoniaError):
     """The bytes are not a readable image (empty, truncated, corrupt or unsupported)."""
 
@@ -63,12 +69,15 @@ class PreprocessSpec:
     image_size: int = 150
     channels: int = 1
     resize: Literal["stretch", "pad"] = "stretch"
+    normalize: Literal["none", "standardize", "equalize"] = "none"
 
     def __post_init__(self):
         if self.channels not in (1, 3):
             raise ValueError("channels must be 1 or 3")
         if self.resize not in ("stretch", "pad"):
             raise ValueError("resize must be 'stretch' or 'pad'")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}")
         if self.image_size < 1:
             raise ValueError("image_size must be positive")
 
@@ -309,7 +318,35 @@ def decode_image(
         # Pillow's plugins fail on corrupt headers with TypeError/OverflowError/... too (a TIFF
         # whose StripOffsets tag has the wrong type); callers must see one exception type.
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
-    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = normalize_intensity(np.asarray(image, dtype=np.uint8), spec.normalize)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return pixels
+
+
+def normalize_intensity(pixels: np.ndarray, method: str) -> np.ndarray:
+    """Remove a site's exposure and contrast from a uint8 image (any shape); uint8 out.
+
+    Why: X-rays from another hospital (or another year) differ first in exposure, contrast and
+    processing curve; a model trained on one site's intensities reads a darker or flatter image
+    as a different one. ``standardize`` fixes each image's mean and spread (an affine change of
+    intensities no longer changes the input, up to clipping); ``equalize`` spreads the
+    histogram evenly (any monotone change of intensities no longer changes it, up to ties).
+    Applied here, after resizing, so that training, evaluation and serving see the same pixels.
+    """
+    if method == "none":
+        return pixels
+    values = pixels.astype(np.float32)
+    if method == "standardize":
+        mean, std = float(values.mean()), float(values.std())
+        scaled = (values - mean) * (STANDARD_STD / max(std, 1.0)) + STANDARD_MEAN
+        return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+    if method == "equalize":
+        histogram = np.bincount(pixels.reshape(-1), minlength=256)
+        cdf = np.cumsum(histogram).astype(np.float64)
+        lowest = cdf[np.flatnonzero(histogram)[0]]
+        if cdf[-1] == lowest:  # a constant image stays as it is
+            return pixels
+        table = np.round((cdf - lowest) / (cdf[-1] - lowest) * 255.0).clip(0, 255).astype(np.uint8)
+        return table[pixels]
+    raise ValueError(f"unknown normalisation {method!r}; choose one of {', '.join(NORMALIZATIONS)}")

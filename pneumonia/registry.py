@@ -129,7 +129,7 @@ def export_artifact(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git_commit": _git_commit(),
             "input": {"image_size": spec.image_size, "channels": spec.channels,
-                      "resize": spec.resize, "dtype": "uint8"},
+                      "resize": spec.resize, "normalize": spec.normalize, "dtype": "uint8"},
             "files": _hash_files(staging),
         }
         version_dir = _publish(staging, name_dir, metadata)
@@ -464,7 +464,8 @@ def _check_metadata(metadata: dict, folder: Path) -> tuple[PreprocessSpec, float
         facts = metadata["input"]
         if facts["dtype"] != "uint8":
             raise ValueError(f"input dtype {facts['dtype']!r} is not uint8")
-        spec = PreprocessSpec(int(facts["image_size"]), int(facts["channels"]), facts["resize"])
+        spec = PreprocessSpec(int(facts["image_size"]), int(facts["channels"]), facts["resize"],
+                              facts.get("normalize", "none"))
         threshold = float(metadata["threshold"])
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold {threshold} is not a probability")

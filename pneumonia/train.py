@@ -76,7 +76,8 @@ class TrainResult:
 
 
 def preprocess_spec(config: ExperimentConfig) -> PreprocessSpec:
-    return PreprocessSpec(config.data.image_size, config.data.channels, config.data.resize)
+    return PreprocessSpec(config.data.image_size, config.data.channels, config.data.resize,
+                          config.data.normalize)
 
 
 def carve_validation(data_root: str, config: ExperimentConfig):
