@@ -174,10 +174,15 @@ def cmd_evaluate(args) -> None:
         threshold = 0.5 if args.threshold is None else args.threshold
         evaluation = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, threshold=threshold)
         source = {"checkpoint": args.checkpoint}
+    if args.stress:
+        evaluation.stress = _stress_for(args, evaluation)
     title = (f"{evaluation.split}: {evaluation.counts['NORMAL']} NORMAL, {evaluation.counts['PNEUMONIA']} PNEUMONIA"
              + (f" ({evaluation.skipped} files skipped)" if evaluation.skipped else ""))
     payload = {**evaluation.metrics, "split": evaluation.split, "skipped": evaluation.skipped, **source}
     text = format_table(evaluation.metrics, title)
+    if evaluation.stress is not None:
+        payload["stress"] = evaluation.stress.to_json()
+        text += "\n\nshift stress validation (" + f"{evaluation.stress.n} images):\n" + evaluation.stress.table()
     if args.report:
         from pneumonia.report import write_report
 
@@ -193,6 +198,31 @@ def cmd_evaluate(args) -> None:
         payload["report"] = str(files.html)
         text += f"\nreport: {files.html} (95% CIs by patient bootstrap in {files.json})"
     _emit(_clean_nan(payload), args.json, text)
+
+
+def _stress_for(args, evaluation):
+    """The stress report of what cmd_evaluate scored, at the same threshold."""
+    from pneumonia.config import config_from_dict
+    from pneumonia.evaluate import stress_evaluate
+
+    if args.artifact is not None:
+        from pneumonia.registry import load_artifact
+
+        artifact = load_artifact(args.artifact)
+        predict, spec, config = artifact.predict, artifact.preprocess, artifact.metadata.get("training_config")
+    else:
+        from pneumonia.checkpoint import load_checkpoint
+        from pneumonia.pipeline import predict_probabilities
+
+        model, info = load_checkpoint(args.checkpoint)
+        predict, spec, config = (lambda images: predict_probabilities(model, images)), info.preprocess, info.config
+    target = config_from_dict(config or {}).objective.target_recall
+    shifts = [name.strip() for name in args.shifts.split(",")] if args.shifts else None
+    try:
+        return stress_evaluate(predict, spec, args.data, args.split, config, target,
+                               threshold=evaluation.metrics["threshold"], shifts=shifts)
+    except ValueError as error:
+        raise PneumoniaError(str(error)) from None
 
 
 def cmd_export(args) -> None:
@@ -378,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float,
                           help="decision threshold (default: the artifact's, or 0.5 for a checkpoint)")
     evaluate.add_argument("--report", metavar="DIR", help="also write metrics.json, plots and report.html here")
+    evaluate.add_argument("--stress", action="store_true",
+                          help="also re-score the split under the shifts a new site brings (exposure, contrast, "
+                               "blur, noise, JPEG, framing, resolution): per-shift ROC-AUC and precision at the "
+                               "target recall, and the worst case")
+    evaluate.add_argument("--shifts", help="comma-separated subset of the stress shifts (default: all)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 

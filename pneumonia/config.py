@@ -118,6 +118,15 @@ class StressConfig(_Section):
 
     enabled: bool = Field(False, description="score the stress shifts after every epoch (costs time)")
     shifts: list[str] | None = Field(None, description="names from pneumonia.stress.SHIFTS; default all")
+
+    @field_validator("shifts")
+    @classmethod
+    def _known_shifts(cls, value: list[str] | None) -> list[str] | None:
+        from pneumonia.stress import check_shift_names
+
+        if value is not None:
+            check_shift_names(value)
+        return value
     max_images: int | None = Field(None, ge=10, description="score a seeded, stratified subset of validation")
 
 
@@ -205,6 +214,14 @@ class ExperimentConfig(_Section):
     stress: StressConfig = Field(default_factory=StressConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     tune: TuneSection | None = None
+
+    @model_validator(mode="after")
+    def _stress_metrics_need_stress(self) -> "ExperimentConfig":
+        for where, metric in (("run.checkpoint_metric", self.run.checkpoint_metric),
+                              ("objective.metric", self.objective.metric)):
+            if metric.startswith("val_stress_") and not self.stress.enabled:
+                raise ValueError(f"{where} {metric!r} is a stress metric: set stress.enabled: true")
+        return self
 
     @model_validator(mode="after")
     def _space_matches_config(self) -> "ExperimentConfig":

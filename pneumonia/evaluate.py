@@ -23,10 +23,54 @@ class Evaluation:
     labels: np.ndarray = field(repr=False)
     probabilities: np.ndarray = field(repr=False)
     patient_ids: list[str] = field(repr=False)
+    stress: Any = field(default=None, repr=False)  # a pneumonia.stress.StressReport when asked for
 
 
 VALIDATION = "validation"
 """Split name for the patient-grouped validation set carved out of train (as training did)."""
+
+
+def split_records(data_root: str, split: str, training_config: dict[str, Any] | None = None):
+    """(dataset, records) of a split; ``validation`` is rebuilt from the training config."""
+    if split == VALIDATION:
+        from pneumonia.config import config_from_dict
+        from pneumonia.train import carve_validation
+
+        dataset, _, records = carve_validation(data_root, config_from_dict(training_config or {}))
+        return dataset, records
+    dataset = discover(data_root)
+    return dataset, evaluation_records(dataset, split)
+
+
+def stress_evaluate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    spec: PreprocessSpec,
+    data_root: str,
+    split: str = VALIDATION,
+    training_config: dict[str, Any] | None = None,
+    target_recall: float = 0.95,
+    threshold: float | None = None,
+    shifts: list[str] | None = None,
+    max_images: int | None = None,
+    seed: int = 0,
+):
+    """Shift stress validation (``pneumonia.stress``) of a predictor on a split.
+
+    ``threshold`` is the operating point whose drift is reported (an artifact's own); by default
+    the one the clean images give for ``target_recall``.
+    """
+    from pneumonia.pipeline import decode_threads
+    from pneumonia.stress import check_shift_names, load_sources, shifted_images, stratified_subset, stress_report
+
+    shifts = check_shift_names(shifts)
+    _, records = split_records(data_root, split, training_config)
+    decoded = load_images(records, spec)  # which files decode, and their labels
+    if len(decoded.records) == 0:
+        raise DataError(f"none of the {len(records)} images in {data_root} could be decoded")
+    chosen = stratified_subset(decoded.labels, max_images, seed)
+    sources = load_sources([decoded.records[index].location for index in chosen])
+    images = shifted_images(sources, spec, shifts, seed=seed, threads=decode_threads())
+    return stress_report(predict, images, decoded.labels[chosen], target_recall, threshold)
 
 
 def evaluate(
@@ -42,14 +86,7 @@ def evaluate(
     ``split="validation"`` scores the validation set that training carved out of train/, rebuilt
     from the training config (same seed and fraction), never the official val/ folder.
     """
-    if split == VALIDATION:
-        from pneumonia.config import config_from_dict
-        from pneumonia.train import carve_validation
-
-        dataset, _, records = carve_validation(data_root, config_from_dict(training_config or {}))
-    else:
-        dataset = discover(data_root)
-        records = evaluation_records(dataset, split)
+    dataset, records = split_records(data_root, split, training_config)
     decoded = load_images(records, spec)
     if len(decoded.records) == 0:
         raise DataError(f"none of the {len(records)} images in {data_root} could be decoded")

@@ -85,7 +85,7 @@ def keras_metrics() -> list[tf.keras.metrics.Metric]:
     ]
 
 
-def make_optimizer(name: str, learning_rate: float) -> tf.keras.optimizers.Optimizer:
+def make_optimizer(name: str, learning_rate) -> tf.keras.optimizers.Optimizer:
     if name == "rmsprop":
         return tf.keras.optimizers.RMSprop(learning_rate=learning_rate)
     if name == "adam":
@@ -93,10 +93,28 @@ def make_optimizer(name: str, learning_rate: float) -> tf.keras.optimizers.Optim
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def compile_model(model: tf.keras.Model, optimizer: str, learning_rate: float) -> None:
+def learning_rate_schedule(learning_rate: float, schedule: str = "constant", total_steps: int = 0,
+                           warmup_steps: int = 0):
+    """A constant rate, or cosine decay to 1% over the run after a linear warm-up.
+
+    Why cosine: at a constant rate the validation metrics of this small dataset swing from epoch
+    to epoch (measured: accuracy at 0.5 from 0.97 to 0.55 between two epochs); a decaying rate
+    lets the last epochs settle, so the last and the best checkpoint agree.
+    """
+    if schedule == "constant" and warmup_steps == 0:
+        return learning_rate
+    decay_steps = max(1, total_steps - warmup_steps) if schedule == "cosine" else 10**12
+    if warmup_steps == 0:
+        return tf.keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps, alpha=0.01)
+    return tf.keras.optimizers.schedules.CosineDecay(
+        learning_rate / 10, decay_steps, alpha=0.01, warmup_target=learning_rate, warmup_steps=warmup_steps)
+
+
+def compile_model(model: tf.keras.Model, optimizer: str, learning_rate, label_smoothing: float = 0.0) -> None:
+    """``learning_rate`` is a float or a schedule (see :func:`learning_rate_schedule`)."""
     model.compile(
         optimizer=make_optimizer(optimizer, learning_rate),
-        loss=tf.keras.losses.BinaryCrossentropy(),
+        loss=tf.keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=keras_metrics(),
         weighted_metrics=[],
         # Several steps per compiled call: less Python and GIL work per batch, which matters in a

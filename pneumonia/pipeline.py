@@ -92,6 +92,49 @@ def augmentation_layers(config: AugmentConfig, seed: int):
     return tf.keras.Sequential(steps, name="augment") if steps else None
 
 
+def intensity_augmentation(images, config: AugmentConfig):
+    """Per-image exposure, gamma, blur and noise on a float batch in [0, 255] (training only).
+
+    These are the changes a new site's X-rays show (see ``pneumonia.stress``); drawn per image.
+    """
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    per_image = lambda low, high: tf.random.uniform([count, 1, 1, 1], low, high)  # noqa: E731
+    if config.gamma > 0:
+        gamma = tf.exp(per_image(-config.gamma, config.gamma))
+        images = 255.0 * tf.pow(tf.clip_by_value(images / 255.0, 0.0, 1.0), gamma)
+    if config.brightness > 0:
+        images = images + 255.0 * per_image(-config.brightness, config.brightness)
+    if config.blur > 0:
+        kernel = tf.constant([0.25, 0.5, 0.25])  # a 3x3 binomial blur, applied to a random share
+        kernel = tf.reshape(kernel[:, None] * kernel[None, :], [3, 3, 1, 1])
+        kernel = tf.tile(kernel, [1, 1, tf.shape(images)[-1], 1])
+        blurred = tf.nn.depthwise_conv2d(images, kernel, [1, 1, 1, 1], "SAME")
+        chosen = tf.cast(per_image(0.0, 1.0) < config.blur, images.dtype)
+        images = chosen * blurred + (1.0 - chosen) * images
+    if config.noise > 0:
+        std = 255.0 * per_image(0.0, config.noise)
+        images = images + std * tf.random.normal(tf.shape(images))
+    return images
+
+
+def mix_up(images, labels, weights, alpha: float):
+    """mixup (Zhang et al., 2018): convex blends of image pairs and their labels, one weight per pair."""
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    first = tf.random.gamma([count], alpha)
+    second = tf.random.gamma([count], alpha)
+    mix = first / (first + second)
+    mix = tf.maximum(mix, 1.0 - mix)  # the first image dominates: its weight is the pair's
+    order = tf.random.shuffle(tf.range(count))
+    images = tf.cast(images, tf.float32)
+    blended = mix[:, None, None, None] * images + (1.0 - mix[:, None, None, None]) * tf.gather(images, order)
+    labels = mix * labels + (1.0 - mix) * tf.gather(labels, order)
+    return blended, labels, weights
+
+
 def training_dataset(
     records: list[ImageRecord],
     spec: PreprocessSpec,
@@ -100,6 +143,7 @@ def training_dataset(
     seed: int,
     cache: bool = True,
     class_weights: tuple[float, float] = (1.0, 1.0),
+    mixup: float = 0.0,
 ):
     """An endless, shuffled, batched dataset of (image, label, weight) from this worker's records.
 
@@ -128,8 +172,12 @@ def training_dataset(
     if augmenter is not None:
         def apply(images, labels, sample_weights):
             images = augmenter(tf.cast(images, tf.float32), training=True)
+            images = intensity_augmentation(images, augment)
             return tf.clip_by_value(images, 0.0, 255.0), labels, sample_weights
         dataset = dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+    if mixup > 0:
+        dataset = dataset.map(lambda images, labels, weights: mix_up(images, labels, weights, mixup),
+                              num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE), count, failures

@@ -27,6 +27,7 @@ Choices and why:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import warnings
@@ -297,27 +298,49 @@ def decode_image(
     Raises ImageDecodeError (or its subclass ImageTooLargeError) for anything that is not a
     readable image within the size limit; never returns garbage for a truncated file.
     """
+    return prepare_image(open_image(data, spec, max_pixels), spec)
+
+
+def open_image(data: bytes, spec: PreprocessSpec = PreprocessSpec(), max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The first half of :func:`decode_image`: bytes -> an upright 8-bit Pillow image ('L' or 'RGB').
+
+    JPEGs are already downscaled in the DCT domain towards ``spec.image_size``. Exposed so that the
+    stress validation (``pneumonia.stress``) can change an image the way another site would before
+    the second half, :func:`prepare_image`, runs exactly as in training and serving.
+    """
     dicom = _is_dicom(data)
     image = _open_dicom(data, max_pixels) if dicom else _open(data, max_pixels)
     target_mode = "L" if spec.channels == 1 else "RGB"
-    try:
+    with _pillow_errors():
         if not dicom:  # a DICOM image arrives decoded, 8-bit and upright
             if image.format in ("JPEG", "MPO"):
                 # DCT-domain downscale: the result stays >= the requested size on both sides.
                 image.draft(target_mode, (spec.image_size, spec.image_size))
             image.load()
             image = ImageOps.exif_transpose(image)
-        image = _to_8bit(image)
-        if image.mode != target_mode:
-            image = image.convert(target_mode)
-        image = _resize(image, spec.image_size, spec.resize)
+        return _to_8bit(image)
+
+
+@contextlib.contextmanager
+def _pillow_errors():
+    """Pillow's plugins fail on corrupt data with many types (a TIFF whose StripOffsets tag has
+    the wrong type raises TypeError); callers must see one exception type."""
+    try:
+        yield
     except ImageDecodeError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             TypeError, OverflowError, IndexError, struct.error) as error:
-        # Pillow's plugins fail on corrupt headers with TypeError/OverflowError/... too (a TIFF
-        # whose StripOffsets tag has the wrong type); callers must see one exception type.
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
+
+
+def prepare_image(image: Image.Image, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+    """The second half of :func:`decode_image`: mode, resize and intensity normalisation."""
+    target_mode = "L" if spec.channels == 1 else "RGB"
+    with _pillow_errors():
+        if image.mode != target_mode:
+            image = image.convert(target_mode)
+        image = _resize(image, spec.image_size, spec.resize)
     pixels = normalize_intensity(np.asarray(image, dtype=np.uint8), spec.normalize)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

@@ -10,6 +10,7 @@ one instead of epoch 0. Re-running with the same run name (``--resume``) continu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -112,7 +113,9 @@ def format_epoch_line(metrics: dict[str, Any], epochs: int) -> str:
         f" prec {metrics['val_precision']:.3f} rec {metrics['val_recall']:.3f}"
         f" roc_auc {metrics['val_roc_auc']:.4f} pr_auc {metrics['val_pr_auc']:.4f}"
         f" prec@rec {metrics['val_precision_at_recall']:.3f}"
-        f" | {metrics['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s"
+        + (f" | stress worst auc {metrics['val_stress_worst_roc_auc']:.4f} prec@rec {metrics['val_stress_worst_precision_at_recall']:.3f}"
+           if "val_stress_worst_roc_auc" in metrics else "")
+        + f" | {metrics['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s"
     )
 
 
@@ -127,8 +130,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     from pneumonia.checkpoint import CheckpointInfo, load_model_from_directory, read_info, save_checkpoint
     from pneumonia.metrics import binary_metrics, operating_point
-    from pneumonia.models import build_model, compile_model
+    from pneumonia.averaging import WeightAverage
+    from pneumonia.models import build_model, compile_model, learning_rate_schedule
     from pneumonia.pipeline import load_images, predict_probabilities, training_dataset
+    from pneumonia.stress import stress_report
 
     config = config_from_dict(loop_config["config"])
     train_records = rows_to_records(loop_config["train"])
@@ -155,6 +160,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         seed=config.data.seed + rank,
         cache=config.data.cache,
         class_weights=(config.train.normal_class_weight, 1.0),
+        mixup=config.train.mixup,
     )
     steps_per_epoch = max(1, math.ceil(len(train_records) / (world * batch_size)))
     # Every worker scores the whole (small) validation split the same way: the forward pass reads
@@ -175,7 +181,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         else:
             start_epoch = 0
             model = build_model(config.model, spec.shape)
-            compile_model(model, config.train.optimizer, config.train.learning_rate)
+            rate = learning_rate_schedule(
+                config.train.learning_rate, config.train.schedule,
+                total_steps=config.train.epochs * steps_per_epoch,
+                warmup_steps=round(config.train.warmup_epochs * steps_per_epoch))
+            compile_model(model, config.train.optimizer, rate, config.train.label_smoothing)
+    average = WeightAverage(config.train.ema_decay) if config.train.ema_decay else None
+    stress = stress_inputs(config, spec, validation) if config.stress.enabled else None
 
     # Every epoch's metrics, kept in storage (Ray keeps only those of the best K checkpoints).
     # After a restart, epochs past the checkpoint we resumed from are dropped: they are redone.
@@ -187,6 +199,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
+            with average.applied() if average is not None else contextlib.nullcontext():
+                self.report(epoch, logs)
+
+        def report(self, epoch, logs):
             elapsed = time.perf_counter() - self.started
             probabilities = predict_probabilities(model, validation.images)
             val = binary_metrics(validation.labels, probabilities)
@@ -194,6 +210,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             val.update(precision_at_recall=point.precision, threshold=point.threshold)
             metrics: dict[str, Any] = {name: float(value) for name, value in (logs or {}).items()}
             metrics.update({f"val_{name}": val[name] for name in REPORTED_VAL_METRICS})
+            if stress is not None:
+                report = stress_report(lambda images: predict_probabilities(model, images), stress[0], stress[1],
+                                       config.objective.target_recall, threshold=point.threshold)
+                metrics.update({f"val_{name}": value for name, value in report.summary().items()})
             metrics.update(
                 epoch=epoch + 1,
                 start_epoch=start_epoch,
@@ -220,9 +240,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         epochs=config.train.epochs,
         initial_epoch=start_epoch,
         steps_per_epoch=steps_per_epoch,
-        callbacks=[ReportEpoch()],
+        # The average must see each step before the epoch's report swaps it in.
+        callbacks=[*([average] if average is not None else []), ReportEpoch()],
         verbose=0,
     )
+
+
+def stress_inputs(config: ExperimentConfig, spec: PreprocessSpec, validation):
+    """(shifted images by shift name, labels) of the validation images, made once per run."""
+    from pneumonia.pipeline import decode_threads
+    from pneumonia.stress import load_sources, shifted_images, stratified_subset
+
+    chosen = stratified_subset(validation.labels, config.stress.max_images, config.data.seed)
+    sources = load_sources([validation.records[index].location for index in chosen])
+    images = shifted_images(sources, spec, config.stress.shifts, seed=config.data.seed, threads=decode_threads())
+    return images, validation.labels[chosen]
 
 
 def _read_history(location: str) -> list[dict[str, Any]]:
@@ -422,7 +454,8 @@ def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> Tra
     summary = TrainResult(
         run_dir=join(storage, name),
         best_checkpoint=qualify(checkpoint.path, storage),
-        metrics={key: float(metrics[f"val_{key}"]) for key in REPORTED_VAL_METRICS if f"val_{key}" in metrics},
+        metrics={key[4:]: float(value) for key, value in metrics.items()
+                 if key.startswith("val_") and isinstance(value, (int, float))},
         best_epoch=int(metrics.get("epoch", 0)),
         epochs_completed=int(history[-1]["epoch"]) if history else int(metrics.get("epoch", 0)),
         history=history,

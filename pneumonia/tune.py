@@ -36,6 +36,8 @@ from pneumonia.train import (
 )
 
 OBJECTIVE = "val_precision_at_recall"
+"""The default objective (``objective.metric``); a stress metric such as
+``val_stress_worst_precision_at_recall`` (with ``stress.enabled``) favours shift-robust trials."""
 TIEBREAK = "val_pr_auc"
 TRIALS_FOLDER = "trials"
 SWEEP_MANIFEST = "pneumonia_sweep.json"
@@ -95,7 +97,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], storage: str, tri
         "storage": storage,
         "name": trial_id,
         # Keep the checkpoints that are best by the sweep's objective, not by ROC-AUC.
-        "checkpoint_metric": OBJECTIVE,
+        "checkpoint_metric": config.objective.metric,
         "checkpoint_mode": "max",
     })
     return config.model_copy(update={"run": run, "tune": None})
@@ -163,7 +165,8 @@ def tune(
     progress(
         f"sweep {name}: {sweep.num_samples} trials of {config.scaling.workers}-worker training, "
         f"{sweep.search} search, {'ASHA early stopping' if sweep.scheduler == 'asha' else 'no early stopping'}, "
-        f"objective precision at recall >= {config.objective.target_recall}"
+        + (f"objective precision at recall >= {config.objective.target_recall}"
+           if config.objective.metric == OBJECTIVE else f"objective {config.objective.metric}")
     )
     if resume and ray_tune.Tuner.can_restore(sweep_path):
         tuner = ray_tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -182,7 +185,7 @@ def tune(
             trainable,
             param_space=search_space(sweep.space),
             tune_config=ray_tune.TuneConfig(
-                metric=OBJECTIVE,
+                metric=config.objective.metric,
                 mode="max",
                 num_samples=sweep.num_samples,
                 max_concurrent_trials=sweep.max_concurrent_trials,
@@ -215,11 +218,11 @@ def _searcher(sweep):
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
 
 
-def _best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    eligible = [row for row in rows if row.get("checkpoint_path") and _finite(row.get(OBJECTIVE))]
+def _best_row(rows: list[dict[str, Any]], objective: str = OBJECTIVE) -> dict[str, Any] | None:
+    eligible = [row for row in rows if row.get("checkpoint_path") and _finite(row.get(objective))]
     if not eligible:
         return None
-    return max(eligible, key=lambda row: (row[OBJECTIVE], row.get(TIEBREAK, 0.0)))
+    return max(eligible, key=lambda row: (row[objective], row.get(TIEBREAK, 0.0)))
 
 
 def _finite(value) -> bool:
@@ -230,19 +233,20 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str) -> TuneResu
     """Results table, plots and the best checkpoint across every trial and epoch."""
     from pneumonia.sweep_plots import plot_learning_curves, plot_objective_map
 
+    objective = config.objective.metric
     trials: list[dict[str, Any]] = []
     best: tuple[tuple[float, float], dict[str, Any], dict[str, Any]] | None = None
     for result in grid:
         params = {key: value for key, value in (result.config or {}).items() if key in config.tune.space}
         history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict(orient="records")
-        row = _best_row(history)
+        row = _best_row(history, objective)
         last = history[-1] if history else {}
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         trials.append({
             "trial_id": trial_id,
             "status": "ERROR" if result.error else "TERMINATED",
             **{f"param:{key}": value for key, value in params.items()},
-            "objective": row[OBJECTIVE] if row else None,
+            "objective": row[objective] if row else None,
             "pr_auc": row.get(TIEBREAK) if row else None,
             "roc_auc": row.get("val_roc_auc") if row else None,
             "threshold": row.get("val_threshold") if row else None,
@@ -250,11 +254,11 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str) -> TuneResu
             "epochs": int(last.get("epoch", 0)),
             "time_s": float(last.get("time_total_s", 0.0)),
             "checkpoint": row.get("checkpoint_path") if row else None,
-            "curve": [(r.get("epoch"), r.get(OBJECTIVE)) for r in history],
+            "curve": [(r.get("epoch"), r.get(objective)) for r in history],
             "error": str(result.error).splitlines()[0] if result.error else None,
         })
         if row is not None:
-            key = (row[OBJECTIVE], row.get(TIEBREAK, 0.0))
+            key = (row[objective], row.get(TIEBREAK, 0.0))
             if best is None or key > best[0]:
                 best = (key, row, params)
     if best is None:
@@ -287,7 +291,7 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str) -> TuneResu
         best_checkpoint=qualify(row["checkpoint_path"], sweep_path),
         best_config=best_config,
         best_params=params,
-        objective=float(row[OBJECTIVE]),
+        objective=float(row[objective]),
         threshold=float(row["val_threshold"]),
         metrics=metrics,
         results_csv=outputs["results.csv"],
