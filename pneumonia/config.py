@@ -87,6 +87,8 @@ class TrainConfig(_Section):
         None, gt=0, lt=1, description="keep an exponential moving average of the weights (e.g. 0.99); "
         "validation, checkpoints and export use the averaged weights"
     )
+    seed: int = Field(0, ge=0, description="weight initialisation, shuffling and augmentation; "
+                      "ensemble member i trains with seed + i")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0, le=1, description="mixup Beta(alpha, alpha); 0 turns it off")
 
