@@ -112,12 +112,9 @@ def _aspect(width_fraction: float):
     return apply
 
 
-def _low_resolution(side: int, resample: Image.Resampling):
+def _low_resolution(scale: float, resample: Image.Resampling):
     """A smaller file (an archive or a PACS thumbnail), brought back up by another resampler."""
     def apply(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        scale = side / max(image.size)
-        if scale >= 1:
-            return image
         small = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
         return small.resize(image.size, Image.Resampling.NEAREST)
     return apply
@@ -139,7 +136,7 @@ SHIFTS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]] = {
     "shifted": _translate(0.06),
     "rotated": _rotate(7.0),
     "narrower": _aspect(0.88),
-    "low_res": _low_resolution(112, Image.Resampling.NEAREST),
+    "low_res": _low_resolution(0.5, Image.Resampling.NEAREST),
 }
 """Name -> change of one 8-bit Pillow image (with a per-image random generator)."""
 
