@@ -120,7 +120,34 @@ def _low_resolution(scale: float, resample: Image.Resampling):
     return apply
 
 
+def _new_site(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Every image its own mix of the changes above, each drawn at a random size.
+
+    Why this one matters most: a change applied alike to every image keeps the order of any
+    score that is monotone in it (a uniformly darker set ranks as before; only a fixed threshold
+    drifts). At a new site each X-ray has its own exposure, framing and processing, and that is
+    what breaks a model's ranking; this shift re-creates it.
+    """
+    gain, offset = rng.uniform(0.7, 1.15), rng.uniform(-20, 30)
+    image = _scale_intensity(gain, offset)(image, rng)
+    image = _gamma(float(np.exp(rng.uniform(-0.4, 0.4))))(image, rng)
+    image = _contrast(rng.uniform(0.7, 1.4))(image, rng)
+    if rng.random() < 0.3:
+        image = _blur(rng.uniform(0.003, 0.008))(image, rng)
+    elif rng.random() < 0.3:
+        image = _sharpen(image, rng)
+    if rng.random() < 0.3:
+        image = _noise(rng.uniform(2.0, 10.0))(image, rng)
+    image = _zoom(rng.uniform(0.87, 1.15))(image, rng)
+    image = _translate(rng.uniform(0.0, 0.05))(image, rng)
+    image = _rotate(rng.uniform(0.0, 6.0))(image, rng)
+    if rng.random() < 0.3:
+        image = _jpeg(int(rng.integers(25, 70)))(image, rng)
+    return image
+
+
 SHIFTS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image]] = {
+    "new_site": _new_site,
     "darker": _scale_intensity(0.75, 0.0),
     "brighter": _scale_intensity(0.8, 51.0),
     "gamma_0.7": _gamma(0.7),
