@@ -190,7 +190,7 @@ def cmd_evaluate(args) -> None:
             args.report, evaluation.labels, evaluation.probabilities, evaluation.metrics["threshold"],
             title=f"Pneumonia classifier on {evaluation.split}",
             details={**source, "data": args.data, "split": evaluation.split, "skipped files": evaluation.skipped},
-            groups=evaluation.patient_ids,
+            groups=evaluation.patient_ids, threshold_choice=_threshold_choice(args),
         )
         summary = json.loads(files.json.read_text())
         payload["intervals"] = {name: {"low": item["low"], "high": item["high"]}
@@ -198,6 +198,15 @@ def cmd_evaluate(args) -> None:
         payload["report"] = str(files.html)
         text += f"\nreport: {files.html} (95% CIs by patient bootstrap in {files.json})"
     _emit(_clean_nan(payload), args.json, text)
+
+
+def _threshold_choice(args) -> dict | None:
+    """How the evaluated artifact's threshold was chosen (recorded by `export --data`), when it is the one scored."""
+    if args.artifact is None or args.threshold is not None:
+        return None
+    from pneumonia.registry import read_metadata
+
+    return (read_metadata(args.artifact).get("validation_metrics") or {}).get("operating_point")
 
 
 def _stress_for(args, evaluation):
@@ -229,9 +238,7 @@ def cmd_export(args) -> None:
     from pneumonia.export import export
 
     exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name)
-    text = (f"exported {exported.version} to {exported.artifact}\n"
-            f"  threshold {exported.threshold:.4f} (target recall {exported.target_recall})")
-    _emit(_clean_nan(exported.to_json()), args.json, text)
+    _emit(_clean_nan(exported.to_json()), args.json, exported.summary())
 
 
 def cmd_serve(args) -> None:
@@ -281,8 +288,9 @@ def cmd_demo(args) -> None:
     """Synthetic data -> distributed training -> sweep -> serving artifact -> report -> a live
     service answering a few requests, on a local Ray."""
     from pneumonia.client import format_predictions, predict_files
+    from pneumonia.compare import ModelScores, compare_at_target_recall
     from pneumonia.config import ExperimentConfig, load_config, with_overrides
-    from pneumonia.evaluate import evaluate_artifact, evaluate_checkpoint
+    from pneumonia.evaluate import VALIDATION, evaluate_artifact, evaluate_checkpoint
     from pneumonia.export import export
     from pneumonia.metrics import format_table
     from pneumonia.report import write_report
@@ -318,17 +326,28 @@ def cmd_demo(args) -> None:
 
     print(f"[4/6] exporting the best checkpoint to the registry {out / 'registry'}")
     exported = export(swept.best_checkpoint, str(out / "registry"), data_root=str(data))
-    print(f"artifact {exported.version}: {exported.artifact} (threshold {exported.threshold:.3f})")
+    print(f"artifact {exported.version}: {exported.artifact}\n  {exported.operating_point.summary()}")
 
     print("[5/6] evaluating the artifact on the held-out synthetic test split")
     tuned = evaluate_artifact(exported.artifact, str(data))
     files = write_report(out / "report", tuned.labels, tuned.probabilities, tuned.metrics["threshold"],
                          title="Demo: tuned model on the synthetic test split",
                          details={"artifact": exported.artifact, "data": str(data), "split": tuned.split},
-                         groups=tuned.patient_ids)
+                         groups=tuned.patient_ids, threshold_choice=exported.operating_point.to_json())
     print(format_table(tuned.metrics, "test metrics of the tuned artifact at its validation-chosen threshold"))
-    print(f"precision {evaluation.metrics['precision']:.3f} -> {tuned.metrics['precision']:.3f}, "
-          f"recall {evaluation.metrics['recall']:.3f} -> {tuned.metrics['recall']:.3f}")
+    # Before and after tuning at the same target recall: at 0.5 the baseline can show a higher
+    # precision only because it flags fewer children (and misses more of the sick ones).
+    objective = sweep_config.objective
+    comparison = compare_at_target_recall(
+        {"baseline (notebook recipe)": ModelScores.from_evaluations(
+            evaluate_checkpoint(result.best_checkpoint, str(data), split=VALIDATION), evaluation),
+         "tuned": ModelScores.from_evaluations(evaluate_artifact(exported.artifact, str(data), split=VALIDATION),
+                                               tuned)},
+        objective.target_recall, rule=objective.threshold_rule, confidence=objective.confidence,
+        samples=objective.bootstrap_samples,
+    )
+    print(comparison.table())
+    print(comparison.sentence())
     print(f"report: {files.html}")
 
     port = args.serve_port or free_port()

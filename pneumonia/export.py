@@ -1,9 +1,13 @@
 """Turn a training checkpoint into a versioned serving artifact with its decision threshold.
 
 The threshold is the validation split's answer to the clinical question (highest precision at
-recall >= target). With ``--data`` it is recomputed exactly on the same patient-grouped
-validation split that training carved (same seed and fraction, from the checkpoint's config);
-without, the threshold the checkpoint recorded at its epoch is used.
+recall >= target). With ``--data`` it is chosen on the same patient-grouped validation split
+that training carved (same seed and fraction, from the checkpoint's config) by the config's
+``objective.threshold_rule``: by default with a margin, so that the lower end of the patient-
+bootstrap interval of recall reaches the target (metrics.safe_operating_point). How it was
+chosen, and the precision and recall to expect with their intervals, go into the artifact's
+metadata as ``validation_metrics.operating_point``. Without ``--data``, the threshold the
+checkpoint recorded at its epoch (validation recall >= target, no margin) is used.
 """
 
 from __future__ import annotations
@@ -16,8 +20,13 @@ from typing import Any
 from pneumonia.checkpoint import load_checkpoint
 from pneumonia.config import config_from_dict
 from pneumonia.errors import CheckpointError, PneumoniaError
-from pneumonia.metrics import binary_metrics, operating_point
+from pneumonia.metrics import SafeOperatingPoint, binary_metrics, safe_operating_point
 from pneumonia.storage import exists, join, read_bytes
+
+
+# Resamples of the validation split for the operating point's intervals: fixed, so that exporting
+# the same checkpoint on the same data always gives the same threshold.
+BOOTSTRAP_SEED = 0
 
 
 @dataclass
@@ -27,10 +36,20 @@ class Exported:
     threshold: float
     target_recall: float
     metrics: dict[str, Any]
+    operating_point: SafeOperatingPoint | None = None  # how the threshold was chosen (with --data)
 
     def to_json(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "version": self.version, "threshold": self.threshold,
-                "target_recall": self.target_recall, "metrics": self.metrics}
+                "target_recall": self.target_recall, "metrics": self.metrics,
+                "operating_point": self.operating_point.to_json() if self.operating_point else None}
+
+    def summary(self) -> str:
+        """Terminal text: where the artifact went and how far to trust its threshold."""
+        if self.operating_point is None:
+            how = f"threshold {self.threshold:.4f} (target recall {self.target_recall}, recorded by training)"
+        else:
+            how = self.operating_point.summary()
+        return f"exported {self.version} to {self.artifact}\n  {how}"
 
 
 def _sweep_config(checkpoint: str) -> dict[str, Any] | None:
@@ -49,8 +68,9 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
 
     model, info = load_checkpoint(checkpoint)
     config = config_from_dict(info.config, source=f"checkpoint {checkpoint}")
-    target = config.objective.target_recall
-    fingerprint = None
+    objective = config.objective
+    target = objective.target_recall
+    fingerprint, point = None, None
     if data_root is not None:
         from pneumonia.pipeline import load_images, predict_probabilities
         from pneumonia.train import carve_validation
@@ -58,10 +78,14 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
         _, train_part, val_part = carve_validation(data_root, config)
         validation = load_images(val_part, info.preprocess)
         probabilities = predict_probabilities(model, validation.images)
-        point = operating_point(validation.labels, probabilities, target)
+        point = safe_operating_point(
+            validation.labels, probabilities, [record.patient_id for record in validation.records], target,
+            objective.confidence, objective.bootstrap_samples, BOOTSTRAP_SEED, rule=objective.threshold_rule,
+        )
         threshold = point.threshold
         metrics = binary_metrics(validation.labels, probabilities, threshold)
         metrics["precision_at_recall"] = point.precision
+        metrics["operating_point"] = point.to_json()
         fingerprint = data_fingerprint(train_part)
     elif "val_threshold" in info.metrics:
         threshold = float(info.metrics["val_threshold"])
@@ -78,4 +102,4 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
         )
     except ValueError as error:
         raise PneumoniaError(str(error)) from None
-    return Exported(str(artifact.path), artifact.version, threshold, target, metrics)
+    return Exported(str(artifact.path), artifact.version, threshold, target, metrics, point)

@@ -20,15 +20,12 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pneumonia import CLASS_NAMES
-from pneumonia.metrics import METRIC_NAMES, binary_metrics
+from pneumonia.bootstrap import BLOCK_CELLS, check_settings, count_blocks, percentile_interval, ratio, sampling_units
+from pneumonia.metrics import METRIC_NAMES, binary_metrics, validated_scores
 
 INTERVAL_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 PLOTS = ("roc", "pr", "confusion", "calibration")
 CONFIDENCE = 0.95
-
-# Resampling weights held in memory at once (float64 cells, 32 MB): a large test set is resampled
-# in blocks of rows instead of one (n_boot x n) matrix.
-_BLOCK_CELLS = 4_000_000
 
 # name shown in the report, whether it reads as a percentage, and what it means in words
 _DISPLAY = {
@@ -92,44 +89,18 @@ def bootstrap_intervals(labels, probabilities, threshold: float, n_boot: int = 1
     intervals; an interval that no resample defines is (nan, nan). The same seed gives the same
     intervals.
     """
-    labels, probabilities = _validated(labels, probabilities)
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be at least 1, not {n_boot}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be between 0 and 1, not {confidence}")
-    unit = _sampling_units(groups, len(labels))
+    labels, probabilities = validated_scores(labels, probabilities)
+    check_settings(n_boot, confidence)
+    unit = sampling_units(groups, len(labels))
     n_units = int(unit.max()) + 1
-    rng = np.random.default_rng(seed)
-    block = max(1, _BLOCK_CELLS // len(labels))
     samples: dict[str, list[np.ndarray]] = {name: [] for name in INTERVAL_METRICS}
-    for start in range(0, n_boot, block):
-        draws = rng.multinomial(n_units, np.full(n_units, 1 / n_units), size=min(block, n_boot - start))
+    # The resamples of pneumonia.bootstrap (shared with metrics.safe_operating_point), expanded
+    # from patients to their images in blocks that bound memory.
+    for draws in count_blocks(n_units, n_boot, seed, BLOCK_CELLS // len(labels)):
         for name, values in _resampled_metrics(labels, probabilities, threshold, draws[:, unit]).items():
             samples[name].append(values)
-    tail = 50 * (1 - confidence)
-    return {name: _percentile_interval(np.concatenate(values), tail) for name, values in samples.items()}
-
-
-def _validated(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(labels).reshape(-1)
-    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    if labels.shape != probabilities.shape:
-        raise ValueError("labels and probabilities differ in length")
-    if len(labels) == 0:
-        raise ValueError("no examples to score")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError("labels must be 0 (NORMAL) or 1 (PNEUMONIA)")
-    return labels.astype(int), probabilities
-
-
-def _sampling_units(groups, n: int) -> np.ndarray:
-    """Index of the unit each image is resampled with: itself, or its group."""
-    if groups is None:
-        return np.arange(n)
-    groups = np.asarray(groups).reshape(-1)
-    if len(groups) != n:
-        raise ValueError(f"groups has {len(groups)} entries for {n} examples")
-    return np.unique(groups, return_inverse=True)[1].reshape(-1)
+    return {name: Interval(*percentile_interval(np.concatenate(values), confidence))
+            for name, values in samples.items()}
 
 
 def _resampled_metrics(labels, probabilities, threshold: float, weights) -> dict[str, np.ndarray]:
@@ -148,11 +119,11 @@ def _resampled_metrics(labels, probabilities, threshold: float, weights) -> dict
     fn = weights @ (~predicted & positive).astype(np.float64)
     roc_auc, pr_auc = _ranking_metrics(positive, probabilities, weights)
     return {
-        "accuracy": _ratio(tp + tn, tp + fp + tn + fn),
-        "precision": _ratio(tp, tp + fp),
-        "recall": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": ratio(tp + tn, tp + fp + tn + fn),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
         "roc_auc": roc_auc,
         "pr_auc": pr_auc,
     }
@@ -174,45 +145,37 @@ def _ranking_metrics(positive, probabilities, weights) -> tuple[np.ndarray, np.n
     pairs = np.sum(pos * (below + 0.5 * neg), axis=1)
     # Average precision: precision at each threshold (descending), weighted by the recall it adds.
     tp, fp = np.cumsum(pos[:, ::-1], axis=1), np.cumsum(neg[:, ::-1], axis=1)
-    precision_sum = np.sum(pos[:, ::-1] * _ratio(tp, tp + fp), axis=1)
+    precision_sum = np.sum(pos[:, ::-1] * ratio(tp, tp + fp), axis=1)
     undefined = np.full(len(weights), np.nan)
     roc_auc = np.divide(pairs, n_pos * n_neg, out=undefined.copy(), where=both)
     pr_auc = np.divide(precision_sum, n_pos, out=undefined.copy(), where=both)
     return roc_auc, pr_auc
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """numerator / denominator, 0 where the denominator is 0 (as binary_metrics does)."""
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator, dtype=np.float64), where=denominator > 0)
-
-
-def _percentile_interval(values: np.ndarray, tail: float) -> Interval:
-    defined = values[~np.isnan(values)]
-    if defined.size == 0:
-        return Interval(math.nan, math.nan)
-    low, high = np.percentile(defined, [tail, 100 - tail])
-    return Interval(float(low), float(high))
-
-
 # ----------------------------------------------------------------------------- report
 
 
 def write_report(directory, labels, probabilities, threshold: float, *, title: str,
-                 details: dict | None = None, groups=None, n_boot: int = 1000, seed: int = 0) -> ReportFiles:
+                 details: dict | None = None, groups=None, n_boot: int = 1000, seed: int = 0,
+                 threshold_choice: dict | None = None) -> ReportFiles:
     """Write metrics.json, four PNG plots and a self-contained report.html into ``directory``.
 
     ``details`` (model, version, split, data path...) is copied into the JSON verbatim (values JSON
     cannot hold are written as strings) and shown in the page. Pass patient ids as ``groups`` so the
-    95% intervals resample patients, not images. The HTML embeds its images and CSS and loads
-    nothing, so it can be mailed or archived as one file. Undefined numbers (an AUC on one class)
-    are null in the JSON and "n/a" in the page.
+    95% intervals resample patients, not images. ``threshold_choice`` is how an artifact's threshold
+    was chosen on validation (its metadata's ``validation_metrics.operating_point``, i.e.
+    SafeOperatingPoint.to_json()): the page then says which rule chose it and the precision and
+    sensitivity that were to be expected, with their intervals, next to what this set shows. The
+    HTML embeds its images and CSS and loads nothing, so it can be mailed or archived as one file.
+    Undefined numbers (an AUC on one class) are null in the JSON and "n/a" in the page.
     """
-    labels, probabilities = _validated(labels, probabilities)
+    labels, probabilities = validated_scores(labels, probabilities)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metrics = binary_metrics(labels, probabilities, threshold)
     intervals = bootstrap_intervals(labels, probabilities, threshold, n_boot=n_boot, seed=seed, groups=groups)
     summary = _summary(title, details or {}, metrics, intervals, labels, groups, n_boot, seed)
+    summary["threshold_choice"] = threshold_choice
 
     images = {name: directory / f"{name}.png" for name in PLOTS}
     figures = {
@@ -418,6 +381,9 @@ def _html(summary: dict, images: dict[str, Path]) -> str:
         "<h2>What the threshold means</h2>",
         f'<div class="meaning">{"".join(f"<p>{_e(line)}</p>" for line in _threshold_words(summary))}</div>',
     ]
+    if summary.get("threshold_choice"):
+        sections += ["<h2>How the threshold was chosen</h2>", _choice_html(summary["threshold_choice"],
+                                                                          summary["threshold"])]
     if summary["details"]:
         sections += ["<h2>Details</h2>", _details_table(summary["details"])]
     sections += [
@@ -470,6 +436,35 @@ def _threshold_words(summary: dict) -> list[str]:
         lines.append("This set holds only one class, so the measures that need both (ROC AUC, PR AUC, "
                      "and sensitivity or specificity) cannot be estimated from it.")
     return lines
+
+
+def _choice_html(choice: dict, threshold: float) -> str:
+    """The rule that chose the threshold on validation, and what it promised there, with intervals."""
+    level, target = f"{choice['confidence']:.0%}", f"{choice['target_recall']:.0%}"
+    if choice["rule"] == "lower_bound":
+        rule = (f"the highest precision among the thresholds whose sensitivity reaches {target} even at the "
+                f"lower end of its {level} confidence interval ({choice['samples']} resamples of "
+                f"{choice['units']} patients): a margin for children unlike those of the validation split")
+    else:
+        rule = (f"the highest precision among the thresholds whose sensitivity reaches {target} on the "
+                "validation split itself, with no margin for its uncertainty")
+    lines = [f"Threshold {choice['threshold']:.2f} was chosen on the validation split as {rule}."]
+    if not choice["met"]:
+        lines.append(f"The validation split held too few children with pneumonia to vouch for a sensitivity of "
+                     f"{target}, so the threshold was set to flag every one of them.")
+    if not math.isclose(choice["threshold"], threshold, rel_tol=0, abs_tol=1e-9):
+        lines.append(f"This report scores threshold {threshold:.2f} instead, so the numbers below do not apply to it.")
+    rows = [f"<tr><th>On the validation split</th><th>Value</th><th>{_e(level)} CI</th></tr>"]
+    for name in ("precision", "recall", "specificity"):
+        low, high = (choice.get(f"{name}_ci") or [None, None])
+        interval = "n/a" if low is None or high is None else f"{_format(name, low)} – {_format(name, high)}"
+        rows.append(f'<tr><th>{_e(_DISPLAY[name][0])}</th><td class="num">{_e(_format(name, choice[name]))}</td>'
+                    f'<td class="num">{_e(interval)}</td></tr>')
+    note = ("What to expect on children like those of the validation split; what this set shows is in the "
+            "performance table below. Precision depends on how common pneumonia is: where it is rarer, more "
+            "of the flagged children are healthy.")
+    return ("".join(f"<p>{_e(line)}</p>" for line in lines) + "<table>" + "".join(rows) + "</table>"
+            + f'<p class="note">{_e(note)}</p>')
 
 
 def _are(count: int, what: str) -> str:

@@ -1,0 +1,111 @@
+"""`pneumonia export --data`: the threshold comes from the safe operating point, and metadata says how."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumonia.cli import main
+from pneumonia.preprocess import PreprocessSpec
+
+SPEC = PreprocessSpec(image_size=32)
+CONFIG = {
+    "model": {"name": "xraynet", "width": 8},
+    "data": {"image_size": 32, "val_fraction": 0.3},
+    "objective": {"target_recall": 0.9, "threshold_rule": "lower_bound", "confidence": 0.9, "bootstrap_samples": 200},
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoint folder, dataset root): a tiny untrained xraynet and 160 synthetic 32 px X-rays."""
+    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.config import ModelConfig
+    from pneumonia.models import build_model, compile_model
+    from pneumonia.synth import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("export")
+    make_synthetic_dataset(root / "data", n=160, seed=3, image_size=32)
+    model = build_model(ModelConfig(name="xraynet", width=8), SPEC.shape)
+    compile_model(model, "adam", 1e-3)
+    folder = root / "checkpoint_000001"
+    save_checkpoint(folder, model, CheckpointInfo(epoch=1, config=CONFIG, preprocess=SPEC, metrics={}))
+    return folder, root / "data"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_export_records_how_the_threshold_was_chosen(setup, tmp_path, capsys):
+    from pneumonia.config import config_from_dict
+    from pneumonia.metrics import safe_operating_point
+    from pneumonia.pipeline import load_images
+    from pneumonia.registry import load_artifact
+    from pneumonia.train import carve_validation
+
+    checkpoint, data = setup
+    registry = tmp_path / "registry"
+    code, out, err = run(capsys, "export", "--checkpoint", str(checkpoint), "--registry", str(registry),
+                         "--data", str(data), "--json")
+    assert code == 0, err
+    printed = json.loads(out.strip().splitlines()[-1])
+    artifact = load_artifact(printed["artifact"])
+    metadata = json.loads((artifact.path / "metadata.json").read_text())
+    recorded = metadata["validation_metrics"]["operating_point"]
+    assert printed["operating_point"] == recorded
+    assert recorded["rule"] == "lower_bound" and recorded["confidence"] == 0.9 and recorded["samples"] == 200
+    assert recorded["target_recall"] == 0.9 == metadata["target_recall"]
+    assert recorded["threshold"] == metadata["threshold"] == artifact.threshold == printed["threshold"]
+    assert isinstance(recorded["met"], bool)
+    for name in ("recall", "precision", "specificity"):
+        low, high = recorded[f"{name}_ci"]
+        assert low <= recorded[name] <= high, name
+
+    # The same choice from the validation split training carved, scored by the artifact.
+    _, _, val_part = carve_validation(str(data), config_from_dict(CONFIG))
+    validation = load_images(val_part, SPEC)
+    probabilities = artifact.predict(validation.images)
+    again = safe_operating_point(validation.labels, probabilities, [r.patient_id for r in validation.records],
+                                 0.9, confidence=0.9, samples=200, seed=recorded["seed"])
+    assert recorded["units"] == again.units == len({r.patient_id for r in validation.records})
+    assert recorded["threshold"] == pytest.approx(again.threshold, abs=1e-5)
+    assert metadata["validation_metrics"]["recall"] == pytest.approx(recorded["recall"])
+
+    # The text says the rule and the expected precision with its interval.
+    code, out, err = run(capsys, "export", "--checkpoint", str(checkpoint), "--registry", str(registry),
+                         "--data", str(data))
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("exported v0002 to ")
+    assert "(lower end of the 90% CI of validation recall >= 0.9): expected precision " in lines[1]
+    assert f"[{recorded['precision_ci'][0]:.3f}, {recorded['precision_ci'][1]:.3f}]" in lines[1]
+
+    # evaluate --report on that artifact shows the choice.
+    code, out, err = run(capsys, "evaluate", "--artifact", str(registry), "--data", str(data),
+                         "--report", str(tmp_path / "report"))
+    assert code == 0, err
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "How the threshold was chosen" in page and "200 resamples" in page
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["threshold_choice"] == recorded
+
+
+def test_export_without_data_keeps_the_checkpoints_threshold(setup, tmp_path, capsys):
+    from pneumonia.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+
+    checkpoint, _ = setup
+    model, info = load_checkpoint(str(checkpoint))
+    recorded = tmp_path / "checkpoint_000002"
+    save_checkpoint(recorded, model, CheckpointInfo(epoch=2, config=CONFIG, preprocess=SPEC,
+                                                    metrics={"val_threshold": 0.42, "val_recall": 0.93}))
+    code, out, err = run(capsys, "export", "--checkpoint", str(recorded), "--registry", str(tmp_path / "r"), "--json")
+    assert code == 0, err
+    printed = json.loads(out.strip().splitlines()[-1])
+    assert printed["threshold"] == 0.42 and printed["operating_point"] is None
+    metadata = json.loads((tmp_path / "r" / "pneumonia-cnn" / "v0001" / "metadata.json").read_text())
+    assert "operating_point" not in metadata["validation_metrics"]
+    assert np.isclose(metadata["threshold"], 0.42)
