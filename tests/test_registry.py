@@ -133,7 +133,8 @@ def test_metadata_records_provenance_and_usage(registry, checkpoint):
     assert re.fullmatch(r"[0-9a-f]{40}", metadata["git_commit"]) or metadata["git_commit"] == "unknown"
     assert datetime.fromisoformat(metadata["created"]).utcoffset() == timezone.utc.utcoffset(None)
     assert metadata["format_version"] == 1 and metadata["classes"] == ["NORMAL", "PNEUMONIA"]
-    assert metadata["input"] == {"image_size": 32, "channels": 1, "resize": "stretch", "dtype": "uint8"}
+    assert metadata["input"] == {"image_size": 32, "channels": 1, "resize": "stretch", "normalize": "none",
+                                 "dtype": "uint8"}
     assert metadata["threshold"] == 0.37 and metadata["target_recall"] == 0.75
     assert metadata["validation_metrics"]["roc_auc"] == pytest.approx(0.91)
     assert metadata["validation_metrics"]["f1"] is None  # NaN is not JSON
