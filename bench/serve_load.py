@@ -23,7 +23,14 @@ Each server runs in a child process started for its mode (Ray reads Serve's mode
 environment when it starts). Non-200 answers and failed requests count as errors. The targets
 compare e with b. Prints a table and writes JSON.
 
+With `--ensemble K` every chosen mode also runs against a K-member ensemble artifact
+(pneumonia.ensemble: K copies of the benchmarked model averaged in one Keras model, exported the
+way `pneumonia export` does; the weights do not change the cost), right after the same mode on the
+single model, so both see the same background load. The table's `model` column tells them apart,
+and `ensemble_cost` in the JSON gives the ensemble's req/s and p50 relative to the single model's.
+
     python bench/serve_load.py [--artifact PATH] [--concurrency 1,8,32,64] [--duration 8] [--modes a,b,e]
+                               [--ensemble 3]
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real Request type in the plain
@@ -93,6 +100,24 @@ def export_untrained_artifact(root: Path) -> str:
     export_artifact(str(root / "ckpt"), root / "registry", threshold=0.5, target_recall=0.95,
                     validation_metrics={}, training_config=ExperimentConfig().model_dump())
     return str(root / "registry")
+
+
+def export_ensemble_artifact(artifact: str, members: int, root: Path) -> str:
+    """A registry holding a `members`-member ensemble of the artifact's Keras model, with the same
+    name, threshold and input spec: what `pneumonia export` makes of a combined checkpoint."""
+    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.ensemble import combine_checkpoints
+    from pneumonia.registry import export_artifact, load_artifact
+
+    single = load_artifact(artifact)
+    training_config = single.metadata.get("training_config") or {}
+    member = save_checkpoint(root / "member", single.keras_model(),
+                             CheckpointInfo(epoch=1, config=training_config, preprocess=single.preprocess, metrics={}))
+    combined = combine_checkpoints([str(member)] * members, str(root / "ensemble-ckpt"))
+    export_artifact(combined, root / "ensemble-registry", threshold=single.threshold,
+                    target_recall=single.metadata.get("target_recall", 0.95), validation_metrics={},
+                    training_config=training_config, name=single.name)
+    return str(root / "ensemble-registry")
 
 
 # ----------------------------------------------------------------------------- load generator
@@ -175,11 +200,11 @@ def in_process_sender(artifact, body: bytes) -> Callable[[], Callable[[], bool]]
     return lambda: send
 
 
-def run_levels(mode: str, make_sender, levels: list[int], args) -> list[dict]:
+def run_levels(mode: str, model: str, make_sender, levels: list[int], args) -> list[dict]:
     rows = []
     for concurrency in levels:
         row = closed_loop(make_sender, concurrency, args.warmup, args.duration, args.max_requests)
-        rows.append({"mode": mode, **row})
+        rows.append({"mode": mode, "model": model, **row})
         print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -309,19 +334,47 @@ def stop_process(process: subprocess.Popen | None) -> None:
 # ----------------------------------------------------------------------------- report
 
 
+SINGLE = "single"
+
+
 def format_row(row: dict) -> str:
     latencies = "".join(f"{'-' if row[key] is None else f'{row[key]:.1f}':>10}"
                         for key in ("p50_ms", "p95_ms", "p99_ms"))
-    return f"{row['mode']:<22}{row['concurrency']:>5}{row['rps']:>10.1f}{latencies}{row['errors']:>8}"
+    return (f"{row['mode']:<22}{row['model']:<13}{row['concurrency']:>5}{row['rps']:>10.1f}{latencies}"
+            f"{row['errors']:>8}")
 
 
-HEADER = f"{'mode':<22}{'conc':>5}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'errors':>8}"
+HEADER = (f"{'mode':<22}{'model':<13}{'conc':>5}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}"
+          f"{'errors':>8}")
+
+
+def ensemble_label(members: int) -> str:
+    return f"ensemble x{members}"
+
+
+def ensemble_cost(rows: list[dict]) -> list[dict]:
+    """Per mode and concurrency, the ensemble's req/s and p50 as ratios to the single model's."""
+    single = {(r["mode"], r["concurrency"]): r for r in rows if r["model"] == SINGLE}
+    costs = []
+    for row in rows:
+        base = single.get((row["mode"], row["concurrency"]))
+        if row["model"] == SINGLE or base is None:
+            continue
+        costs.append({
+            "mode": row["mode"], "model": row["model"], "concurrency": row["concurrency"],
+            "rps_ratio": round(row["rps"] / base["rps"], 3) if base["rps"] else None,
+            "p50_ratio": (round(row["p50_ms"] / base["p50_ms"], 3)
+                          if row["p50_ms"] is not None and base["p50_ms"] else None),
+        })
+    return costs
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The two targets, each with the measured numbers and whether it is met (None: not measured)."""
+    """The two targets (single model only), each with the measured numbers and whether it is met
+    (None: not measured)."""
     def find(mode, concurrency):
-        return next((r for r in rows if r["mode"] == mode and r["concurrency"] == concurrency), None)
+        return next((r for r in rows if r["mode"] == mode and r["model"] == SINGLE
+                     and r["concurrency"] == concurrency), None)
 
     plain, batched = find(MODES["b"], TARGET_CONCURRENCY), find(MODES["e"], TARGET_CONCURRENCY)
     limit_1, batched_1 = find(MODES["a"], 1), find(MODES["e"], 1)
@@ -360,6 +413,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2,
                         help="logical CPUs for Ray (each replica takes 1)")
     parser.add_argument("--modes", default="a,b,c,d,e,f", help="which of a..f (the modes above) to run")
+    parser.add_argument("--ensemble", type=int, metavar="K",
+                        help="also run every mode on a K-member ensemble of the model (K >= 1)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     parser.add_argument("--server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--server-mode", choices=sorted(MODES)[1:], help=argparse.SUPPRESS)
@@ -367,6 +422,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.modes.replace(" ", "").split(",")) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    if args.ensemble is not None and args.ensemble < 1:
+        parser.error(f"--ensemble needs at least one member, got {args.ensemble}")
     return args
 
 
@@ -378,25 +435,27 @@ def run_server(args) -> int:
     return serve_with_ray(args.server, args.artifact, max_batch_size, throughput_mode, args.ray_cpus)
 
 
-def run_modes(args, artifact: str, body: bytes, levels: list[int], scratch: Path) -> list[dict]:
-    """Every chosen mode at every level; each server stopped before the next starts."""
+def run_modes(args, artifacts: dict[str, str], body: bytes, levels: list[int], scratch: Path) -> list[dict]:
+    """Every chosen mode at every level, for each artifact (label -> path) in turn; each server
+    stopped before the next starts."""
     chosen = [letter for letter in MODES if letter in args.modes.replace(" ", "").split(",")]
     rows: list[dict] = []
     for letter in chosen:
         mode = MODES[letter]
-        print(f"running: {mode}", flush=True)
-        if letter == "a":
-            from pneumonia.registry import load_artifact
+        for index, (model, artifact) in enumerate(artifacts.items()):
+            print(f"running: {mode} ({model})", flush=True)
+            if letter == "a":
+                from pneumonia.registry import load_artifact
 
-            rows += run_levels(mode, in_process_sender(load_artifact(artifact), body), levels, args)
-            continue
-        port = free_port()
-        server = start_server(["--server-mode", letter, "--artifact", artifact, "--ray-cpus", str(args.ray_cpus)],
-                              port, scratch / f"server-{letter}.log")
-        try:
-            rows += run_levels(mode, http_sender(port, body), levels, args)
-        finally:
-            stop_process(server)
+                rows += run_levels(mode, model, in_process_sender(load_artifact(artifact), body), levels, args)
+                continue
+            port = free_port()
+            server = start_server(["--server-mode", letter, "--artifact", artifact, "--ray-cpus", str(args.ray_cpus)],
+                                  port, scratch / f"server-{letter}-{index}.log")
+            try:
+                rows += run_levels(mode, model, http_sender(port, body), levels, args)
+            finally:
+                stop_process(server)
     return rows
 
 
@@ -408,25 +467,36 @@ def main(argv=None) -> int:
     body, source = load_payload(args.payload)
     scratch = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     artifact = args.artifact or export_untrained_artifact(scratch)
+    artifacts = {SINGLE: artifact}
+    if args.ensemble:
+        artifacts[ensemble_label(args.ensemble)] = export_ensemble_artifact(artifact, args.ensemble, scratch)
     machine = {**machine_info(), "load_average_at_start": os.getloadavg()}
-    print(f"payload: {source} ({len(body):,} bytes); artifact: {artifact}; levels {levels}, "
+    print(f"payload: {source} ({len(body):,} bytes); artifacts: {artifacts}; levels {levels}, "
           f"{args.warmup:g} s warm-up + {args.duration:g} s per level; Ray CPUs {args.ray_cpus}", flush=True)
     print(HEADER, flush=True)
-    rows = run_modes(args, artifact, body, levels, scratch)
+    rows = run_modes(args, artifacts, body, levels, scratch)
 
     print(f"\n{HEADER}")
     for row in rows:
         print(format_row(row))
+    costs = ensemble_cost(rows)
+    for cost in costs:
+        print(f"cost of the {cost['model']} ({cost['mode']}, concurrency {cost['concurrency']}): "
+              f"req/s x{cost['rps_ratio']}, p50 x{cost['p50_ratio']} vs the single model")
     checks = targets(rows)
     for check in checks:
         verdict = {True: "MET", False: "NOT MET", None: "not measured"}[check["met"]]
         details = ", ".join(f"{k}={v}" for k, v in check.items() if k not in ("target", "met"))
         print(f"target: {check['target']}: {verdict}" + (f" ({details})" if details else ""))
     machine["load_average_at_end"] = os.getloadavg()  # other work on the box skews every mode
+    ensemble = None
+    if args.ensemble:
+        ensemble = {"members": args.ensemble, "artifact": artifacts[ensemble_label(args.ensemble)]}
     report = {
         "benchmark": "serve_load", "machine": machine, "payload": {"source": source, "bytes": len(body)},
-        "artifact": artifact, "concurrency": levels, "warmup_s": args.warmup, "duration_s": args.duration,
-        "max_requests_per_level": args.max_requests, "ray_cpus": args.ray_cpus, "results": rows, "targets": checks,
+        "artifact": artifact, "ensemble": ensemble, "concurrency": levels, "warmup_s": args.warmup,
+        "duration_s": args.duration, "max_requests_per_level": args.max_requests, "ray_cpus": args.ray_cpus,
+        "results": rows, "ensemble_cost": costs, "targets": checks,
     }
     write_report(args.out, report)
     shutil.rmtree(scratch, ignore_errors=True)  # kept after a failure: it holds the servers' logs

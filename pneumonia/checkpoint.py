@@ -2,14 +2,15 @@
 
 A checkpoint folder holds ``model.keras`` (architecture, weights and optimizer state, so training
 can resume exactly) and ``pneumonia.json``: the format version, the epoch, the full experiment
-config, the preprocessing spec and the validation metrics. Whoever loads a checkpoint preprocesses
-images with the stored spec, never with a guess.
+config, the preprocessing spec, the validation metrics and, for an ensemble
+(:mod:`pneumonia.ensemble`), the member checkpoints it was combined from. Whoever loads a
+checkpoint preprocesses images with the stored spec, never with a guess.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ class CheckpointInfo:
     format_version: int = FORMAT_VERSION
     classes: tuple[str, ...] = CLASS_NAMES
     package_version: str = __version__
+    # An ensemble's member checkpoints (paths or URIs), in member order; empty for a single model.
+    # Optional in the file, so format 1 checkpoints written before ensembles still read.
+    members: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -49,6 +53,9 @@ class CheckpointInfo:
             )
         if tuple(data.get("classes", ())) != CLASS_NAMES:
             raise CheckpointError(f"checkpoint classes {data.get('classes')} differ from {list(CLASS_NAMES)}")
+        members = data.get("members", [])
+        if not isinstance(members, list) or not all(isinstance(member, str) for member in members):
+            raise TypeError(f"'members' must be a list of checkpoint locations, got {members!r}")
         return cls(
             epoch=int(data["epoch"]),
             config=data["config"],
@@ -57,6 +64,7 @@ class CheckpointInfo:
             format_version=version,
             classes=tuple(data["classes"]),
             package_version=data.get("package_version", "unknown"),
+            members=members,
         )
 
 

@@ -20,6 +20,16 @@ Choices and why:
   that still have a spatial layout. They are coarse (xraynet's ``last_conv`` is 10x10 at 150 px
   and each cell sees about 109 px); an earlier layer (``layer="block3_conv"``) gives finer but
   less class-specific maps.
+- Ensembles (:mod:`pneumonia.ensemble`) get the Grad-CAM of their mean. The score is the mean
+  of the members' logits (the mean probability when a member has no sigmoid ``Dense`` head), for
+  the reason above: the mean probability's gradient weights member k by p_k (1 - p_k), so
+  confident members drop out and a confident ensemble gives a blank map. The target is each
+  member's last Conv2D (or the layer named ``layer`` in every member); each member's map comes
+  from the gradient of that one score with respect to its own feature maps, is resized to the
+  input size and the members' maps are averaged, then scaled so that the maximum is 1. A map's
+  cells hold score per cell, so before averaging each map is weighted by its number of cells
+  relative to member 0's: members with coarser or finer feature maps are compared per pixel
+  (members of one architecture all get weight 1). ``Explanation.layer`` reads ``member_*/last_conv``.
 - The PNGs use the ``jet`` colormap, the one Grad-CAM figures use, blended uniformly over the
   grayscale X-ray so that the whole image stays readable under the colours.
 
@@ -37,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 import pneumonia  # noqa: F401  (selects tf-keras before TensorFlow loads)
+from pneumonia.ensemble import MEMBER_PREFIX, OUTPUT_NAME, is_ensemble, member_models
 
 COLORMAP = "jet"
 BATCH_SIZE = 32  # images per compiled call in explain_batch: bounds the memory of a large batch
@@ -78,7 +89,8 @@ class GradCam:
 
     def __init__(self, model, layer: str | None = None):
         """``layer`` names the layer whose feature maps are used; None picks the last Conv2D,
-        searching nested models too. Raises ValueError when there is no such layer."""
+        searching nested models too (for an ensemble: the layer in every member, by default each
+        member's last Conv2D). Raises ValueError when there is no such layer."""
         import tensorflow as tf
 
         if not model.inputs or len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -88,22 +100,30 @@ class GradCam:
             raise ValueError(f"GradCam needs a fixed image input (size, size, channels), the model takes {shape}")
         if tuple(model.output_shape[1:]) != (1,):
             raise ValueError(f"GradCam explains one sigmoid output, the model returns {model.output_shape[1:]}")
-        target = _find_layer(model, layer)
         self.model = model
-        self.layer = target.name
         self.input_shape = shape
-        forward = _features_and_score(model, target)
+        if is_ensemble(model):
+            forward, self.layer, map_weights = _ensemble_features_and_score(model, layer)
+        else:
+            target = _find_layer(model, layer)
+            self.layer = target.name
+            single = _features_and_score(model, target)
+            map_weights = [1.0]
+
+            def forward(images):
+                features, score, probability = single(images)
+                return [features], score, probability
 
         @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.uint8, name="image")])
         def compute(images):
             with tf.GradientTape() as tape:
                 features, score, probability = forward(tf.cast(images, tf.float32))
-            gradients = tf.cast(tape.gradient(score, features), tf.float32)
-            features = tf.cast(features, tf.float32)
-            weights = tf.reduce_mean(gradients, axis=[1, 2])  # one weight per channel
-            cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", features, weights))
-            cam = tf.image.resize(cam[..., None], shape[:2], method="bilinear")[..., 0]
-            cam = tf.where(tf.math.is_finite(cam), cam, 0.0)
+            gradients = tape.gradient(score, features)
+            maps = [_layer_map(f, g, shape[:2]) for f, g in zip(features, gradients)]
+            if len(maps) == 1:
+                cam = maps[0]
+            else:  # an ensemble: the members' maps, per pixel (see the module docstring), averaged
+                cam = tf.add_n([m * weight for m, weight in zip(maps, map_weights)]) / len(maps)
             peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
             cam = tf.clip_by_value(tf.math.divide_no_nan(cam, peak), 0.0, 1.0)
             return tf.reshape(tf.cast(probability, tf.float32), [-1]), cam
@@ -140,6 +160,20 @@ class GradCam:
         return explanations
 
 
+def _layer_map(features, gradients, size):
+    """float32 [n, height, width] Grad-CAM map of one layer, before normalisation: the feature maps
+    weighted by the mean gradient of the score over each, summed, positive part, resized to
+    ``size`` (height, width); non-finite values become 0."""
+    import tensorflow as tf
+
+    gradients = tf.cast(gradients, tf.float32)
+    features = tf.cast(features, tf.float32)
+    weights = tf.reduce_mean(gradients, axis=[1, 2])  # one weight per channel
+    cam = tf.nn.relu(tf.einsum("nhwc,nc->nhw", features, weights))
+    cam = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0]
+    return tf.where(tf.math.is_finite(cam), cam, 0.0)
+
+
 # ----------------------------------------------------------------------------- model surgery
 
 
@@ -174,20 +208,30 @@ def _find_layer(model, name: str | None):
     return layer
 
 
-def _features_and_score(model, target):
-    """A function float32 images -> (target's feature maps, score to differentiate, probability).
-
-    The score is the logit when the model ends in a one-unit sigmoid Dense layer (see the module
-    docstring), otherwise the probability.
-    """
+def _logit_head(model):
+    """The model's last layer when it is a sigmoid Dense whose logit can be computed, else None."""
     import tensorflow as tf
 
     head = model.layers[-1]
-    if not (
+    if (
         isinstance(head, tf.keras.layers.Dense)
         and head.activation is tf.keras.activations.sigmoid
         and len(head.input_shape) == 2
     ):
+        return head
+    return None
+
+
+def _features_and_score(model, target, use_logit: bool = True):
+    """A function float32 images -> (target's feature maps, score to differentiate, probability).
+
+    The score is the logit when the model ends in a one-unit sigmoid Dense layer (see the module
+    docstring) and use_logit is set, otherwise the probability.
+    """
+    import tensorflow as tf
+
+    head = _logit_head(model) if use_logit else None
+    if head is None:
         split = _split(model, target, before_head=False)
 
         def probability_score(images):
@@ -209,6 +253,40 @@ def _features_and_score(model, target):
         return features, logit, tf.sigmoid(logit)
 
     return logit_score
+
+
+def _ensemble_features_and_score(model, layer: str | None):
+    """(function float32 images -> (each member's feature maps, score, probability), the layer
+    label, each member's map weight) for an ensemble; see the module docstring for the choices.
+
+    The probability is the ensemble's own combining layer applied to the members' probabilities,
+    so it is the model's output.
+    """
+    import tensorflow as tf
+
+    members = member_models(model)
+    for member in members:
+        if len(member.inputs or []) != 1 or tuple(member.output_shape[1:]) != (1,):
+            raise ValueError(f"ensemble member {member.name!r} must map one image input to one probability")
+    targets = [_find_layer(member, layer) for member in members]
+    use_logit = all(_logit_head(member) is not None for member in members)
+    forwards = [_features_and_score(member, target, use_logit) for member, target in zip(members, targets)]
+    combine = model.get_layer(OUTPUT_NAME)
+    cells = [int(target.output_shape[1]) * int(target.output_shape[2]) for target in targets]
+    map_weights = [count / cells[0] for count in cells]
+    names = {target.name for target in targets}
+    label = (f"{MEMBER_PREFIX}*/{targets[0].name}" if len(names) == 1
+             else ",".join(f"{member.name}/{target.name}" for member, target in zip(members, targets)))
+
+    def forward(images):
+        outputs = [member_forward(images) for member_forward in forwards]
+        scores = [tf.cast(score, tf.float32) for _, score, _ in outputs]
+        probabilities = [probability for _, _, probability in outputs]
+        score = tf.add_n(scores) / len(scores)
+        probability = combine(probabilities if len(probabilities) > 1 else probabilities[0])
+        return [features for features, _, _ in outputs], score, probability
+
+    return forward, label, map_weights
 
 
 def _split(model, target, before_head: bool):

@@ -12,6 +12,9 @@ An artifact is one folder ``<registry>/<name>/<version>/`` holding:
 - ``model.keras``: the checkpoint's Keras model, kept because Grad-CAM explanations need layers.
 - ``metadata.json``: where it came from (git commit, checkpoint, data fingerprint, configs), how
   to use it (input spec, threshold) and the sha256 of every other file, checked on every load.
+  An ensemble (:mod:`pneumonia.ensemble`) adds ``ensemble``: ``{"members": K, "sources": [member
+  checkpoints]}``; a single model has no such key. The ensemble is one model in both files, so
+  loading and serving it is no different.
 
 Versions count up per name (v0001, v0002, ...) and ``<name>/LATEST`` names the newest. A version
 is written in a hidden staging folder and renamed into place in one step, so readers never see a
@@ -43,6 +46,7 @@ import numpy as np
 import pneumonia
 from pneumonia import CLASS_NAMES, __version__
 from pneumonia.checkpoint import MODEL_FILE, load_model_from_directory, read_info
+from pneumonia.ensemble import is_ensemble, member_models
 from pneumonia.errors import CheckpointError, DataError
 from pneumonia.preprocess import PreprocessSpec
 from pneumonia.storage import is_uri, local_directory
@@ -123,9 +127,10 @@ def export_artifact(
     staging = name_dir / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        spec = _stage(str(checkpoint), staging)
+        spec, ensemble = _stage(str(checkpoint), staging)
         metadata = {
             **facts,
+            **({"ensemble": _json_ready(ensemble)} if ensemble else {}),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "git_commit": _git_commit(),
             "input": {"image_size": spec.image_size, "channels": spec.channels,
@@ -166,8 +171,9 @@ def _json_ready(value: Any) -> Any:
     raise ValueError(f"cannot store a {type(value).__name__} in artifact metadata (not JSON)")
 
 
-def _stage(checkpoint: str, staging: Path) -> PreprocessSpec:
-    """Fill the staging folder with the SavedModel and model.keras; the checkpoint's spec."""
+def _stage(checkpoint: str, staging: Path) -> tuple[PreprocessSpec, dict | None]:
+    """Fill the staging folder with the SavedModel and model.keras; the checkpoint's spec and,
+    for an ensemble, its members' count and sources (None for a single model)."""
     try:
         with local_directory(checkpoint) as folder:
             info = read_info(folder)
@@ -181,7 +187,9 @@ def _stage(checkpoint: str, staging: Path) -> PreprocessSpec:
             f"{checkpoint}: the model takes {model.input_shape[1:]} but its preprocessing makes {spec.shape}"
         )
     _save_serving_model(model, spec, staging / SAVED_MODEL_DIR)
-    return spec
+    if not is_ensemble(model):
+        return spec, None
+    return spec, {"members": len(member_models(model)), "sources": list(info.members)}
 
 
 def _save_serving_model(model, spec: PreprocessSpec, directory: Path) -> None:
