@@ -191,6 +191,7 @@ def cmd_evaluate(args) -> None:
             title=f"Pneumonia classifier on {evaluation.split}",
             details={**source, "data": args.data, "split": evaluation.split, "skipped files": evaluation.skipped},
             groups=evaluation.patient_ids, threshold_choice=_threshold_choice(args),
+            stress=payload.get("stress"),
         )
         summary = json.loads(files.json.read_text())
         payload["intervals"] = {name: {"low": item["low"], "high": item["high"]}

@@ -157,7 +157,7 @@ def _ranking_metrics(positive, probabilities, weights) -> tuple[np.ndarray, np.n
 
 def write_report(directory, labels, probabilities, threshold: float, *, title: str,
                  details: dict | None = None, groups=None, n_boot: int = 1000, seed: int = 0,
-                 threshold_choice: dict | None = None) -> ReportFiles:
+                 threshold_choice: dict | None = None, stress: dict | None = None) -> ReportFiles:
     """Write metrics.json, four PNG plots and a self-contained report.html into ``directory``.
 
     ``details`` (model, version, split, data path...) is copied into the JSON verbatim (values JSON
@@ -168,6 +168,7 @@ def write_report(directory, labels, probabilities, threshold: float, *, title: s
     sensitivity that were to be expected, with their intervals, next to what this set shows. The
     HTML embeds its images and CSS and loads nothing, so it can be mailed or archived as one file.
     Undefined numbers (an AUC on one class) are null in the JSON and "n/a" in the page.
+    ``stress`` (a ``pneumonia.stress.StressReport.to_json()``) adds the shift stress table.
     """
     labels, probabilities = validated_scores(labels, probabilities)
     directory = Path(directory)
@@ -176,6 +177,7 @@ def write_report(directory, labels, probabilities, threshold: float, *, title: s
     intervals = bootstrap_intervals(labels, probabilities, threshold, n_boot=n_boot, seed=seed, groups=groups)
     summary = _summary(title, details or {}, metrics, intervals, labels, groups, n_boot, seed)
     summary["threshold_choice"] = threshold_choice
+    summary["stress"] = stress
 
     images = {name: directory / f"{name}.png" for name in PLOTS}
     figures = {
@@ -386,6 +388,9 @@ def _html(summary: dict, images: dict[str, Path]) -> str:
                                                                           summary["threshold"])]
     if summary["details"]:
         sections += ["<h2>Details</h2>", _details_table(summary["details"])]
+    if summary.get("stress"):
+        sections += ["<h2>Under the changes a new site brings (shift stress validation)</h2>",
+                     _stress_html(summary["stress"])]
     sections += [
         "<h2>Performance, with 95% confidence intervals</h2>",
         _metrics_table(summary["metrics"]),
@@ -465,6 +470,27 @@ def _choice_html(choice: dict, threshold: float) -> str:
             "of the flagged children are healthy.")
     return ("".join(f"<p>{_e(line)}</p>" for line in lines) + "<table>" + "".join(rows) + "</table>"
             + f'<p class="note">{_e(note)}</p>')
+
+
+def _stress_html(stress: dict) -> str:
+    """Per-shift ranking and fixed-threshold drift, worst values marked."""
+    target = f"{stress['target_recall']:.0%}"
+    head = ("<tr><th>Shift</th><th>ROC-AUC</th><th>PR-AUC</th><th>Precision at sensitivity "
+            f"&ge; {_e(target)}</th><th>Sensitivity at {stress['threshold']:.2f}</th>"
+            f"<th>Precision at {stress['threshold']:.2f}</th><th>Specificity at {stress['threshold']:.2f}</th></tr>")
+    worst = stress.get("worst", {})
+    rows = [head]
+    for row in stress["rows"]:
+        mark = " (worst)" if row["shift"] in worst.values() else ""
+        cells = [row[name] for name in ("roc_auc", "pr_auc", "precision_at_recall", "recall_at_threshold",
+                                        "precision_at_threshold", "specificity_at_threshold")]
+        rows.append(f"<tr><th>{_e(row['shift'] + mark)}</th>"
+                    + "".join(f'<td class="num">{"n/a" if value is None else f"{value:.3f}"}</td>' for value in cells)
+                    + "</tr>")
+    note = (f"The same {stress['n']} images re-scored after each change (new_site: every image its own random "
+            "mix of exposure, contrast, blur, noise, framing and JPEG). The first columns re-rank the images "
+            "(does the model still tell sick from healthy?); the last three keep the threshold (does it drift?).")
+    return "<table>" + "".join(rows) + "</table>" + f'<p class="note">{_e(note)}</p>'
 
 
 def _are(count: int, what: str) -> str:
