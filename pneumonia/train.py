@@ -398,7 +398,9 @@ def train(
     if config.ensemble.members == 1:
         check_resources(config)
     progress(
-        f"training {config.model.name} on {config.scaling.workers} worker(s)"
+        (f"training an ensemble of {config.ensemble.members} {config.model.name} members"
+         if config.ensemble.members > 1 else f"training {config.model.name}")
+        + f" on {config.scaling.workers} worker(s){' each' if config.ensemble.members > 1 else ''}"
         f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
     )
     if config.ensemble.members > 1:
