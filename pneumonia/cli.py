@@ -469,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]": that
+    # would hide every ensemble member's (or trial's) epoch lines but one. Read when Ray loads.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

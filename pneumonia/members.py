@@ -47,7 +47,8 @@ def run_member(params: dict[str, Any], *, base: dict[str, Any], storage: str, tr
     from pneumonia.train import fit_run, rows_to_records
 
     config = member_config(base, int(params["member"]), storage)
-    fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()])
+    fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
+            label=f"member {config.train.seed - base['train']['seed']}")
 
 
 def concurrent_members(config: ExperimentConfig) -> int:

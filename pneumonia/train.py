@@ -138,6 +138,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config = config_from_dict(loop_config["config"])
     train_records = rows_to_records(loop_config["train"])
     val_records = rows_to_records(loop_config["val"])
+    label = loop_config.get("label", "")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = max(1, int(config.scaling.cpus_per_worker))
@@ -228,7 +229,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 # only rank 0's copy is reported (and so persisted).
                 save_checkpoint(directory, model, info)
                 if rank == 0:
-                    print("[pneumonia] " + format_epoch_line(metrics, config.train.epochs), flush=True)
+                    print("[pneumonia] " + (f"{label}: " if label else "")
+                          + format_epoch_line(metrics, config.train.epochs), flush=True)
                     history.append(metrics)
                     write_text(history_location, json.dumps(history, indent=1))
                 reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
@@ -456,7 +458,7 @@ def _record_metrics(checkpoint_dir: str, metrics: dict[str, float]) -> None:
 
 
 def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: list[ImageRecord],
-            callbacks: list | None = None):
+            callbacks: list | None = None, label: str = ""):
     """One Ray Train run (config.run.storage absolute, config.run.name set); returns Ray's Result.
 
     A run whose name already has a snapshot in storage continues from its latest checkpoint:
@@ -471,6 +473,7 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
             "config": config.model_dump(),
             "train": records_to_rows(train_part),
             "val": records_to_rows(val_part),
+            "label": label,  # prefixes the epoch lines when several runs print side by side
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.workers,

@@ -110,7 +110,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: s
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base, params, trials_storage, trial_id)
-    fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()])
+    fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
+            label=f"trial {trial_id}")
 
 
 def tune(
