@@ -46,10 +46,9 @@ def _clean_nan(value):
 def _shutdown_ray() -> None:
     """Stop the embedded Ray so its forwarded worker logs end before our last line."""
     if "ray" in sys.modules:
-        import ray
+        from pneumonia.local_ray import stop_ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        stop_ray()
 
 
 # ----------------------------------------------------------------------------- commands
@@ -228,9 +227,12 @@ def _stress_for(args, evaluation):
         predict, spec, config = (lambda images: predict_probabilities(model, images)), info.preprocess, info.config
     target = config_from_dict(config or {}).objective.target_recall
     shifts = [name.strip() for name in args.shifts.split(",")] if args.shifts else None
+    # The drift columns keep the operating point a user would deploy: an artifact's own threshold
+    # (or --threshold); for a bare checkpoint the one its clean images give for the target recall.
+    threshold = evaluation.metrics["threshold"] if args.artifact is not None or args.threshold is not None else None
     try:
         return stress_evaluate(predict, spec, args.data, args.split, config, target,
-                               threshold=evaluation.metrics["threshold"], shifts=shifts)
+                               threshold=threshold, shifts=shifts)
     except ValueError as error:
         raise PneumoniaError(str(error)) from None
 

@@ -113,6 +113,7 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
     import ray
     from ray import serve
 
+    from pneumonia.local_ray import start_ray, stop_ray
     from pneumonia.serving import build_app
 
     application = build_app({"artifact": artifact, **(app_args or {})})
@@ -123,8 +124,7 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
             raise PneumoniaError(f"cannot serve on {host}:{port}: {error.strerror}") from None
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": RAY_ENV},
-                 logging_level="WARNING")
+        start_ray(RAY_ENV, logging_level="WARNING")
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application, name="pneumonia", route_prefix="/")
@@ -134,4 +134,4 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
     finally:
         serve.shutdown()
         if started_ray:
-            ray.shutdown()
+            stop_ray()

@@ -282,17 +282,15 @@ def driver_env_vars() -> dict[str, str]:
 
 
 def init_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray."""
+    """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray that knows its own
+    address (pneumonia.local_ray: another Ray on the machine must not confuse Ray's own processes)."""
     import ray
+
+    from pneumonia.local_ray import start_ray
 
     if ray.is_initialized():
         return
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
-        runtime_env={"env_vars": driver_env_vars()},
-        log_to_driver=True,
-        logging_level="WARNING",
-    )
+    start_ray(driver_env_vars(), log_to_driver=True, logging_level="WARNING")
 
 
 def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float = 0.0,
@@ -318,7 +316,9 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
     if not problems:
         return
     message = "not enough resources: " + "; ".join(problems) + f" ({hint})"
-    if os.environ.get("RAY_ADDRESS"):
+    from pneumonia.local_ray import user_cluster_address
+
+    if user_cluster_address():
         # An autoscaling cluster may still add nodes: warn, do not fail.
         print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)
         return

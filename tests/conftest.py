@@ -44,10 +44,11 @@ def ray_cluster():
     """
     import ray
 
+    from pneumonia.local_ray import start_ray, stop_ray
     from pneumonia.train import WORKER_ENV
 
-    context = ray.init(num_cpus=4, runtime_env={"env_vars": WORKER_ENV}, logging_level="WARNING")
+    context = start_ray(WORKER_ENV, num_cpus=4, logging_level="WARNING")
     ray.dashboard_url = context.dashboard_url  # for tests that use Ray's REST APIs (`serve deploy`)
     ray.metrics_export_port = context.address_info.get("metrics_export_port")  # Prometheus scrape
     yield ray
-    ray.shutdown()
+    stop_ray()

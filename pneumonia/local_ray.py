@@ -1,0 +1,94 @@
+"""Connect to the user's Ray cluster, or start an embedded one that knows its own address.
+
+Why the address matters: some of Ray's own processes use Ray's state API without being told
+which cluster to ask (Ray Train v2's detached ``PlacementGroupCleaner``, which removes a finished
+or stopped Tune trial's worker placement group). With no ``RAY_ADDRESS`` they look for "the" Ray
+on the machine, and when a second one runs there (a notebook's ``ray.init()``, another user's
+job, ``pneumonia serve``) they die with "Found multiple active Ray instances". The trial's
+placement group is then never removed and the next trial waits forever for its CPUs (seen: a
+demo beside a sweep both hung for 10+ minutes).
+
+So an embedded Ray here chooses its GCS port before it starts and puts ``RAY_ADDRESS`` (that
+port) into the environment the Ray processes inherit: every process of this cluster, and only
+of this cluster, then knows where it belongs. ``PNEUMONIA_EMBEDDED_RAY`` marks such an address
+as ours, so that a later embedded start in the same process (or in a child process, which
+inherits the environment) starts its own cluster instead of joining this one, and so that
+:func:`pneumonia.train.check_resources` still treats the cluster as a fixed-size local one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+ADDRESS_VARIABLE = "RAY_ADDRESS"
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
+EMBEDDED_MARK = "PNEUMONIA_EMBEDDED_RAY"
+
+
+def user_cluster_address() -> str | None:
+    """RAY_ADDRESS when the user set it (a real cluster), None for ours or none."""
+    address = os.environ.get(ADDRESS_VARIABLE) or None
+    if address is None or os.environ.get(EMBEDDED_MARK) == address:
+        return None
+    return address
+
+
+def start_ray(env_vars: dict[str, str], **init_kwargs: Any):
+    """ray.init on the user's cluster (RAY_ADDRESS) or on a new embedded one; returns Ray's context."""
+    import ray
+
+    address = user_cluster_address()
+    if address is not None:
+        return ray.init(address=address, runtime_env={"env_vars": env_vars}, **init_kwargs)
+    port = _free_port()
+    host = _node_ip()
+    own = f"{host}:{port}"
+    saved = {name: os.environ.get(name) for name in (ADDRESS_VARIABLE, GCS_PORT_VARIABLE, EMBEDDED_MARK)}
+    os.environ.update({ADDRESS_VARIABLE: own, GCS_PORT_VARIABLE: str(port), EMBEDDED_MARK: own})
+    try:
+        # "local": start a new cluster whatever RAY_ADDRESS says (it names the one being started).
+        context = ray.init(address="local", runtime_env={"env_vars": env_vars}, **init_kwargs)
+    except BaseException:
+        _restore(saved)
+        raise
+    os.environ.pop(GCS_PORT_VARIABLE, None)  # only the start needed it
+    actual = context.address_info.get("gcs_address")
+    if actual and actual != own:  # the port was taken between choosing and binding: say where we are
+        os.environ[ADDRESS_VARIABLE] = os.environ[EMBEDDED_MARK] = actual
+    return context
+
+
+def stop_ray() -> None:
+    """ray.shutdown, and forget an embedded cluster's address (the user's RAY_ADDRESS stays)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    own = os.environ.get(EMBEDDED_MARK)
+    if own is not None:
+        if os.environ.get(ADDRESS_VARIABLE) == own:
+            os.environ.pop(ADDRESS_VARIABLE)
+        os.environ.pop(EMBEDDED_MARK)
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _node_ip() -> str:
+    """The address Ray will register this node under (what its GCS address will say)."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
