@@ -43,9 +43,14 @@ def _clean_nan(value):
     return value
 
 
+_KEEP_RAY = False
+"""Set by main() when Ray was already running in this process before the command (a notebook's
+or a test session's): the command must leave it running."""
+
+
 def _shutdown_ray() -> None:
-    """Stop the embedded Ray so its forwarded worker logs end before our last line."""
-    if "ray" in sys.modules:
+    """Stop the embedded Ray we started, so its forwarded worker logs end before our last line."""
+    if "ray" in sys.modules and not _KEEP_RAY:
         from pneumonia.local_ray import stop_ray
 
         stop_ray()
@@ -474,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     # Ray folds log lines that differ only in numbers into "[repeated Nx across cluster]": that
     # would hide every ensemble member's (or trial's) epoch lines but one. Read when Ray loads.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    global _KEEP_RAY
+    _KEEP_RAY = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
