@@ -35,7 +35,7 @@ from pneumonia.data import (
 )
 from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.preprocess import PreprocessSpec
-from pneumonia.storage import exists, is_uri, join, list_files, qualify, read_bytes, write_bytes, write_text
+from pneumonia.storage import exists, is_uri, join, list_files, qualify, read_bytes, write_text
 
 RUN_MANIFEST = "pneumonia_run.json"
 RESULT_FILE = "pneumonia_result.json"
@@ -406,55 +406,11 @@ def train(
         f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
     )
     if config.ensemble.members > 1:
-        return _train_ensemble(config, train_part, val_part, storage, name, resume, progress)
+        from pneumonia.members import train_ensemble
+
+        return train_ensemble(config, train_part, val_part, storage, name, resume, progress)
     result = fit_run(config, train_part, val_part)
     return _summarize(result, config, storage, name)
-
-
-def _train_ensemble(config: ExperimentConfig, train_part, val_part, storage: str, name: str, resume: bool,
-                    progress: Callable[[str], None]) -> TrainResult:
-    """Members in parallel (pneumonia.members), combined into one checkpoint in <run>/ensemble."""
-    import shutil
-
-    from pneumonia.ensemble import combine_checkpoints
-    from pneumonia.members import ENSEMBLE_FOLDER, score_ensemble, train_members
-
-    members = train_members(config, train_part, val_part, resume=resume, progress=progress)
-    target = join(storage, name, ENSEMBLE_FOLDER)
-    with tempfile.TemporaryDirectory(prefix="pneumonia-ensemble-") as scratch:
-        local = target if not is_uri(storage) else str(Path(scratch) / ENSEMBLE_FOLDER)
-        if Path(local).exists():
-            shutil.rmtree(local)  # a resumed run combines its members again
-        combine_checkpoints([path for path, _ in members], local)
-        metrics = score_ensemble(local, config, val_part)
-        _record_metrics(local, metrics)
-        if is_uri(storage):
-            for path in Path(local).rglob("*"):
-                if path.is_file():
-                    write_bytes(join(target, path.relative_to(local).as_posix()), path.read_bytes())
-    progress(f"ensemble of {len(members)}: val ROC-AUC {metrics['roc_auc']:.4f}, precision "
-             f"{metrics['precision_at_recall']:.3f} at recall >= {config.objective.target_recall}"
-             + (f", stress worst ROC-AUC {metrics['stress_worst_roc_auc']:.4f}" if "stress_worst_roc_auc" in metrics else ""))
-    summary = TrainResult(
-        run_dir=join(storage, name),
-        best_checkpoint=target,
-        metrics={key: value for key, value in metrics.items() if key not in ("n", "tp", "fp", "tn", "fn")},
-        best_epoch=config.train.epochs,
-        epochs_completed=config.train.epochs,
-        history=[{"member": index, "checkpoint": path, **{f"val_{k}": v for k, v in member.items()}}
-                 for index, (path, member) in enumerate(members)],
-    )
-    write_text(join(storage, name, RESULT_FILE), json.dumps(asdict(summary), indent=2, default=float))
-    return summary
-
-
-def _record_metrics(checkpoint_dir: str, metrics: dict[str, float]) -> None:
-    """Store the ensemble's own validation metrics in its checkpoint info (as val_<name>)."""
-    from pneumonia.checkpoint import INFO_FILE, read_info
-
-    info = read_info(checkpoint_dir)
-    info.metrics = {f"val_{key}": value for key, value in metrics.items()}
-    (Path(checkpoint_dir) / INFO_FILE).write_text(info.to_json())
 
 
 def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: list[ImageRecord],
