@@ -14,9 +14,9 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from pneumonia.errors import PneumoniaError
+from pneumonia.errors import Interrupted, PneumoniaError
 
 
 def _emit(payload: dict[str, Any], as_json: bool, text: str) -> None:
@@ -488,17 +488,53 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    terminated = _sigterm_as_ctrl_c()
     try:
         args.func(args)
+    except Interrupted as error:
+        print(error, file=sys.stderr)  # "<what> interrupted: <counts>; <command> continues it"
+        return 143 if terminated else error.exit_code
     except PneumoniaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; a training run continues with `pneumonia train --resume`", file=sys.stderr)
-        return 130
+        print("interrupted; a training run continues with `pneumonia train --resume`, a sweep with "
+              "`pneumonia tune --resume`", file=sys.stderr)
+        return 143 if terminated else 130
     finally:
+        terminated.restore()
         _shutdown_ray()
     return 0
+
+
+class _Flag:
+    """Whether SIGTERM arrived; ``restore`` puts back the handler that was there before."""
+
+    def __init__(self, restore: Callable[[], None] = lambda: None):
+        self.value = False
+        self.restore = restore
+
+    def __bool__(self) -> bool:
+        return self.value
+
+
+def _sigterm_as_ctrl_c() -> _Flag:
+    """SIGTERM (`kill`, a scheduler's stop) takes the Ctrl-C path, so Train and Tune stop their
+    workers, release their placement groups and save their state; the exit status says 143."""
+    import signal
+    import threading
+
+    flag = _Flag()
+    if threading.current_thread() is not threading.main_thread():
+        return flag
+
+    def on_sigterm(signum, frame):
+        flag.value = True
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    flag.restore = lambda: signal.signal(signal.SIGTERM, previous)
+    return flag
 
 
 if __name__ == "__main__":

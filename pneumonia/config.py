@@ -106,6 +106,13 @@ class RunSection(_Section):
     checkpoint_metric: str = "val_roc_auc"
     checkpoint_mode: Literal["max", "min"] = "max"
     max_failures: int = Field(2, ge=-1, le=100, description="worker failures to recover from; -1: always")
+    resource_wait_s: float | None = Field(
+        120.0, gt=0, description="after this long waiting for its workers' CPUs/GPUs, a run says what it wants, "
+        "what is free and who holds the rest; null: never")
+    resource_timeout_s: float | None = Field(
+        300.0, gt=0, description="on a cluster without an autoscaler, stop a run whose workers waited this long "
+        "and fail with that line; null: wait forever (an autoscaling cluster always waits)")
+    start_retries: int = Field(2, ge=0, le=100, description="worker start-up failures retried before the run fails")
 
     @field_validator("name")
     @classmethod

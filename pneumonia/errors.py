@@ -19,3 +19,9 @@ class ConfigError(PneumoniaError):
 
 class CheckpointError(PneumoniaError):
     """A checkpoint is missing, corrupt or incompatible with this version."""
+
+
+class Interrupted(PneumoniaError):
+    """A run or sweep stopped by the user (Ctrl-C, SIGTERM) before it finished; it can be resumed."""
+
+    exit_code = 130

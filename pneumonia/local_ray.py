@@ -39,9 +39,16 @@ def start_ray(env_vars: dict[str, str], **init_kwargs: Any):
     """ray.init on the user's cluster (RAY_ADDRESS) or on a new embedded one; returns Ray's context."""
     import ray
 
+    sigterm = _current_sigterm_handler()
     address = user_cluster_address()
     if address is not None:
-        return ray.init(address=address, runtime_env={"env_vars": env_vars}, **init_kwargs)
+        # Our job's processes (Train's detached placement-group cleaner among them) are told the
+        # cluster's address too: on a machine that also runs another Ray they would guess.
+        known = _canonical_address(address)
+        env = {**env_vars, ADDRESS_VARIABLE: known} if known and ADDRESS_VARIABLE not in env_vars else env_vars
+        context = ray.init(address=address, runtime_env={"env_vars": env}, **init_kwargs)
+        _restore_sigterm(sigterm)
+        return context
     port = _free_port()
     host = _node_ip()
     own = f"{host}:{port}"
@@ -54,6 +61,7 @@ def start_ray(env_vars: dict[str, str], **init_kwargs: Any):
         _restore(saved)
         raise
     os.environ.pop(GCS_PORT_VARIABLE, None)  # only the start needed it
+    _restore_sigterm(sigterm)
     actual = context.address_info.get("gcs_address")
     if actual and actual != own:  # the port was taken between choosing and binding: say where we are
         os.environ[ADDRESS_VARIABLE] = os.environ[EMBEDDED_MARK] = actual
@@ -71,6 +79,44 @@ def stop_ray() -> None:
         if os.environ.get(ADDRESS_VARIABLE) == own:
             os.environ.pop(ADDRESS_VARIABLE)
         os.environ.pop(EMBEDDED_MARK)
+
+
+def _canonical_address(address: str) -> str | None:
+    """host:port of a user's cluster as its nodes know it (localhost resolved to this node's IP);
+    None for a Ray Client address (ray://) or one Ray cannot parse."""
+    if "://" in address:
+        return None
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address)
+    except Exception:
+        return None
+
+
+def _current_sigterm_handler():
+    import signal
+
+    return signal.getsignal(signal.SIGTERM)
+
+
+def _restore_sigterm(before) -> None:
+    """Keep the process's own SIGTERM handling after Ray connects.
+
+    ``ray.init`` replaces the SIGTERM handler with one that calls ``sys.exit(15)``, and Ray's core
+    worker then installs absl's failure-signal handler at the C level, which prints a
+    "*** SIGTERM received" crash dump and aborts. Either way our clean stop (the CLI's
+    SIGTERM-as-Ctrl-C, so Train and Tune release their workers and save their state) never ran.
+    A handler set before Ray started comes back; otherwise Ray's Python-level one (without the
+    crash dump) is registered again.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = before if callable(before) else signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
 
 
 def _restore(saved: dict[str, str | None]) -> None:

@@ -28,6 +28,7 @@ from pneumonia.config import ExperimentConfig, config_from_dict
 from pneumonia.data import ImageRecord
 from pneumonia.errors import PneumoniaError
 from pneumonia.storage import join, qualify
+from pneumonia.supervision import ResourceWatch, raise_if_interrupted, saved_statuses
 
 if TYPE_CHECKING:
     from pneumonia.train import TrainResult
@@ -56,7 +57,7 @@ def run_member(params: dict[str, Any], *, base: dict[str, Any], storage: str, tr
 
     config = member_config(base, int(params["member"]), storage)
     fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
-            label=f"member {config.train.seed - base['train']['seed']}")
+            label=f"member {config.train.seed - base['train']['seed']}", watch=False)
 
 
 def concurrent_members(config: ExperimentConfig) -> int:
@@ -113,7 +114,11 @@ def train_members(
             run_config=tune.RunConfig(name="tuner", storage_path=run_dir, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
-    grid = tuner.fit()
+    with ResourceWatch(config, what=f"ensemble run {config.run.name}") as watch:
+        grid = tuner.fit()
+    watch.raise_if_starved()
+    raise_if_interrupted(saved_statuses(tuner_path), members, f"ensemble run {config.run.name}", "members",
+                         f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`")
     metric, mode = config.run.checkpoint_metric, config.run.checkpoint_mode
     chosen: list[tuple[int, str, dict[str, float]]] = []
     for result in grid:

@@ -31,6 +31,16 @@ WITHOUT_HAPROXY = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRE
 DRAIN_VARIABLE = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 # HAProxy's own listeners; Ray's fixed defaults (8404, 9101) clash when two services share a host.
 HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+# A busy machine (a training run beside the service) starves the proxy of CPU for seconds at a
+# time. Serve's defaults (5 s to get ready, 10 s per health check, 3 misses) then kill a healthy
+# HAProxy proxy again and again (seen: `ActorDiedError ... HAProxyManager ... killed by ray.kill`).
+# Patient limits only cost time when a proxy is really dead; user values win.
+BUSY_MACHINE_TOLERANCE = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "10",
+    "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120",
+}
 
 
 def haproxy_binary() -> str | None:
@@ -48,12 +58,12 @@ def haproxy_binary() -> str | None:
 
 def enable_throughput_mode(environ: MutableMapping[str, str] | None = None,
                            drain_s: float | None = None) -> dict[str, str]:
-    """Set Serve's throughput-mode variables where the user has not; returns the Serve settings
-    now in effect. ``drain_s`` shortens how long a stopping replica keeps answering while HAProxy
+    """Set Serve's throughput-mode variables (and patient proxy health checks, for a busy machine)
+    where the user has not; returns the Serve settings now in effect. ``drain_s`` shortens how long a stopping replica keeps answering while HAProxy
     moves its traffic elsewhere (Ray's default is 30 s; tests and a local server need less)."""
     environ = os.environ if environ is None else environ
     haproxy = haproxy_binary() is not None
-    wanted = dict(THROUGHPUT_MODE if haproxy else WITHOUT_HAPROXY)
+    wanted = {**(THROUGHPUT_MODE if haproxy else WITHOUT_HAPROXY), **BUSY_MACHINE_TOLERANCE}
     if drain_s is not None:
         wanted[DRAIN_VARIABLE] = f"{drain_s:g}"
     if haproxy:  # a busy default port would crash HAProxy at start: take a free one instead

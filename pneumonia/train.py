@@ -33,7 +33,7 @@ from pneumonia.data import (
     split_by_patient,
     training_records,
 )
-from pneumonia.errors import ConfigError, PneumoniaError
+from pneumonia.errors import ConfigError, Interrupted, PneumoniaError
 from pneumonia.preprocess import PreprocessSpec
 from pneumonia.storage import exists, is_uri, join, list_files, qualify, read_bytes, write_text
 
@@ -414,14 +414,18 @@ def train(
 
 
 def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: list[ImageRecord],
-            callbacks: list | None = None, label: str = ""):
+            callbacks: list | None = None, label: str = "", watch: bool = True):
     """One Ray Train run (config.run.storage absolute, config.run.name set); returns Ray's Result.
 
     A run whose name already has a snapshot in storage continues from its latest checkpoint:
     that is how --resume, Ray's worker-failure recovery and restored Tune trials all work.
+    With ``watch`` (a driver's own run, not a Tune trial: the sweep's driver watches those), a
+    :class:`~pneumonia.supervision.ResourceWatch` says why the workers wait and stops a starved run.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
+
+    from pneumonia.supervision import ResourceWatch, start_settings
 
     trainer = TensorflowTrainer(
         train_worker,
@@ -439,7 +443,8 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
         run_config=RunConfig(
             name=config.run.name,
             storage_path=config.run.storage,
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            failure_config=FailureConfig(max_failures=config.run.max_failures,
+                                         controller_failure_limit=start_settings(config)),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.run.keep_checkpoints,
                 checkpoint_score_attribute=config.run.checkpoint_metric,
@@ -448,11 +453,41 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
             callbacks=callbacks or None,
         ),
     )
+    resume = f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`"
+    with _restored_sigint():
+        try:
+            with ResourceWatch(config, what=f"run {config.run.name}", stops="run") if watch else contextlib.nullcontext():
+                return trainer.fit()
+        except PneumoniaError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            # Ray Train's Ctrl-C handler aborts the run (workers stopped, placement group removed)
+            # and then calls sys.exit(0): that is an interruption, not a success.
+            raise Interrupted(f"training interrupted; {resume} continues it from its last checkpoint") from None
+        except Exception as error:  # Ray wraps worker errors; keep the cause, drop the stack
+            cause = getattr(error, "__cause__", None) or error
+            if "startup timed out" in str(cause):  # Train's own start timeout, after start_retries
+                from pneumonia.supervision import describe_cluster
+
+                raise PneumoniaError(f"training failed: the workers did not get their resources in "
+                                     f"{config.run.start_retries + 1} tries; {describe_cluster()}") from error
+            raise PneumoniaError(f"training failed: {type(cause).__name__}: {cause}") from error
+
+
+@contextlib.contextmanager
+def _restored_sigint():
+    """Ray Train installs a Ctrl-C handler for its run and never removes it: put ours back after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
     try:
-        return trainer.fit()
-    except Exception as error:  # Ray wraps worker errors; keep the cause, drop the stack
-        cause = getattr(error, "__cause__", None) or error
-        raise PneumoniaError(f"training failed: {type(cause).__name__}: {cause}") from error
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> TrainResult:

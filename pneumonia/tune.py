@@ -24,6 +24,7 @@ from typing import Any, Callable
 from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
 from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.storage import exists, is_uri, join, qualify, read_bytes, write_bytes, write_text
+from pneumonia.supervision import ResourceWatch, raise_if_interrupted, saved_statuses
 from pneumonia.train import (
     carve_validation,
     check_resources,
@@ -111,7 +112,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: s
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base, params, trials_storage, trial_id)
     fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
-            label=f"trial {trial_id}")
+            label=f"trial {trial_id}", watch=False)
 
 
 def tune(
@@ -201,8 +202,18 @@ def tune(
                 failure_config=ray_tune.FailureConfig(max_failures=1),
             ),
         )
-    grid = tuner.fit()
-    return summarize_sweep(grid, config, sweep_path)
+    with ResourceWatch(config, what=f"sweep {name}") as watch:
+        grid = tuner.fit()
+    watch.raise_if_starved()
+    statuses = saved_statuses(sweep_path)
+    resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"
+    try:
+        result = summarize_sweep(grid, config, sweep_path, statuses)
+    except PneumoniaError:
+        raise_if_interrupted(statuses, sweep.num_samples, f"sweep {name}", "trials", resume_command)
+        raise
+    raise_if_interrupted(statuses, sweep.num_samples, f"sweep {name}", "trials", resume_command)  # after the table
+    return result
 
 
 def _searcher(sweep):
@@ -230,8 +241,13 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str) -> TuneResult:
-    """Results table, plots and the best checkpoint across every trial and epoch."""
+def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
+                    statuses: dict[str, str] | None = None) -> TuneResult:
+    """Results table, plots and the best checkpoint across every trial and epoch.
+
+    ``statuses`` (:func:`pneumonia.supervision.saved_statuses`) keep an interrupted sweep's table
+    honest: a trial stopped mid-run is INTERRUPTED, one that never ran NOT_STARTED, never TERMINATED.
+    """
     from pneumonia.sweep_plots import plot_learning_curves, plot_objective_map
 
     objective = config.objective.metric
@@ -245,7 +261,7 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str) -> TuneResu
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         trials.append({
             "trial_id": trial_id,
-            "status": "ERROR" if result.error else "TERMINATED",
+            "status": (statuses or {}).get(trial_id) or ("ERROR" if result.error else "TERMINATED"),
             **{f"param:{key}": value for key, value in params.items()},
             "objective": row[objective] if row else None,
             "pr_auc": row.get(TIEBREAK) if row else None,

@@ -702,12 +702,15 @@ class LocalCluster:
         response.raise_for_status()
         return response.json()["data"]["result"]["result"]
 
-    def start(self, head_cpus: int, worker_cpus: int) -> None:
-        self._start("head", ["--head", f"--port={self.gcs_port}", f"--num-cpus={head_cpus}",
+    def start_head(self, cpus: int) -> None:
+        self._start("head", ["--head", f"--port={self.gcs_port}", f"--num-cpus={cpus}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard_port}",
                              f"--ray-client-server-port={self.client_port}"])
         self._wait("the head's Jobs API", lambda: self.client().list_jobs() is not None, 120)
+
+    def start(self, head_cpus: int, worker_cpus: int) -> None:
+        self.start_head(head_cpus)
         self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={worker_cpus}"])
         self._wait("two alive nodes", lambda: len(self.alive_nodes()) == 2, 120)
 

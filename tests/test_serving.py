@@ -19,7 +19,7 @@ from PIL import Image
 
 from pneumonia.service import free_port as _free_port  # the name the serving test modules share
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

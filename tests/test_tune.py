@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -123,47 +117,6 @@ def test_tuning_and_thresholding_raise_precision_at_the_target_recall(ray_cluste
     # The threshold is chosen on validation (~90 PNEUMONIA images here) for recall 0.95; on the
     # held-out test split recall lands within about three standard errors of it.
     assert after["recall"] >= 0.95 - 0.10, after
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_an_interrupted_sweep_resumes_without_losing_finished_epochs(imbalanced_data, tmp_path):
-    """Ctrl-C the CLI mid-sweep, then `pneumonia tune --resume`: every trial completes, and the
-    interrupted trial continues from its checkpoint instead of epoch 0."""
-    config = tmp_path / "sweep.yaml"
-    config.write_text((ROOT / "tune_configs" / "quick.yaml").read_text())
-    command = [sys.executable, "-m", "pneumonia", "tune", "--config", str(config), "--data", str(imbalanced_data),
-               "--storage", str(tmp_path / "runs"), "--name", "interrupted", "--samples", "2",
-               "--set", "train.epochs=8", "--set", "tune.scheduler=none", "--set", "tune.search=random"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    trials = tmp_path / "runs" / "interrupted" / "trials"
-    deadline = time.monotonic() + 300
-
-    def epochs_recorded() -> int:
-        best = 0
-        for history in trials.glob("*/history.json"):
-            try:
-                best = max(best, len(json.loads(history.read_text())))
-            except ValueError:
-                pass
-        return best
-
-    while time.monotonic() < deadline and process.poll() is None and epochs_recorded() < 4:
-        time.sleep(0.2)
-    assert process.poll() is None, "the sweep ended before it could be interrupted"
-    os.killpg(process.pid, signal.SIGINT)
-    process.wait(timeout=120)
-
-    resumed = subprocess.run(command[:4] + ["--config", str(config), "--storage", str(tmp_path / "runs"),
-                                            "--name", "interrupted", "--resume", "--json"],
-                             capture_output=True, text=True, timeout=480)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
-    table = json.loads(Path(summary["results_json"]).read_text())
-    assert len(table) == 2 and all(row["epochs"] == 8 for row in table), table
-    histories = [json.loads(path.read_text()) for path in trials.glob("*/history.json")]
-    assert any(row["start_epoch"] > 0 for history in histories for row in history), "a trial restarted from 0"
 
 
 @pytest.mark.ray
