@@ -245,9 +245,9 @@ class ResourceWatch:
                                 "resources, or lower scaling.workers / scaling.cpus_per_worker")
                 if self.stops == "run":
                     _end_train_controllers(self._job)
-                    _remove_group(group["id"])  # before Ray grants it to a controller that is gone
                 else:
                     _stop_main_thread()
+                _remove_group(group["id"])  # before Ray grants it to a controller that is gone
                 return
             else:
                 limit = (f"; giving up after {self.timeout_s:g} s (run.resource_timeout_s)"

@@ -102,3 +102,34 @@ def test_a_starved_run_says_who_holds_the_cpus_then_fails_and_gives_everything_b
     while time.monotonic() < deadline and ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_starved_sweep_stops_with_the_reason_instead_of_waiting(ray_cluster, synthetic_data, tmp_path):
+    """The sweep's trials start (their drivers fit) but their workers never can: the sweep stops
+    after resource_timeout_s with the line that says who holds the CPUs, and gives them back."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from pneumonia.config import load_config
+    from pneumonia.tune import tune
+    from tests.test_tune import ROOT
+
+    config = with_overrides(load_config(ROOT / "tune_configs" / "quick.yaml"), {
+        "run.storage": str(tmp_path), "run.name": "starved", "tune.num_samples": 2, "tune.search": "random",
+        "train.epochs": 1, "data.image_size": 32, "run.resource_wait_s": 3, "run.resource_timeout_s": 8})
+    hog = placement_group([{"CPU": 3.5}], name="hog")
+    ray.get(hog.ready(), timeout=60)
+    lines: list[str] = []
+    try:
+        with pytest.raises(PneumoniaError) as caught:
+            tune(config, str(synthetic_data), progress=lines.append)
+    finally:
+        remove_placement_group(hog)
+    assert str(caught.value).startswith("sweep starved has waited"), caught.value
+    assert "wants 2 x {CPU: 0.9} (PACK)" in str(caught.value) and "placement group hog" in str(caught.value)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
