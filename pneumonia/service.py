@@ -29,8 +29,11 @@ THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_P
 # Without HAProxy, direct ingress would leave nothing listening on the HTTP port.
 WITHOUT_HAPROXY = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 DRAIN_VARIABLE = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
-# HAProxy's own listeners; Ray's fixed defaults (8404, 9101) clash when two services share a host.
-HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+# HAProxy's own listeners. Ray's fixed defaults (8404, 9101) clash when two services share a host,
+# and so does "the default if it is free now": two demos started together both found 8404 free
+# minutes before either HAProxy bound it (seen: the second crashed, "cannot bind socket"). Each
+# process takes its own ephemeral ports instead.
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 # A busy machine (a training run beside the service) starves the proxy of CPU for seconds at a
 # time. Serve's defaults (5 s to get ready, 10 s per health check, 3 misses) then kill a healthy
 # HAProxy proxy again and again (seen: `ActorDiedError ... HAProxyManager ... killed by ray.kill`).
@@ -67,7 +70,7 @@ def enable_throughput_mode(environ: MutableMapping[str, str] | None = None,
     if drain_s is not None:
         wanted[DRAIN_VARIABLE] = f"{drain_s:g}"
     if haproxy:  # a busy default port would crash HAProxy at start: take a free one instead
-        wanted.update({name: str(_port_or_free(port)) for name, port in HAPROXY_PORTS.items() if name not in environ})
+        wanted.update({name: str(free_port("")) for name in HAPROXY_PORTS if name not in environ})
     for name, value in wanted.items():
         environ.setdefault(name, value)
     return {name: environ[name] for name in sorted(environ) if name.startswith("RAY_SERVE_")}
@@ -85,15 +88,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
-
-def _port_or_free(port: int) -> int:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("", port))
-            return port
-        except OSError:
-            sock.bind(("", 0))
-            return sock.getsockname()[1]
 
 
 def wait_until_healthy(url: str, timeout_s: float = 120) -> None:

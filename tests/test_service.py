@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,19 +19,18 @@ from pneumonia.cli import main
 from tests.test_serving import _free_port, _png
 
 
-def test_throughput_mode_sets_haproxy_and_free_haproxy_ports(monkeypatch):
+def test_throughput_mode_sets_haproxy_and_gives_each_process_its_own_haproxy_ports(monkeypatch):
+    """Two services started together on one host (two demos) must not both take HAProxy's fixed
+    default ports, which were free when each looked and taken by the time the second bound them."""
     monkeypatch.setattr(service, "haproxy_binary", lambda: "/usr/sbin/haproxy")
-    with socket.socket() as busy:
-        busy.bind(("", 0))
-        busy.listen()
-        busy_port = busy.getsockname()[1]
-        monkeypatch.setattr(service, "HAPROXY_PORTS", {"RAY_SERVE_HAPROXY_STATS_PORT": busy_port})
-        environ = {}
-        settings = service.enable_throughput_mode(environ, drain_s=3)
+    first, second = {}, {}
+    settings = service.enable_throughput_mode(first, drain_s=3)
+    service.enable_throughput_mode(second)
     assert settings["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and settings["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert settings["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "3"
-    assert int(settings["RAY_SERVE_HAPROXY_STATS_PORT"]) != busy_port  # the busy one is avoided
-    assert service.uses_haproxy(environ)
+    ports = [int(env[name]) for env in (first, second) for name in service.HAPROXY_PORTS]
+    assert len(set(ports)) == 4 and not {8404, 9101} & set(ports), ports
+    assert service.uses_haproxy(first)
 
 
 def test_without_haproxy_the_default_proxy_keeps_the_port(monkeypatch):
