@@ -8,20 +8,20 @@ import pytest
 
 import pneumonia  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from pneumonia.service import enable_throughput_mode
+from tests.helpers import SHARED_DATA
 
 # Serve runs in the tests as it runs in production (HAProxy in front), set before Ray starts;
 # replicas drain for 2 s instead of 30 when they stop, to keep rollouts and teardown quick.
 enable_throughput_mode(drain_s=2)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data with the real chest X-rays; tests using it skip cleanly when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present")
+        pytest.skip(f"{SHARED_DATA} (the real X-rays) is not present; set PNEUMONIA_SHARED_DATA to use another copy")
     return SHARED_DATA
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -22,3 +25,16 @@ def assert_byte_corruptions_fail_cleanly(data: bytes, offsets, values, spec: Pre
             except Exception as error:  # noqa: BLE001 - the point of the check
                 pytest.fail(f"{label} byte {offset} = {value:#x}: {type(error).__name__}: {error}")
             assert out.shape == spec.shape and out.dtype == np.uint8
+
+
+# The real X-rays the tests may use: ../shared/data next to the checkout, or PNEUMONIA_SHARED_DATA.
+SHARED_DATA = Path(os.environ.get("PNEUMONIA_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def real_data(*parts: str) -> Path:
+    """A folder of the real data; the test skips cleanly when it is absent (a fresh clone)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_dir():
+        pytest.skip(f"{path} is not present (set PNEUMONIA_SHARED_DATA to use another copy)")
+    return path
+

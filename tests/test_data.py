@@ -27,16 +27,10 @@ from pneumonia.errors import DataError
 from pneumonia.pipeline import load_images
 from pneumonia.preprocess import PreprocessSpec
 from pneumonia.synth import make_synthetic_dataset
+from tests.helpers import real_data
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def real_data(*parts: str) -> Path:
-    """A folder of ../shared/data; the test skips cleanly when it is absent (a fresh clone)."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.is_dir():
-        pytest.skip(f"{path} is not present")
-    return path
 
 
 def jpeg(value: int = 128, size: int = 20) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import assert_byte_corruptions_fail_cleanly
+from tests.helpers import assert_byte_corruptions_fail_cleanly, real_data
 from PIL import Image
 
 from pneumonia.preprocess import (
@@ -21,17 +21,10 @@ from pneumonia.preprocess import (
     decode_image,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 DARK, BRIGHT = 30, 220
 
 
-def real_data(*parts: str) -> Path:
-    """A folder of ../shared/data; the test skips cleanly when it is absent (a fresh clone)."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.is_dir():
-        pytest.skip(f"{path} is not present")
-    return path
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
