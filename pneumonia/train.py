@@ -222,6 +222,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 epoch_time_s=elapsed,
                 images_per_s=steps_per_epoch * batch_size * world / elapsed,
             )
+            metrics = _objective_first(metrics, history, config.objective.metric)
             info = CheckpointInfo(epoch=epoch + 1, config=config.model_dump(), preprocess=spec,
                                   metrics={k: v for k, v in metrics.items() if k.startswith("val_")})
             with tempfile.TemporaryDirectory(prefix="pneumonia-ckpt-") as directory:
@@ -247,6 +248,27 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         callbacks=[*([average] if average is not None else []), ReportEpoch()],
         verbose=0,
     )
+
+
+def best_key(objective: str) -> str:
+    """The reported running best of a sweep's objective: what Tune ranks, stops and shows by."""
+    return f"best_{objective}"
+
+
+def _objective_first(metrics: dict[str, Any], history: list[dict[str, Any]], objective: str) -> dict[str, Any]:
+    """The epoch's metrics with the sweep's objective, its best so far in this run, and the
+    validation ROC-AUC first: Tune's progress table shows the first few reported metrics, and
+    its "current best" should be the epoch a sweep would keep (each trial's best checkpoint),
+    not the last one, nor training metrics at a 0.5 threshold."""
+    earlier = [row[objective] for row in history if isinstance(row.get(objective), (int, float))]
+    current = metrics.get(objective)
+    if not isinstance(current, (int, float)):
+        return metrics
+    first = {best_key(objective): max([current, *earlier]), objective: current}
+    if "val_roc_auc" in metrics:
+        first["val_roc_auc"] = metrics["val_roc_auc"]
+    first["epoch"] = metrics["epoch"]
+    return {**first, **metrics}
 
 
 def stress_inputs(config: ExperimentConfig, spec: PreprocessSpec, validation):

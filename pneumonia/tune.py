@@ -26,6 +26,7 @@ from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.storage import exists, is_uri, join, qualify, read_bytes, write_bytes, write_text
 from pneumonia.supervision import ResourceWatch, raise_if_interrupted, saved_statuses
 from pneumonia.train import (
+    best_key,
     carve_validation,
     check_resources,
     fit_run,
@@ -187,7 +188,7 @@ def tune(
             trainable,
             param_space=search_space(sweep.space),
             tune_config=ray_tune.TuneConfig(
-                metric=config.objective.metric,
+                metric=best_key(config.objective.metric),  # the trial's best epoch, as the table below keeps
                 mode="max",
                 num_samples=sweep.num_samples,
                 max_concurrent_trials=sweep.max_concurrent_trials,
