@@ -11,8 +11,9 @@ a trial that never ran as TERMINATED; Ray Train's own Ctrl-C handler ends the pr
   ``cpus_per_worker`` CPUs) have waited ``run.resource_wait_s``, it prints one line: what is
   wanted, what the cluster has free, and who holds the rest (placement groups and actors, by
   job). On a cluster with an autoscaler it keeps waiting and says so; otherwise, after
-  ``run.resource_timeout_s``, it stops the run the way Ctrl-C would (Train and Tune then release
-  everything and save their state) and the command fails with that line.
+  ``run.resource_timeout_s``, it stops the run (a sweep as Ctrl-C would: Tune stops its trials
+  and saves its state; a plain run by ending Ray Train's controller, which ignores an abort while
+  it waits for its workers) and removes the group it waited for; the command fails with that line.
 - :func:`raise_if_interrupted` turns a Tune run that ended early (Ctrl-C, SIGTERM) into
   :class:`~pneumonia.errors.Interrupted` with counts of what finished, what stopped mid-run and
   what never started; the CLI exits 130 (143 for SIGTERM).
@@ -70,9 +71,11 @@ def start_settings(config: ExperimentConfig) -> int:
 
 
 def _resources(bundle: dict[str, float]) -> str:
-    shown = {k: v for k, v in bundle.items() if k in ("CPU", "GPU") or not (k.startswith("node:") or "_group_" in k
-                                                                           or k in ("memory", "object_store_memory"))}
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+    """'{CPU: 0.9, GPU: 1}': CPUs, GPUs and custom resources; not memory nor Ray's bookkeeping keys."""
+    def shown(key: str) -> bool:
+        return not (key.startswith("node:") or "_group_" in key or key in ("memory", "object_store_memory"))
+
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(bundle.items()) if shown(k)) + "}"
 
 
 def _bundles(bundles: list[dict[str, float]]) -> str:
