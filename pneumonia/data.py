@@ -5,11 +5,13 @@ the class folders. Labels come from folder names (any case). Patient ids come fr
 that splits never put one child's images on both sides: the official set has up to dozens of
 images per patient, and a per-image split would let a model be graded on a patient it trained on.
 
-Nothing here imports TensorFlow or Ray.
+Nothing here imports TensorFlow or Ray, so the driver can check the data in seconds before a
+cluster starts (:func:`check_readable`).
 """
 
 from __future__ import annotations
 
+import io
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,12 +19,18 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from pneumonia import CLASS_NAMES
-from pneumonia.errors import DataError
-from pneumonia.storage import is_uri, list_files
+from pneumonia import CLASS_NAMES, IMAGE_EXTENSIONS
+from pneumonia.errors import DataError, PneumoniaError
+from pneumonia.preprocess import PreprocessSpec, decode_image
+from pneumonia.storage import is_uri, list_files, read_bytes
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".webp"})
+
+PROBE_SPEC = PreprocessSpec(image_size=32)
+"""A full decode (it catches truncation) at a cheap draft scale: enough to tell an image from junk."""
+SAMPLE_PER_FOLDER = 16
+"""Files :func:`check_readable` decodes per class folder: seconds on one core, and enough that a
+folder of junk is never taken for one of images."""
 
 _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_\d+(?:_\d+)*$", re.IGNORECASE)
 _NORMAL = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
@@ -216,3 +224,50 @@ def shard(records: list[ImageRecord], rank: int, world_size: int) -> list[ImageR
 def class_counts(records: list[ImageRecord]) -> dict[str, int]:
     counts = Counter(record.label for record in records)
     return {name: counts[index] for index, name in enumerate(CLASS_NAMES)}
+
+
+def probe_image(location: str) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), None) for a readable image, or (None, why not): the file is read and fully
+    decoded by the shared ``decode_image``, at :data:`PROBE_SPEC`'s draft scale."""
+    from PIL import Image
+
+    try:
+        data = read_bytes(location)
+        decode_image(data, PROBE_SPEC)
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size, None
+    except (PneumoniaError, OSError) as error:
+        return None, str(error) or type(error).__name__
+
+
+def check_readable(records: list[ImageRecord], sample: int = SAMPLE_PER_FOLDER) -> None:
+    """Raise DataError when a class folder's files are not images at all, before anything starts.
+
+    Training workers skip unreadable files; when a folder holds nothing else, they would fail one
+    by one after Ray started, each with its own traceback. Decoding an evenly spread sample of each
+    folder on the driver says the same in seconds, naming the folder and how many of the files tried
+    could not be read. A folder with some readable files passes: its bad ones are skipped later.
+    """
+    by_folder: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        by_folder.setdefault(_folder_of(record.location), []).append(record)
+    for folder, members in sorted(by_folder.items()):
+        step = max(1, len(members) // sample)
+        tried = members[::step][:sample]
+        problems = [problem for _, problem in map(probe_image, (r.location for r in tried))]
+        if all(problems):
+            name = PurePosixPath(tried[0].location).name
+            tried_text = (f"its {len(tried)} image files" if len(tried) == len(members)
+                          else f"{len(tried)} of its {len(members)} image files (an even sample)")
+            raise DataError(f"{folder}: none of {tried_text} could be read as an image (e.g. {name}: {problems[0]}); "
+                            "put readable JPEG, PNG or DICOM X-rays there")
+
+
+def _folder_of(location: str) -> str:
+    return location.rsplit("/", 1)[0] if is_uri(location) else str(Path(location).parent)
+
+
+def check_training_data(root: str) -> None:
+    """The checks a training run makes on its driver before Ray starts (layout, both classes, each
+    class folder readable), for callers that have only the root (a sweep)."""
+    check_readable(training_records(discover(root)))

@@ -25,3 +25,7 @@ class Interrupted(PneumoniaError):
     """A run or sweep stopped by the user (Ctrl-C, SIGTERM) before it finished; it can be resumed."""
 
     exit_code = 130
+
+
+class OutputError(PneumoniaError):
+    """An output folder or file (a dataset, a report, a registry, run storage) cannot be created or written."""

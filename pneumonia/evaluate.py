@@ -64,9 +64,7 @@ def stress_evaluate(
 
     shifts = check_shift_names(shifts)
     _, records = split_records(data_root, split, training_config)
-    decoded = load_images(records, spec)  # which files decode, and their labels
-    if len(decoded.records) == 0:
-        raise DataError(f"none of the {len(records)} images in {data_root} could be decoded")
+    decoded = _decode(records, spec, data_root)  # which files decode, and their labels
     chosen = stratified_subset(decoded.labels, max_images, seed)
     sources = load_sources([decoded.records[index].location for index in chosen])
     images = shifted_images(sources, spec, shifts, seed=seed, threads=decode_threads())
@@ -87,9 +85,17 @@ def evaluate(
     from the training config (same seed and fraction), never the official val/ folder.
     """
     dataset, records = split_records(data_root, split, training_config)
+    return _score(predict, _decode(records, spec, data_root), dataset, split, threshold)
+
+
+def _decode(records, spec: PreprocessSpec, data_root: str):
     decoded = load_images(records, spec)
     if len(decoded.records) == 0:
         raise DataError(f"none of the {len(records)} images in {data_root} could be decoded")
+    return decoded
+
+
+def _score(predict, decoded, dataset, split: str, threshold: float) -> Evaluation:
     probabilities = np.asarray(predict(decoded.images), dtype=np.float32)
     metrics = binary_metrics(decoded.labels, probabilities, threshold)
     return Evaluation(
@@ -104,19 +110,26 @@ def evaluate(
 
 
 def evaluate_checkpoint(checkpoint: str, data_root: str, split: str = "test", threshold: float = 0.5) -> Evaluation:
-    from pneumonia.checkpoint import load_checkpoint
+    """Score a training checkpoint. The data is found and decoded before the model loads, so a
+    wrong --data or --split fails in a second, not after TensorFlow has started."""
+    from pneumonia.checkpoint import load_model_from_directory, read_info
     from pneumonia.pipeline import predict_probabilities
+    from pneumonia.storage import local_directory
 
-    model, info = load_checkpoint(checkpoint)
-    return evaluate(lambda images: predict_probabilities(model, images), info.preprocess, data_root, split,
-                    threshold, training_config=info.config)
+    with local_directory(checkpoint) as directory:
+        info = read_info(directory)
+        dataset, records = split_records(data_root, split, info.config)
+        decoded = _decode(records, info.preprocess, data_root)
+        model = load_model_from_directory(directory)
+    return _score(lambda images: predict_probabilities(model, images), decoded, dataset, split, threshold)
 
 
 def evaluate_artifact(location: str, data_root: str, split: str = "test", threshold: float | None = None) -> Evaluation:
-    """Score a serving artifact at its stored threshold (or the one given)."""
-    from pneumonia.registry import load_artifact
+    """Score a serving artifact at its stored threshold (or the one given). Its metadata is read
+    and the data found before the model loads (a wrong --data or --split fails in a second)."""
+    from pneumonia.registry import load_artifact, read_metadata
 
+    dataset, records = split_records(data_root, split, read_metadata(location).get("training_config"))
     artifact = load_artifact(location)
     chosen = artifact.threshold if threshold is None else threshold
-    return evaluate(artifact.predict, artifact.preprocess, data_root, split, chosen,
-                    training_config=artifact.metadata.get("training_config"))
+    return _score(artifact.predict, _decode(records, artifact.preprocess, data_root), dataset, split, chosen)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
-from pneumonia.data import Dataset, discover
-from pneumonia.errors import PneumoniaError
+from pneumonia.data import Dataset, discover, probe_image
+from pneumonia.errors import DataError
 from pneumonia.pipeline import decode_threads
-from pneumonia.preprocess import PreprocessSpec, decode_image
-from pneumonia.storage import read_bytes
-
-_PROBE = PreprocessSpec(image_size=32)  # full decode (catches truncation) at a cheap draft scale
 
 
 @dataclass
@@ -63,23 +56,20 @@ class DataSummary:
         return "\n".join(lines)
 
 
-def _probe(location: str) -> tuple[tuple[int, int] | None, str | None]:
-    """(width, height) of a readable image, or (None, problem)."""
-    try:
-        data = read_bytes(location)
-        decode_image(data, _PROBE)
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size, None
-    except (PneumoniaError, OSError) as error:
-        return None, str(error)
-
-
 def summarize(root: str) -> DataSummary:
-    """Counts per split, class and patient; image size range; every unreadable file."""
+    """Counts per split, class and patient; image size range; every unreadable file.
+
+    Raises DataError when not one file is a readable image: a summary of zeros would read as a
+    success (exit 0) to a script checking data before a run.
+    """
     dataset: Dataset = discover(root)
     problems = [{"file": path, "problem": reason} for path, reason in dataset.skipped]
     with ThreadPoolExecutor(max_workers=decode_threads()) as pool:
-        probes = list(pool.map(_probe, [record.location for record in dataset.records]))
+        probes = list(pool.map(probe_image, [record.location for record in dataset.records]))
+    if not any(size for size, _ in probes):
+        _, example = probes[0]
+        raise DataError(f"none of the {len(probes)} image files under {dataset.root} could be read as an image "
+                        f"(e.g. {dataset.records[0].location}: {example}); nothing to summarize")
     splits: dict[str, SplitSummary] = {}
     for name in dataset.splits:
         chosen = [(r, p) for r, p in zip(dataset.records, probes) if r.split == name]

@@ -22,8 +22,13 @@ import numpy as np
 from PIL import Image
 
 from pneumonia import CLASS_NAMES as CLASSES
+from pneumonia.errors import OutputError
 
 SPLITS = ("train", "val", "test")
+MIN_IMAGES = 8
+"""Fewer images cannot give every split both classes."""
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
+"""Pixels per side: below 16 no anatomy is left; a real chest X-ray is at most about 4k x 4k."""
 
 _JPEG_QUALITY = 90
 # Share of patients contributing 2-3 images (roughly what the real set shows).
@@ -227,7 +232,9 @@ def make_synthetic_dataset(
     fraction is 0, so downstream code never meets an empty class), all images of a
     patient share split and class, and the same arguments always produce
     byte-identical files. Refuses to write into a non-empty directory so two
-    datasets are never silently mixed.
+    datasets are never silently mixed. Raises ValueError for impossible arguments,
+    FileExistsError for a non-empty ``out_dir`` and OutputError when it cannot be
+    created or written.
     """
     _validate(n, image_size, pneumonia_fraction, split_fractions, difficulty)
     root = Path(out_dir)
@@ -237,13 +244,16 @@ def make_synthetic_dataset(
     records, patients = _plan_records(
         np.random.default_rng(layout_seq), n, pneumonia_fraction, split_fractions
     )
-    for split in SPLITS:
-        for label in CLASSES:
-            (root / split / label).mkdir(parents=True, exist_ok=True)
-    for record, image_seq in zip(records, render_seq.spawn(len(records))):
-        pixels = _render(np.random.default_rng(image_seq), image_size, record.kind, difficulty)
-        path = root / record.split / record.label / record.filename
-        Image.fromarray(pixels).save(path, format="JPEG", quality=_JPEG_QUALITY)
+    try:
+        for split in SPLITS:
+            for label in CLASSES:
+                (root / split / label).mkdir(parents=True, exist_ok=True)
+        for record, image_seq in zip(records, render_seq.spawn(len(records))):
+            pixels = _render(np.random.default_rng(image_seq), image_size, record.kind, difficulty)
+            path = root / record.split / record.label / record.filename
+            Image.fromarray(pixels).save(path, format="JPEG", quality=_JPEG_QUALITY)
+    except OSError as error:  # a full disk, a folder made read-only meanwhile
+        raise OutputError(f"{root}: cannot write the dataset ({error.strerror or error})") from None
 
     counts = {s: {c: 0 for c in CLASSES} for s in SPLITS}
     for record in records:
@@ -253,10 +263,10 @@ def make_synthetic_dataset(
 
 def _validate(n, image_size, pneumonia_fraction, split_fractions, difficulty) -> None:
     """Reject arguments that would yield an empty class/split or no image."""
-    if n < 8:
-        raise ValueError(f"n must be >= 8 so every split gets both classes, got {n}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if n < MIN_IMAGES:
+        raise ValueError(f"n must be >= {MIN_IMAGES} so every split gets both classes, got {n}")
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, got {image_size}")
     if not 0.0 < pneumonia_fraction < 1.0:
         raise ValueError(f"pneumonia_fraction must be in (0, 1), got {pneumonia_fraction}")
     if len(split_fractions) != len(SPLITS):
@@ -271,12 +281,17 @@ def _validate(n, image_size, pneumonia_fraction, split_fractions, difficulty) ->
 
 def _prepare_root(root: Path) -> None:
     """Create ``root``, refusing to reuse a non-empty directory or a file."""
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    try:
+        reused = root.exists() and (not root.is_dir() or any(root.iterdir()))
+        if not reused:
+            root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a missing or read-only parent, a parent that is a file, no access
+        raise OutputError(f"{root}: cannot create folder ({error.strerror or error})") from None
+    if reused:
         raise FileExistsError(
             f"{root} already exists and is not an empty directory; "
             "choose a new path so synthetic data is not mixed with other files"
         )
-    root.mkdir(parents=True, exist_ok=True)
 
 
 def _plan_records(

@@ -27,6 +27,7 @@ from pneumonia import RAY_ENV
 from pneumonia.config import ExperimentConfig, config_from_dict
 from pneumonia.data import (
     ImageRecord,
+    check_readable,
     class_counts,
     discover,
     shard,
@@ -407,6 +408,7 @@ def train(
     config = config.model_copy(update={"run": config.run.model_copy(update={"name": name, "storage": storage})})
 
     dataset, train_part, val_part = carve_validation(data_root, config)
+    check_readable(train_part + val_part)  # a folder of non-images fails here, in seconds, not in N workers
     progress(
         f"data {data_root}: train {class_counts(train_part)} / validation {class_counts(val_part)} "
         f"({len({r.patient_id for r in val_part})} patients held out)"

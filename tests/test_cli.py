@@ -57,7 +57,7 @@ def test_synth_refuses_a_non_empty_folder(tmp_path, capsys):
         (["train", "--data", "{wrong}"], "no images found"),
         (["train", "--data", "{data}", "--config", "/nonexistent.yaml"], "config file not found"),
         (["train", "--data", "{data}", "--config", "{bad_yaml}"], "train.learning_rat: unknown key"),
-        (["train", "--data", "{data}", "--workers", "0"], "scaling.workers"),
+        (["train", "--data", "{data}", "--set", "scaling.workers=0"], "scaling.workers"),
         (["train", "--data", "{data}", "--set", "train.epochs"], "--set expects key=value"),
         (["train", "--data", "{data}", "--set", "model.nme=seed"], "unknown config key: model.nme"),
         (["train", "--resume", "--storage", "{empty}"], "no earlier run found"),
