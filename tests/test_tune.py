@@ -81,8 +81,6 @@ def imbalanced_data(tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=False, reason="since training is seeded (train.seed), this 6-epoch synthetic sweep's "
-                   "tuned model does not beat the baseline at matched recall; to be re-based on a harder dataset")
 def test_tuning_and_thresholding_raise_precision_at_the_target_recall(ray_cluster, imbalanced_data, tmp_path):
     """The untuned baseline (class weights 1:1, threshold 0.5) flags too many healthy children;
     the sweep's best model at its validation-chosen threshold is more precise on held-out test
@@ -105,7 +103,10 @@ def test_tuning_and_thresholding_raise_precision_at_the_target_recall(ray_cluste
     assert result.metrics["recall"] >= 0 and result.objective == result.metrics["precision_at_recall"]
 
     exported = export(result.best_checkpoint, str(tmp_path / "registry"), data_root=str(imbalanced_data))
-    assert exported.threshold == pytest.approx(result.threshold, abs=1e-6)
+    # Export re-chooses the threshold on validation by objective.threshold_rule (lower_bound: the
+    # patient-bootstrap lower bound of recall reaches the target), so it is at most the sweep's
+    # point threshold, which only asks the point estimate to reach it.
+    assert 0 < exported.threshold <= result.threshold + 1e-6
     after = evaluate_artifact(str(tmp_path / "registry"), str(imbalanced_data)).metrics
     assert after["threshold"] == pytest.approx(exported.threshold)
     # Compare precision at the same recall (the honest headline): the baseline's best threshold for
