@@ -1,0 +1,129 @@
+"""Recognise what is not a pediatric chest X-ray, so that it is never answered as one.
+
+Any decodable image used to get a confident NORMAL/PNEUMONIA answer: a holiday photo, a scanned
+form, a knee X-ray, a blank frame. The guard here is the Mahalanobis distance of an image's
+penultimate features (the input of each member's ``probability`` layer; concatenated across an
+ensemble's members) to the nearest class mean, with one covariance shared by the classes (Lee et
+al., 2018, "A Simple Unified Framework for Detecting Out-of-Distribution Samples"):
+
+- fitted at export on the training carve's features (class means, shrunk shared covariance);
+- its acceptance threshold is the ``pass_rate`` quantile (default 0.99) of the validation
+  carve's scores, so that 99% of validation X-rays pass;
+- baked into the artifact's SavedModel signature as a second output, ``ood_score``: the network
+  runs once per image for both the probability and the score, so the guard costs a matrix
+  product per image (bench/serve_load.py measures it), not a second forward pass.
+
+Why this method: measured on the recommended recipe's ensemble (docs/RESULTS.md), it refused
+every natural photo, scanned page, rendered text, noise/solid/gradient frame, rotated and
+inverted X-ray we could make, while accepting all 16 full-resolution originals; a max-probability
+or energy score on a binary sigmoid cannot tell "confident" from "never seen".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+METHOD = "mahalanobis-penultimate"
+SCORE_NAME = "ood_score"
+FEATURE_LAYER = "probability"  # each model's (member's) output layer: its input is the feature vector
+DEFAULT_PASS_RATE = 0.99
+POLICIES = ("reject", "flag")
+DEFAULT_POLICY = "reject"
+
+
+@dataclass
+class Guard:
+    """A fitted guard: class means [classes, d], shared precision matrix [d, d] and threshold."""
+
+    means: np.ndarray
+    precision: np.ndarray
+    threshold: float
+    pass_rate: float
+    fitted_on: int
+    calibrated_on: int
+    validation_pass_rate: float
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance to the nearest class mean, per row of features [n, d]."""
+        features = np.asarray(features, np.float64)
+        distances = [np.einsum("ij,jk,ik->i", features - mean, self.precision, features - mean) for mean in self.means]
+        return np.min(distances, axis=0).astype(np.float32)
+
+    def metadata(self, policy: str = DEFAULT_POLICY) -> dict[str, Any]:
+        """What metadata.json records (the arrays live in the SavedModel's variables)."""
+        info = {key: value for key, value in asdict(self).items() if key not in ("means", "precision")}
+        return {"method": METHOD, "policy": policy, "features": int(self.means.shape[1]), **info}
+
+
+def fit_guard(features: np.ndarray, labels: np.ndarray, validation_features: np.ndarray,
+              pass_rate: float = DEFAULT_PASS_RATE, shrinkage: float = 1e-3) -> Guard:
+    """Class means and a shared covariance from training features, shrunk toward the identity
+    (scaled by its mean variance) so that it inverts even when features outnumber images; the
+    threshold lets ``pass_rate`` of the validation images through."""
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels)
+    classes = sorted(set(labels.tolist()))
+    if len(features) < 2 or len(validation_features) == 0:
+        raise ValueError("the guard needs training and validation features")
+    means = np.stack([features[labels == c].mean(axis=0) for c in classes])
+    centred = np.concatenate([features[labels == c] - means[i] for i, c in enumerate(classes)])
+    covariance = centred.T @ centred / len(centred)
+    scale = float(np.trace(covariance)) / len(covariance) or 1.0
+    covariance += shrinkage * scale * np.eye(len(covariance))
+    precision = np.linalg.inv(covariance)
+    guard = Guard(means, precision, 0.0, pass_rate, len(features), len(validation_features), 0.0)
+    validation_scores = guard.scores(validation_features)
+    guard.threshold = float(np.quantile(validation_scores, pass_rate))
+    guard.validation_pass_rate = float(np.mean(validation_scores <= guard.threshold))
+    return guard
+
+
+def model_with_features(model):
+    """A Keras model from the image to [probability [n, 1], features [n, d]] that runs the network
+    once: each member's output and the input of its ``probability`` layer; an ensemble averages
+    the members' probabilities (as its Average layer does) and concatenates their features."""
+    import tensorflow as tf
+
+    from pneumonia.ensemble import is_ensemble, member_models
+
+    members = member_models(model) if is_ensemble(model) else [model]
+    image = tf.keras.Input(shape=model.input_shape[1:], name="image", dtype=model.input.dtype)
+    probabilities, features = [], []
+    for member in members:
+        dual = tf.keras.Model(member.input, [member.output, member.get_layer(FEATURE_LAYER).input])
+        probability, feature = dual(image)
+        probabilities.append(probability)
+        features.append(tf.keras.layers.Flatten()(feature))
+    probability = probabilities[0] if len(probabilities) == 1 else tf.keras.layers.Average()(probabilities)
+    feature = features[0] if len(features) == 1 else tf.keras.layers.Concatenate()(features)
+    return tf.keras.Model(image, [probability, feature], name="with_features")
+
+
+def features_and_probabilities(dual, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(features [n, d], probabilities [n]) of uint8 images through :func:`model_with_features`."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: dual(tf.cast(x, tf.float32), training=False))
+    features, probabilities = [], []
+    for start in range(0, len(images), batch_size):
+        probability, feature = forward(tf.constant(images[start : start + batch_size]))
+        probabilities.append(np.reshape(probability.numpy(), [-1]))
+        features.append(feature.numpy())
+    if not features:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+    return np.concatenate(features), np.concatenate(probabilities)
+
+
+def tf_scores(features, means, precision):
+    """:meth:`Guard.scores` in TensorFlow, for the serving signature."""
+    import tensorflow as tf
+
+    features = tf.cast(features, tf.float32)
+    distances = []
+    for index in range(means.shape[0]):
+        centred = features - means[index]
+        distances.append(tf.reduce_sum(tf.matmul(centred, precision) * centred, axis=1))
+    return tf.reduce_min(tf.stack(distances, axis=0), axis=0)
