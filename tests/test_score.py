@@ -1,0 +1,357 @@
+"""`pneumonia score`: batch scoring of an archive with Ray Data, as a user sees it.
+
+The output's rows and columns, per-label counts, corrupt and unreadable files as error rows,
+resuming after an interruption, manifests, CSV vs Parquet by extension, one-line errors that come
+before Ray starts, the same probabilities as the Serve app, and the RayJob manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import pneumonia.score as scoring
+from pneumonia.errors import DataError, Interrupted, OutputError, PneumoniaError
+from pneumonia.registry import ArtifactError
+from pneumonia.score import ScoreResult, add_parser, cmd_score, list_input, output_schema, score
+from tests.helpers import real_data
+from tests.test_serving_ops import _export
+
+COLUMNS = ["path", "label", "probability", "threshold", "model", "version", "error"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Path:
+    """A registry with one small untrained model (64 px grayscale), exported as `pneumonia export` does."""
+    root = tmp_path_factory.mktemp("score") / "registry"
+    _export(root, width=8)
+    return root
+
+
+@pytest.fixture
+def archive(tmp_path) -> Path:
+    """The 16 real full-resolution X-rays in their class folders, a corrupt JPEG and a text file."""
+    folder = tmp_path / "archive"
+    shutil.copytree(real_data("chest_xray_val16"), folder)
+    (folder / "PNEUMONIA" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (folder / "README.txt").write_text("exported from PACS")
+    return folder
+
+
+def _small_images(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = folder / f"xray{index}.png"
+        Image.fromarray(np.full((40, 30), 20 * index, np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _read(path: Path) -> pa.Table:
+    return pacsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the command starts (or joins) Ray."""
+    def refuse():
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("pneumonia.train.init_ray", refuse)
+
+
+# ----------------------------------------------------------------------------- errors before Ray
+
+
+def _missing_artifact(tmp_path, registry):
+    return dict(artifact=str(tmp_path / "no-registry"), input=str(_small_images(tmp_path / "in", 2)[0].parent))
+
+
+def _corrupt_artifact(tmp_path, registry):
+    copy = tmp_path / "registry"
+    shutil.copytree(registry, copy)
+    model = next(copy.rglob("saved_model.pb"))
+    model.write_bytes(model.read_bytes() + b"x")
+    return dict(artifact=str(copy), input=str(_small_images(tmp_path / "in", 2)[0].parent))
+
+
+def _empty_input(tmp_path, registry):
+    (tmp_path / "empty").mkdir()
+    return dict(input=str(tmp_path / "empty"))
+
+
+def _no_images(tmp_path, registry):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "report.txt").write_text("no images here")
+    return dict(input=str(tmp_path / "docs"))
+
+
+def _missing_input(tmp_path, registry):
+    return dict(input=str(tmp_path / "nowhere"))
+
+
+def _manifest_without_path(tmp_path, registry):
+    (tmp_path / "worklist.csv").write_text("file,accession\na.jpeg,1\n")
+    return dict(input=str(tmp_path / "worklist.csv"))
+
+
+def _output_under_a_file(tmp_path, registry):
+    (tmp_path / "taken").write_text("a file")
+    return dict(output=str(tmp_path / "taken" / "scores.parquet"))
+
+
+def _output_not_writable(tmp_path, registry):
+    return dict(output="/proc/scores.parquet")  # not writable even by root
+
+
+def _output_unknown_format(tmp_path, registry):
+    return dict(output=str(tmp_path / "scores.json"))
+
+
+def _output_is_a_folder(tmp_path, registry):
+    (tmp_path / "scores.parquet").mkdir()
+    return dict(output=str(tmp_path / "scores.parquet"))
+
+
+@pytest.mark.parametrize("case,error,message", [
+    (_missing_artifact, ArtifactError, "not found"),
+    (_corrupt_artifact, ArtifactError, "does not match its sha256"),
+    (_empty_input, DataError, "no images to score"),
+    (_no_images, DataError, r"no images to score in .*docs \(1 other files ignored\)"),
+    (_missing_input, DataError, "not found"),
+    (_manifest_without_path, DataError, "has no 'path' column"),
+    (_output_under_a_file, OutputError, "cannot write there"),
+    (_output_not_writable, OutputError, "cannot write there"),
+    (_output_unknown_format, OutputError, "must end in .parquet or .csv"),
+    (_output_is_a_folder, OutputError, "is a folder"),
+], ids=lambda value: value.__name__.strip("_") if callable(value) and not isinstance(value, type) else None)
+def test_bad_input_is_a_one_line_error_before_ray_starts(tmp_path, registry, no_ray, case, error, message):
+    arguments = {"artifact": str(registry), "input": str(_small_images(tmp_path / "images", 2)[0].parent),
+                 "output": str(tmp_path / "out" / "scores.parquet")}
+    arguments.update(case(tmp_path, registry))
+    with pytest.raises(error, match=message) as raised:
+        score(**arguments, progress=lambda line: None)
+    assert isinstance(raised.value, PneumoniaError) and "\n" not in str(raised.value)
+
+
+def test_default_output_is_in_the_working_directory_named_after_the_input():
+    assert scoring.default_output("s3://bucket/pacs/2024-06-01/") == str(Path.cwd() / "2024-06-01-scores.parquet")
+    assert scoring.default_output("lists/worklist.csv") == str(Path.cwd() / "worklist-scores.parquet")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_manifest_lists_its_paths_relative_to_itself_once_each(tmp_path, kind):
+    images = _small_images(tmp_path / "images", 3)
+    paths = ["images/xray0.png", str(images[1]), "images/xray2.png", "images/xray0.png"]
+    table = pa.table({"accession": [1, 2, 3, 4], "path": paths})
+    manifest = tmp_path / f"worklist.{kind}"
+    (pacsv.write_csv if kind == "csv" else pq.write_table)(table, manifest)
+    found = list_input(str(manifest))
+    assert found.paths == paths[:3]  # as the manifest names them (the output's join key), duplicates once
+    assert found.locations == [str(images[0]), str(images[1]), str(images[2])]
+
+
+def test_a_folder_is_listed_recursively_images_only(tmp_path):
+    _small_images(tmp_path / "export" / "day1", 2)
+    (tmp_path / "export" / "day1" / "1.2.840.10008.1").write_bytes(b"DICOM files often have no extension")
+    (tmp_path / "export" / "notes.txt").write_text("x")
+    (tmp_path / "export" / ".DS_Store").write_bytes(b"x")
+    found = list_input(str(tmp_path / "export"))
+    assert [Path(path).name for path in found.paths] == ["1.2.840.10008.1", "xray0.png", "xray1.png"]
+    assert found.ignored == 1
+
+
+# ----------------------------------------------------------------------------- resume without Ray
+
+
+def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_path, registry, no_ray):
+    """Rows of this model version without an error are skipped; other versions' rows are kept."""
+    images = [str(path) for path in _small_images(tmp_path / "images", 3)]
+    output = tmp_path / "scores.parquet"
+    rows = [{"path": path, "label": "NORMAL", "probability": 0.1, "threshold": 0.5, "model": "pneumonia-cnn",
+             "version": version, "error": None} for path in images for version in ("v0001", "v0000")]
+    pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), output)
+    result = score(str(registry), str(tmp_path / "images"), str(output), progress=lambda line: None)
+    assert (result.files, result.skipped, result.scored, result.rows) == (3, 3, 0, 6)
+    assert not Path(f"{output}.parts").exists()
+
+
+# ----------------------------------------------------------------------------- Ray runs
+
+
+@pytest.fixture(scope="module")
+def served(registry) -> dict[str, float]:
+    """What the Serve app's model core answers for each real X-ray sent alone: Classifier._run_batch,
+    which decodes with decode_image and predicts with LoadedArtifact.predict."""
+    from pneumonia.registry import resolve_artifact
+    from pneumonia.serving import Classifier
+
+    core = next(cls for cls in Classifier.func_or_class.__mro__ if "_run_batch" in vars(cls))  # under Serve's wrapper
+    replica = core(str(resolve_artifact(registry)))
+    return {path.name: replica._run_batch([path.read_bytes()])[0]
+            for path in sorted(real_data("chest_xray_val16").rglob("*.jpeg"))}
+
+
+@pytest.mark.ray
+def test_an_archive_is_scored_with_the_same_probabilities_as_serving(ray_cluster, registry, served, archive, tmp_path):
+    output = tmp_path / "scores.parquet"
+    lines: list[str] = []
+    # Batches of one, like lone requests: a forward pass over a different batch can move the last
+    # bit of a float32 result (serving's dynamic batches do the same); see the next test.
+    result = score(str(registry), str(archive), str(output), batch_size=1, concurrency=1, progress=lines.append)
+
+    table = _read(output)
+    assert table.column_names == COLUMNS
+    assert table.num_rows == 17 and result.rows == 17  # 16 X-rays and the corrupt file; not README.txt
+    by_name = {Path(row["path"]).name: row for row in table.to_pylist()}
+    broken = by_name.pop("broken.jpeg")
+    assert broken["error"] and broken["label"] is None and broken["probability"] is None
+    assert all(row["error"] is None and row["model"] == "pneumonia-cnn" and row["version"] == "v0001"
+               and row["threshold"] == 0.5 for row in by_name.values())
+    assert {name: row["probability"] for name, row in by_name.items()} == served  # identical, not close
+
+    expected = Counter("PNEUMONIA" if p >= 0.5 else "NORMAL" for p in served.values())
+    assert Counter(row["label"] for row in by_name.values()) == expected
+    assert result.counts == {"NORMAL": expected["NORMAL"], "PNEUMONIA": expected["PNEUMONIA"]}
+    assert (result.files, result.scored, result.failed, result.skipped, result.ignored) == (17, 17, 1, 0, 1)
+    assert result.images_per_s > 0 and result.wall_s >= result.pipeline_s > 0
+    assert "failed 1" in result.summary() and str(output) in result.summary()
+    assert lines and "scoring 17 files" in lines[0]
+    assert not Path(f"{output}.parts").exists()
+
+
+@pytest.mark.ray
+def test_an_interrupted_run_keeps_its_finished_blocks_and_the_rerun_skips_them(
+        ray_cluster, registry, served, archive, tmp_path, monkeypatch):
+    output = tmp_path / "scores.parquet"
+    parts = Path(f"{output}.parts")
+    write_part = scoring.write_part
+
+    def write_then_stop(*args):
+        write_part(*args)
+        raise KeyboardInterrupt  # Ctrl-C right after the first block is written
+
+    monkeypatch.setattr(scoring, "write_part", write_then_stop)
+    with pytest.raises(Interrupted, match="the same command continues"):
+        score(str(registry), str(archive), str(output), batch_size=2, concurrency=1, progress=lambda line: None)
+    assert not output.exists()
+    (first,) = parts.glob("part-*.parquet")
+    kept = pq.read_table(first).to_pylist()
+    assert 0 < len(kept) < 17
+
+    monkeypatch.setattr(scoring, "write_part", write_part)
+    result = score(str(registry), str(archive), str(output), batch_size=2, concurrency=1, progress=lambda line: None)
+    done = [row for row in kept if row["error"] is None]  # failed files are tried again
+    assert result.skipped == len(done) and result.scored == 17 - len(done)
+    rows = _read(output).to_pylist()
+    assert len(rows) == 17 and len({row["path"] for row in rows}) == 17
+    assert all(row in rows for row in done)  # the first run's rows, unchanged
+    assert not parts.exists()
+    scored = {Path(row["path"]).name: row["probability"] for row in rows if row["error"] is None}
+    assert scored.keys() == served.keys()
+    np.testing.assert_allclose([scored[name] for name in served], list(served.values()), rtol=0, atol=1e-6)
+
+
+@pytest.mark.ray
+def test_a_csv_manifest_scored_through_the_command_into_a_csv_uri(ray_cluster, registry, tmp_path, capsys,
+                                                                   monkeypatch):
+    """A worklist with relative paths and a file that is missing; CSV out by extension, to a
+    file:// URI (the object-store code path); --json prints one JSON line last."""
+    import pneumonia.cli
+
+    monkeypatch.setattr(pneumonia.cli, "_KEEP_RAY", True)  # the session's Ray stays up
+    xrays = sorted(real_data("chest_xray_val16").rglob("*.jpeg"))[:3]
+    for xray in xrays:
+        shutil.copy(xray, tmp_path / xray.name)
+    (tmp_path / "worklist.csv").write_text("path\n" + "\n".join(x.name for x in xrays) + "\nmissing.jpeg\n")
+    output = tmp_path / "out" / "worklist.csv"
+    args = _parser().parse_args(["score", "--artifact", str(registry), "--input", str(tmp_path / "worklist.csv"),
+                                 "--output", output.as_uri(), "--concurrency", "1", "--json"])
+    args.func(args)
+
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (payload["scored"], payload["failed"], payload["rows"]) == (4, 1, 4)
+    assert payload["output"] == output.as_uri() and payload["images_per_s"] > 0
+    table = _read(output)
+    assert table.column_names == COLUMNS
+    rows = {row["path"]: row for row in table.to_pylist()}
+    assert set(rows) == {x.name for x in xrays} | {"missing.jpeg"}  # as the manifest names them
+    assert rows["missing.jpeg"]["error"].startswith("cannot read")
+    assert all(rows[x.name]["label"] in ("NORMAL", "PNEUMONIA") for x in xrays)
+
+
+# ----------------------------------------------------------------------------- command line and cluster
+
+
+def _with_score(build_parser):
+    """A build_parser that also has `score` (added here until pneumonia.cli wires it in itself)."""
+    def build() -> argparse.ArgumentParser:
+        parser = build_parser()
+        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        if "score" not in commands.choices:
+            add_parser(commands)
+        return parser
+
+    return build
+
+
+def _parser() -> argparse.ArgumentParser:
+    import pneumonia.cli
+
+    return _with_score(pneumonia.cli.build_parser)()
+
+
+def test_score_flags_parse_and_bad_values_are_usage_errors(capsys):
+    args = _parser().parse_args(["score", "--artifact", "r", "--input", "i", "--gpu", "--batch-size", "16"])
+    assert (args.func, args.gpu, args.batch_size, args.concurrency, args.output) == (cmd_score, True, 16, None, None)
+    for bad in (["--batch-size", "0"], ["--concurrency", "two"]):
+        with pytest.raises(SystemExit) as exit_:
+            _parser().parse_args(["score", "--artifact", "r", "--input", "i", *bad])
+        assert exit_.value.code == 2
+
+
+def test_the_rayjob_manifest_is_valid_like_the_other_rayjobs(monkeypatch):
+    """The checks tests/test_cluster.py runs on rayjob-train and rayjob-tune, on rayjob-score."""
+    from tests import test_cluster
+
+    monkeypatch.setitem(test_cluster.MANIFESTS, "rayjob-score", ("RayJob", test_cluster.KUBERAY / "rayjob-score.yaml"))
+    test_cluster.test_manifest_parses_with_the_right_api_version_and_kind("rayjob-score")
+    test_cluster.test_every_ray_pod_runs_the_project_image_of_the_pinned_ray("rayjob-score")
+    test_cluster.test_rayjobs_run_on_the_raycluster_spec("rayjob-score")
+    test_cluster.test_rayjob_runtime_env_does_not_clash_with_the_drivers("rayjob-score")
+
+    import pneumonia.cli
+
+    monkeypatch.setattr(pneumonia.cli, "build_parser", _with_score(pneumonia.cli.build_parser))
+    args = test_cluster.parse_entrypoint(test_cluster.manifest("rayjob-score")["spec"]["entrypoint"])
+    assert args.command == "score" and args.func is cmd_score
+    for location in (args.artifact, args.input, args.output):
+        assert location.startswith("s3://"), "every pod must reach the artifact, the images and the output"
+    assert args.gpu, "the job should score on the GPU workers"
+    _, gpus, max_nodes = test_cluster._gpu_capacity("kuberay")
+    assert args.concurrency <= gpus * max_nodes, "more GPU actors than the GPU group scales to"
+
+
+def test_the_result_reads_as_a_summary_and_as_json():
+    result = ScoreResult(output="out.parquet", model="m", version="v0002", files=10, scored=8, skipped=2,
+                         failed=1, counts={"NORMAL": 3, "PNEUMONIA": 4}, rows=10, wall_s=5.0, pipeline_s=4.0)
+    assert json.loads(json.dumps(result.to_json()))["images_per_s"] == 2.0
+    text = result.summary()
+    assert "NORMAL 3, PNEUMONIA 4, failed 1; 2 already scored, skipped" in text and "2.0 images/s" in text
