@@ -20,10 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import pneumonia.score as scoring
+import pneumonia.scoring.run as scoring_run
 from pneumonia.errors import DataError, Interrupted, OutputError, PneumoniaError
 from pneumonia.registry import ArtifactError
-from pneumonia.score import ScoreResult, add_parser, cmd_score, list_input, output_schema, score
+from pneumonia.scoring import ScoreResult, add_parser, cmd_score, score
+from pneumonia.scoring.inputs import list_input
+from pneumonia.scoring.outputs import default_output, output_schema
 from tests.helpers import real_data
 from tests.test_serving_ops import _export
 
@@ -149,8 +151,8 @@ def test_bad_input_is_a_one_line_error_before_ray_starts(tmp_path, registry, no_
 
 
 def test_default_output_is_in_the_working_directory_named_after_the_input():
-    assert scoring.default_output("s3://bucket/pacs/2024-06-01/") == str(Path.cwd() / "2024-06-01-scores.parquet")
-    assert scoring.default_output("lists/worklist.csv") == str(Path.cwd() / "worklist-scores.parquet")
+    assert default_output("s3://bucket/pacs/2024-06-01/") == str(Path.cwd() / "2024-06-01-scores.parquet")
+    assert default_output("lists/worklist.csv") == str(Path.cwd() / "worklist-scores.parquet")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -188,7 +190,8 @@ def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_pa
     rows = [{"path": path, "label": "NORMAL", "probability": 0.1, "threshold": 0.5, "model": "pneumonia-cnn",
              "version": version, "error": None} for path in images for version in ("v0001", "v0000")]
     pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), output)
-    result = score(str(registry), str(tmp_path / "images"), str(output), progress=lambda line: None)
+    # The artifact as a URI (file:// here, s3:// on a cluster): copied and verified by the driver.
+    result = score(registry.as_uri(), str(tmp_path / "images"), str(output), progress=lambda line: None)
     assert (result.files, result.skipped, result.scored, result.rows) == (3, 3, 0, 6)
     assert not Path(f"{output}.parts").exists()
 
@@ -242,13 +245,13 @@ def test_an_interrupted_run_keeps_its_finished_blocks_and_the_rerun_skips_them(
         ray_cluster, registry, served, archive, tmp_path, monkeypatch):
     output = tmp_path / "scores.parquet"
     parts = Path(f"{output}.parts")
-    write_part = scoring.write_part
+    write_part = scoring_run.write_part
 
     def write_then_stop(*args):
         write_part(*args)
         raise KeyboardInterrupt  # Ctrl-C right after the first block is written
 
-    monkeypatch.setattr(scoring, "write_part", write_then_stop)
+    monkeypatch.setattr(scoring_run, "write_part", write_then_stop)
     with pytest.raises(Interrupted, match="the same command continues"):
         score(str(registry), str(archive), str(output), batch_size=2, concurrency=1, progress=lambda line: None)
     assert not output.exists()
@@ -256,7 +259,7 @@ def test_an_interrupted_run_keeps_its_finished_blocks_and_the_rerun_skips_them(
     kept = pq.read_table(first).to_pylist()
     assert 0 < len(kept) < 17
 
-    monkeypatch.setattr(scoring, "write_part", write_part)
+    monkeypatch.setattr(scoring_run, "write_part", write_part)
     result = score(str(registry), str(archive), str(output), batch_size=2, concurrency=1, progress=lambda line: None)
     done = [row for row in kept if row["error"] is None]  # failed files are tried again
     assert result.skipped == len(done) and result.scored == 17 - len(done)

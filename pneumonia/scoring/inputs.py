@@ -1,0 +1,100 @@
+"""What to score: the files of a folder or object-store prefix, or the ``path`` column of a manifest."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pneumonia import IMAGE_EXTENSIONS
+from pneumonia.errors import DataError
+from pneumonia.storage import is_uri, join, list_files, read_bytes
+
+SCORED_EXTENSIONS = IMAGE_EXTENSIONS | {".dicom", ".gif", ".jpe"}
+"""Files in a folder that are scored: image endings, and files with no ending at all or a DICOM UID
+for a name (PACS exports often name files ``1.2.840.113619...``). Other files (reports, .txt) are
+counted, not scored; hidden ones (.DS_Store) are passed over."""
+MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+PATH_COLUMN = "path"
+
+
+@dataclass
+class ScoreInput:
+    """The files to score: ``paths`` as the input named them (they go to the output) and the
+    ``locations`` to read them from (a manifest's relative paths resolved against its folder)."""
+
+    source: str
+    paths: list[str]
+    locations: list[str]
+    ignored: int = 0
+
+
+def list_input(location: str) -> ScoreInput:
+    """The files of a folder or prefix (recursively, sorted) or of a manifest's ``path`` column."""
+    suffix = PurePosixPath(location.rstrip("/")).suffix.lower()
+    if suffix in MANIFEST_FORMATS and (is_uri(location) or Path(location).is_file()):
+        found = _read_manifest(location, MANIFEST_FORMATS[suffix])
+    elif not is_uri(location) and Path(location).is_file():
+        raise DataError(f"--input {location} is a file; pass a folder, a prefix or a .csv/.parquet manifest")
+    else:
+        entries, ignored = [], 0
+        for entry in list_files(location):  # DataError when the folder does not exist
+            if any(part.startswith(".") for part in entry.relative.split("/")):
+                continue  # hidden files and folders (.DS_Store, an interrupted run's .parts)
+            if _scored(entry.relative):
+                entries.append(entry.location)
+            else:
+                ignored += 1
+        found = ScoreInput(location, entries, entries, ignored)
+    if not found.paths:
+        other = f" ({found.ignored:,} other files ignored)" if found.ignored else ""
+        raise DataError(f"no images to score in {location}{other}")
+    return found
+
+
+def _scored(relative: str) -> bool:
+    """An image ending, or none: no dot, or only digits after it (a DICOM UID, ``1.2.840.113619.2.1``)."""
+    suffix = PurePosixPath(relative).suffix.lower()
+    return suffix in SCORED_EXTENSIONS or suffix == "" or suffix[1:].isdigit()
+
+
+def _read_manifest(location: str, kind: str) -> ScoreInput:
+    """Paths from a manifest's ``path`` column, de-duplicated in order; relative ones are resolved
+    against the manifest's own folder (so a worklist can sit next to its images)."""
+    import pyarrow as pa
+
+    try:
+        table = read_table(location, kind, columns=None)
+    except (OSError, pa.ArrowException, ValueError) as error:
+        raise DataError(f"cannot read manifest {location}: {first_line(error)}") from None
+    if PATH_COLUMN not in table.column_names:
+        raise DataError(f"manifest {location} has no '{PATH_COLUMN}' column (it has: {', '.join(table.column_names)})")
+    paths, seen = [], set()
+    for row, value in enumerate(table.column(PATH_COLUMN).to_pylist(), start=1):
+        text = "" if value is None else str(value).strip()
+        if not text:
+            raise DataError(f"manifest {location}: row {row} has an empty '{PATH_COLUMN}'")
+        if text not in seen:
+            seen.add(text)
+            paths.append(text)
+    base = location.rsplit("/", 1)[0] if is_uri(location) else str(Path(location).parent)
+    locations = [path if is_uri(path) or os.path.isabs(path) else join(base, path) for path in paths]
+    return ScoreInput(location, paths, locations)
+
+
+def read_table(location: str, kind: str, columns: list[str] | None, schema=None):
+    """A CSV or Parquet file (local path or URI) as a pyarrow Table; with ``schema``, typed as it says."""
+    import io
+
+    import pyarrow.csv as csv
+    import pyarrow.parquet as pq
+
+    data = io.BytesIO(read_bytes(location))
+    if kind == "parquet":
+        return pq.read_table(data, columns=columns, schema=schema)
+    options = csv.ConvertOptions(column_types=schema, strings_can_be_null=True) if schema is not None else None
+    return csv.read_csv(data, convert_options=options)
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

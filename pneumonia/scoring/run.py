@@ -1,0 +1,181 @@
+"""score(): check everything, start Ray only if there is work, stream results into parts, merge."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pneumonia import CLASS_NAMES
+from pneumonia.errors import ConfigError, Interrupted, PneumoniaError
+from pneumonia.preprocess import DEFAULT_MAX_PIXELS
+from pneumonia.scoring.inputs import ScoreInput, list_input
+from pneumonia.scoring.outputs import (
+    already_scored,
+    check_output,
+    default_output,
+    merge,
+    parts_location,
+    read_previous,
+    write_part,
+)
+from pneumonia.scoring.pipeline import DECODE_CPUS, SCORER_CPUS, PackedArtifact, build_dataset, pack_artifact
+from pneumonia.storage import is_uri
+
+DEFAULT_BATCH_SIZE = 64
+"""Images per forward pass: serving's batch of 32 doubled; a batch job has no latency to keep."""
+
+
+@dataclass
+class ScoreResult:
+    """What a run did: this run's counts, where the scores are, and how fast it went."""
+
+    output: str
+    model: str
+    version: str
+    files: int  # files in the input (images, or manifest rows)
+    scored: int  # files scored by this run, failures included
+    skipped: int  # already scored by this model version in the output
+    failed: int  # this run's rows with an error
+    counts: dict[str, int] = field(default_factory=dict)  # this run's rows per label
+    rows: int = 0  # rows in the output after the merge (every run, every version)
+    ignored: int = 0  # files in the input folder that are not images
+    wall_s: float = 0.0  # the whole call: checks, Ray start, pipeline, merge
+    pipeline_s: float = 0.0  # from the start of the pipeline to the last result
+    startup_s: float = 0.0  # from the start of the pipeline to the first result (actors loading)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.scored / self.pipeline_s if self.pipeline_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
+
+    def summary(self) -> str:
+        labels = ", ".join(f"{label} {self.counts.get(label, 0):,}" for label in CLASS_NAMES)
+        lines = [f"scored {self.scored:,} of {self.files:,} files with {self.model} {self.version}: "
+                 f"{labels}, failed {self.failed:,}"
+                 + (f"; {self.skipped:,} already scored, skipped" if self.skipped else "")
+                 + (f"; {self.ignored:,} non-image files ignored" if self.ignored else ""),
+                 f"{self.images_per_s:.1f} images/s over {self.pipeline_s:.1f} s (first results after "
+                 f"{self.startup_s:.1f} s); wall time {self.wall_s:.1f} s",
+                 f"output: {self.output} ({self.rows:,} rows)"]
+        if self.failed:
+            lines.append("rows with an error name the reason in their 'error' column; a re-run tries them again")
+        return "\n".join(lines)
+
+
+def score(
+    artifact: str,
+    input: str,  # noqa: A002 - the CLI's name for it
+    output: str | None = None,
+    *,
+    gpu: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    concurrency: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable[[str], None] = print,
+) -> ScoreResult:
+    """Score every image of ``input`` with ``artifact`` into ``output`` (see the module docstring).
+
+    ``concurrency`` is the number of scoring actors (default: one per GPU with ``gpu``, else one
+    per CPU of the cluster, each with one CPU). Ray is started (or RAY_ADDRESS joined) only
+    after the artifact, the input and the output have been checked, and only if something is
+    left to score.
+    """
+    started = time.perf_counter()
+    if batch_size < 1:
+        raise PneumoniaError(f"--batch-size must be at least 1, got {batch_size}")
+    packed = pack_artifact(artifact)
+    found = list_input(input)
+    output = output or default_output(input)
+    if not is_uri(output):
+        output = str(Path(output).expanduser().absolute())
+    check_output(output)
+    previous = read_previous(output, progress)
+    done = already_scored(previous, packed.name, packed.version)
+    keep = [index for index, path in enumerate(found.paths) if path not in done]
+    todo = ScoreInput(found.source, [found.paths[i] for i in keep], [found.locations[i] for i in keep])
+    result = ScoreResult(output=output, model=packed.name, version=packed.version, files=len(found.paths),
+                         scored=0, skipped=len(found.paths) - len(keep), failed=0, ignored=found.ignored)
+    if todo.paths:
+        progress(f"scoring {len(todo.paths):,} files from {input} with {packed.name} {packed.version}"
+                 + (f" ({result.skipped:,} already scored, skipped)" if result.skipped else "")
+                 + f" -> {output}")
+        _run(todo, packed, result, gpu=gpu, batch_size=batch_size, concurrency=concurrency,
+             max_pixels=max_pixels, progress=progress)
+        previous = read_previous(output, progress)  # the new parts too
+    else:
+        progress(f"nothing to score: all {len(found.paths):,} files already scored by {packed.name} "
+                 f"{packed.version} in {output}")
+    result.rows = merge(output, previous)
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def _run(todo: ScoreInput, packed: PackedArtifact, result: ScoreResult, *, gpu: bool, batch_size: int,
+         concurrency: int | None, max_pixels: int, progress: Callable[[str], None]) -> None:
+    """Start (or join) Ray, stream the results into part files, count them into ``result``."""
+    import ray
+
+    from pneumonia.train import init_ray
+
+    init_ray()
+    concurrency = concurrency or _default_concurrency(gpu)
+    _check_resources(gpu, concurrency)
+    shipped = ray.put(packed.files)
+    dataset = build_dataset(todo, packed, shipped, gpu=gpu, batch_size=batch_size, concurrency=concurrency,
+                            max_pixels=max_pixels)
+    parts, run_ns, counts = parts_location(result.output), time.time_ns(), Counter()
+    result.counts = {label: 0 for label in CLASS_NAMES}
+    began = time.perf_counter()
+    try:
+        for sequence, table in enumerate(dataset.iter_batches(batch_size=None, batch_format="pyarrow")):
+            if not result.startup_s:
+                result.startup_s = time.perf_counter() - began
+            write_part(parts, sequence, run_ns, table)
+            result.scored += len(table)
+            result.failed += len(table) - table["error"].null_count
+            counts.update(label for label in table["label"].to_pylist() if label is not None)
+            result.counts = {label: counts.get(label, 0) for label in CLASS_NAMES}
+    except KeyboardInterrupt:
+        raise Interrupted(f"scoring interrupted after {result.scored:,} of {len(todo.paths):,} files; they are "
+                          f"kept in {parts}: the same command continues") from None
+    result.pipeline_s = time.perf_counter() - began
+
+
+def _default_concurrency(gpu: bool) -> int:
+    """One actor per GPU with ``gpu``; else one per CPU (each decodes and scores its own blocks)."""
+    import ray
+
+    available = ray.cluster_resources()
+    if gpu:
+        return max(1, int(available.get("GPU", 0)))
+    return max(1, int(available.get("CPU", 0) // SCORER_CPUS))
+
+
+def _check_resources(gpu: bool, concurrency: int) -> None:
+    """An embedded Ray that can never fit the actors is an error (Ray Data would wait forever);
+    on the user's cluster the autoscaler may still add nodes, so it is a warning."""
+    import ray
+
+    from pneumonia.local_ray import user_cluster_address
+
+    available = ray.cluster_resources()
+    problems = []
+    if gpu and available.get("GPU", 0) < concurrency:
+        problems.append(f"{concurrency} GPU actors, but the cluster has {available.get('GPU', 0):g} GPUs")
+    wanted = concurrency * SCORER_CPUS + (DECODE_CPUS if gpu else 0)  # GPU runs decode in tasks of their own
+    if available.get("CPU", 0) < wanted:
+        problems.append(f"{concurrency} actors x {SCORER_CPUS:g} CPU" + (f" + {DECODE_CPUS:g} CPU to decode" if gpu else "")
+                        + f", but the cluster has {available.get('CPU', 0):g} CPUs")
+    if not problems:
+        return
+    message = "not enough resources: " + "; ".join(problems) + " (lower --concurrency)"
+    if user_cluster_address():
+        print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)
+        return
+    raise ConfigError(message)
