@@ -369,6 +369,7 @@ def cmd_serve(args) -> None:
     import signal
     import time
 
+    from pneumonia.registry import artifact_warning, read_metadata
     from pneumonia.service import local_service
 
     def stop(signum, frame):
@@ -381,6 +382,9 @@ def cmd_serve(args) -> None:
         with local_service(artifact, host=args.host, port=args.port) as url:
             print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
                   "Ctrl-C stops", flush=True)
+            warning = artifact_warning(read_metadata(artifact))
+            if warning:  # also in every answer; said here so that whoever starts it cannot miss it
+                print(f"WARNING: this model was {warning}", flush=True)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:

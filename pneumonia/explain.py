@@ -32,6 +32,13 @@ Choices and why:
   (members of one architecture all get weight 1). ``Explanation.layer`` reads ``member_*/last_conv``.
 - The PNGs use the ``jet`` colormap, the one Grad-CAM figures use, blended uniformly over the
   grayscale X-ray so that the whole image stays readable under the colours.
+- The map is computed on the model's input (64 or 150 px, square) but shown to a person over the
+  X-ray they sent (:meth:`Explanation.overlay_on`): at its own aspect ratio, its longest side
+  :data:`DISPLAY_SIDE` (512) px, the map resized onto it the way preprocessing mapped the X-ray
+  into the model's square (stretched back for ``stretch``, the letterbox bands cut off for
+  ``pad``). A smaller original is enlarged to 512 px too: its pixels carry no more detail, but the
+  map's cells and the anatomy under them are then big enough to read, and every overlay a client
+  shows has one predictable size.
 
 This module must stay importable by a serving process: no Ray, and TensorFlow only inside the
 functions that need it.
@@ -51,6 +58,8 @@ from pneumonia.ensemble import MEMBER_PREFIX, OUTPUT_NAME, is_ensemble, member_m
 
 COLORMAP = "jet"
 BATCH_SIZE = 32  # images per compiled call in explain_batch: bounds the memory of a large batch
+DISPLAY_SIDE = 512  # longest side, in pixels, of the overlay drawn over the original X-ray
+DEFAULT_ALPHA = 0.45  # the heatmap's opacity in overlays
 
 
 @dataclass
@@ -61,23 +70,32 @@ class Explanation:
     heatmap: np.ndarray  # float32 [size, size] in [0, 1], at the model's input size
     layer: str  # name of the layer whose feature maps were weighted
 
-    def overlay_png(self, image: np.ndarray, alpha: float = 0.45) -> bytes:
-        """PNG (RGB) of the colour-mapped heatmap blended over the grayscale X-ray.
+    def overlay_png(self, image: np.ndarray, alpha: float = DEFAULT_ALPHA) -> bytes:
+        """PNG (RGB) of the colour-mapped heatmap blended over the grayscale X-ray, at the model's
+        input size (for a person, :meth:`overlay_on` draws it over the original instead).
 
         ``image`` is the uint8 [size, size, channels] array that was explained; ``alpha`` is the
         heatmap's opacity (0: the X-ray alone, 1: the heatmap alone).
         """
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be between 0 and 1, got {alpha!r}")
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[:2] != self.heatmap.shape:
             raise ValueError(
                 f"expected a uint8 image of shape ({', '.join(map(str, self.heatmap.shape))}, channels), "
                 f"got {image.dtype} {image.shape}"
             )
-        gray = image.mean(axis=2, dtype=np.float32)[:, :, None]
-        blended = (1 - alpha) * gray + alpha * _colorize(self.heatmap).astype(np.float32)
-        return _png(np.clip(np.round(blended), 0, 255).astype(np.uint8))
+        return _png(_blend(image.mean(axis=2, dtype=np.float32), self.heatmap, alpha))
+
+    def overlay_on(self, original: Image.Image, resize: str = "stretch", side: int = DISPLAY_SIDE,
+                   alpha: float = DEFAULT_ALPHA) -> bytes:
+        """PNG (RGB) of the heatmap over the X-ray as it was sent: the original's aspect ratio,
+        its longest side ``side`` px (a smaller original is enlarged: see the module docstring).
+
+        ``original`` is the upright image before preprocessing (``preprocess.open_image``);
+        ``resize`` is the preprocessing's mode, which says how the model's square maps onto it.
+        """
+        width, height = display_size(original.size, side)
+        gray = np.asarray(original.convert("L").resize((width, height), Image.Resampling.BILINEAR), np.float32)
+        return _png(_blend(gray, _heatmap_over(self.heatmap, original.size, (width, height), resize), alpha))
 
     def heatmap_png(self) -> bytes:
         """PNG (RGB) of the colour-mapped heatmap alone."""
@@ -339,6 +357,41 @@ def _colorize(heatmap: np.ndarray) -> np.ndarray:
     """uint8 RGB [h, w, 3] of a [0, 1] heatmap."""
     levels = np.round(np.clip(np.nan_to_num(heatmap), 0.0, 1.0) * 255).astype(np.uint8)
     return _lookup_table()[levels]
+
+
+def display_size(size: tuple[int, int], side: int = DISPLAY_SIDE) -> tuple[int, int]:
+    """(width, height) with the aspect ratio of ``size`` and the longest side ``side`` (>= 1 px each)."""
+    width, height = size
+    scale = side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _heatmap_over(heatmap: np.ndarray, original: tuple[int, int], target: tuple[int, int], resize: str) -> np.ndarray:
+    """float32 [height, width] of ``target``: the square heatmap mapped back onto the original
+    (width, height). ``stretch`` squeezed the whole original into the square, so the whole map
+    stretches back; ``pad`` letterboxed it (centred on a square of its longest side), so only the
+    part of the map over the image is kept."""
+    if resize not in ("stretch", "pad"):
+        raise ValueError(f"resize must be 'stretch' or 'pad', got {resize!r}")
+    rows, columns = heatmap.shape
+    box = (0.0, 0.0, float(columns), float(rows))
+    width, height = original
+    if resize == "pad" and width != height:
+        longest = max(width, height)
+        # decode_image pastes at integer offsets; the same offsets, in the map's units.
+        left, top = (longest - width) // 2, (longest - height) // 2
+        box = (left * columns / longest, top * rows / longest,
+               (left + width) * columns / longest, (top + height) * rows / longest)
+    layer = Image.fromarray(np.ascontiguousarray(heatmap, np.float32))  # mode "F"
+    return np.asarray(layer.resize(target, Image.Resampling.BILINEAR, box=box), np.float32)
+
+
+def _blend(gray: np.ndarray, heatmap: np.ndarray, alpha: float) -> np.ndarray:
+    """uint8 RGB [h, w, 3]: the colour-mapped heatmap over a float grayscale image of the same size."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha!r}")
+    blended = (1 - alpha) * gray[:, :, None] + alpha * _colorize(heatmap).astype(np.float32)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
 
 def _png(rgb: np.ndarray) -> bytes:

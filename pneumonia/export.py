@@ -8,6 +8,12 @@ bootstrap interval of recall reaches the target (metrics.safe_operating_point). 
 chosen, and the precision and recall to expect with their intervals, go into the artifact's
 metadata as ``validation_metrics.operating_point``. Without ``--data``, the threshold the
 checkpoint recorded at its epoch (validation recall >= target, no margin) is used.
+
+What the model learned from goes into the metadata as ``training_data``: the data root that the
+run's manifest recorded (the nearest ``pneumonia_run.json`` or ``pneumonia_sweep.json`` above the
+checkpoint; ``--data`` when there is none) and whether it is synthetic, which
+:func:`pneumonia.synth.make_synthetic_dataset` marks at the dataset root. The service then
+warns in every answer of a model trained on synthetic images (``registry.artifact_warning``).
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ from pneumonia.checkpoint import load_checkpoint
 from pneumonia.config import config_from_dict
 from pneumonia.errors import CheckpointError, PneumoniaError
 from pneumonia.metrics import SafeOperatingPoint, binary_metrics, safe_operating_point
-from pneumonia.storage import exists, join, read_bytes
+from pneumonia.storage import exists, is_uri, join, read_bytes
 
 
 # Resamples of the validation split for the operating point's intervals: fixed, so that exporting
 # the same checkpoint on the same data always gives the same threshold.
 BOOTSTRAP_SEED = 0
+# Manifests sit 1 (a training run's checkpoint_*, an ensemble), 3 (a sweep's trials/<trial>/<ckpt>,
+# an ensemble member's members/member_<k>/<ckpt>) folders above a checkpoint: look no further up.
+MANIFEST_DEPTH = 3
 
 
 @dataclass
@@ -52,15 +61,74 @@ class Exported:
         return f"exported {self.version} to {self.artifact}\n  {how}"
 
 
+def _parent(location: str) -> str:
+    """The folder holding a path or URI (a URI keeps its ``scheme://``)."""
+    if is_uri(location):
+        scheme, _, path = location.rstrip("/").partition("://")
+        return f"{scheme}://{path.rsplit('/', 1)[0]}" if "/" in path else location
+    return str(PurePosixPath(location.rstrip("/")).parent)
+
+
 def _sweep_config(checkpoint: str) -> dict[str, Any] | None:
     """The tune section of the sweep a trial checkpoint came from (…/<sweep>/trials/<trial>/<ckpt>)."""
     from pneumonia.tune import SWEEP_MANIFEST
 
-    sweep_dir = str(PurePosixPath(checkpoint.rstrip("/")).parent.parent.parent)
-    location = join(sweep_dir, SWEEP_MANIFEST)
+    location = join(_parent(_parent(_parent(checkpoint))), SWEEP_MANIFEST)
     if not exists(location):
         return None
     return json.loads(read_bytes(location))["config"].get("tune")
+
+
+def _manifest_data(checkpoint: str) -> str | None:
+    """The data root recorded by the nearest run or sweep manifest above a checkpoint, or None."""
+    from pneumonia.train import RUN_MANIFEST
+    from pneumonia.tune import SWEEP_MANIFEST
+
+    folder = checkpoint
+    for _ in range(MANIFEST_DEPTH):
+        folder = _parent(folder)
+        for name in (RUN_MANIFEST, SWEEP_MANIFEST):
+            location = join(folder, name)
+            if exists(location):
+                return json.loads(read_bytes(location)).get("data")
+    return None
+
+
+def _dataset_marker(root: str) -> dict[str, Any] | None:
+    """The marker :mod:`pneumonia.synth` leaves at a dataset's root, or None (not made there)."""
+    from pneumonia.synth import MARKER_FILE
+
+    location = join(root, MARKER_FILE)
+    if not exists(location):
+        return None
+    try:
+        marker = json.loads(read_bytes(location))
+    except ValueError as error:
+        raise ValueError(f"{location} is not JSON: {error}") from None
+    if not isinstance(marker, dict):
+        raise ValueError(f"{location} is not a JSON object")
+    return marker
+
+
+def training_data(checkpoint: str, members: list[str], data_root: str | None) -> dict[str, Any]:
+    """``{"synthetic": true|false|null, "roots": [...], "dataset": marker}``: what the model at
+    ``checkpoint`` learned from. Its roots come from the run's manifest, else from the members'
+    (an ensemble combined from other runs), else from ``data_root``; synthetic when any root is
+    marked so, unknown (null, with the ``problem``) when no root is known or one cannot be read."""
+    roots: list[str] = []
+    try:
+        found = _manifest_data(checkpoint)
+        roots = [found] if found else [root for root in map(_manifest_data, members) if root]
+        roots = list(dict.fromkeys(roots or ([data_root] if data_root else [])))
+        markers = [_dataset_marker(root) for root in roots]
+    except (OSError, ValueError, PneumoniaError) as error:  # moved, unreadable, a store that is down
+        return {"synthetic": None, "roots": roots, "problem": str(error)}
+    if not roots:
+        return {"synthetic": None, "roots": []}
+    flags = [marker.get("synthetic") if marker else False for marker in markers]
+    synthetic = True if True in flags else None if None in flags else False
+    dataset = next((marker for marker in markers if marker), None)
+    return {"synthetic": synthetic, "roots": roots, **({"dataset": dataset} if dataset else {})}
 
 
 def export(checkpoint: str, registry: str, data_root: str | None = None, name: str = "pneumonia-cnn") -> Exported:
@@ -98,7 +166,8 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
         artifact = export_artifact(
             checkpoint, registry, threshold=threshold, target_recall=target, validation_metrics=metrics,
             training_config=info.config, tuning_config=_sweep_config(checkpoint),
-            data_fingerprint=fingerprint, name=name,
+            data_fingerprint=fingerprint, training_data=training_data(checkpoint, info.members, data_root),
+            name=name,
         )
     except ValueError as error:
         raise PneumoniaError(str(error)) from None

@@ -12,6 +12,10 @@ An artifact is one folder ``<registry>/<name>/<version>/`` holding:
 - ``model.keras``: the checkpoint's Keras model, kept because Grad-CAM explanations need layers.
 - ``metadata.json``: where it came from (git commit, checkpoint, data fingerprint, configs), how
   to use it (input spec, threshold) and the sha256 of every other file, checked on every load.
+  ``training_data`` says what the model learned from (``{"synthetic": true|false|null, "roots":
+  [...], "dataset": the dataset's marker}``, see :mod:`pneumonia.export`): a model trained on
+  the synthetic stand-in (:mod:`pneumonia.synth`) reads real X-rays wrongly, so
+  :func:`artifact_warning` gives the warning that the service puts in every answer of one.
   An ensemble (:mod:`pneumonia.ensemble`) adds ``ensemble``: ``{"members": K, "sources": [member
   checkpoints]}``; a single model has no such key. The ensemble is one model in both files, so
   loading and serving it is no different.
@@ -64,6 +68,7 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 REQUIRED_FILES = (MODEL_FILE, f"{SAVED_MODEL_DIR}/saved_model.pb")
 GIT_TIMEOUT_S = 5
+SYNTHETIC_WARNING = "trained on synthetic data: not for real X-rays"
 
 _VERSION = re.compile(r"^v(\d{4,})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -95,12 +100,15 @@ def export_artifact(
     training_config: dict,
     tuning_config: dict | None = None,
     data_fingerprint: str | None = None,
+    training_data: dict | None = None,
     name: str = DEFAULT_NAME,
 ) -> Artifact:
     """Export a training checkpoint (path or URI) as the next version of ``name`` in a local registry.
 
     ``threshold`` is the probability above which an image is called PNEUMONIA, chosen on
     validation data to reach ``target_recall``; both are stored so serving and audits agree.
+    ``training_data`` (what the model learned from, ``{"synthetic": ...}``) is stored as it is;
+    None records that nobody said (``{"synthetic": null}``).
     Raises ValueError for impossible settings and ArtifactError for a checkpoint that cannot be
     read; either way no version appears.
     """
@@ -119,6 +127,7 @@ def export_artifact(
         "training_config": training_config,
         "tuning_config": tuning_config,
         "data_fingerprint": data_fingerprint,
+        "training_data": training_data if training_data is not None else {"synthetic": None},
         "source_checkpoint": str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).resolve()),
     })
     name_dir = Path(registry).expanduser().resolve() / name
@@ -433,6 +442,16 @@ def load_artifact(location: str | Path) -> LoadedArtifact:
     _verify_files(path, metadata["files"])
     saved_model, signature = _load_signature(path, spec)
     return LoadedArtifact(path, metadata, spec, threshold, signature, saved_model)
+
+
+def artifact_warning(metadata: dict) -> str | None:
+    """The warning that every answer served from this artifact must carry, or None: a model
+    trained on synthetic images calls real X-rays wrongly (seen: real NORMAL X-rays called
+    PNEUMONIA with high confidence), and its numbers look as confident as a real model's."""
+    training = metadata.get("training_data")
+    if isinstance(training, dict) and training.get("synthetic") is True:
+        return SYNTHETIC_WARNING
+    return None
 
 
 def read_metadata(location: str | Path) -> dict:

@@ -10,13 +10,24 @@ must be in the environment before Ray starts: :func:`local_service` (``pneumonia
 demo), the benchmarks and the tests call :func:`enable_throughput_mode` before ``ray.init``; on a cluster they belong in every node's
 environment (see cluster/ and docs/cluster.md). A variable the user set is never overridden, so
 ``RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` restores Serve's default proxy.
+
+Stopping (:func:`stop_service`) must leave nothing behind, whoever gets the signal. Ctrl-C in a
+terminal or ``kill`` of our process alone: Serve shuts down in order (its HAProxyManager stops
+HAProxy, the replicas drain), then Ray. SIGTERM to the whole process group (systemd, container
+runtimes): Ray's GCS and raylet, which share our group, get it too and go away while Serve shuts
+down, so its controller can no longer answer (waiting for it cost 30 s), and HAProxy, which Serve
+starts in the HAProxyManager's own process group, could outlive them all, still bound to the
+service's port. So the wait for Serve ends once Ray is going down, and any HAProxy of this node
+that outlives Ray is ended here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import time
 import urllib.request
@@ -44,6 +55,15 @@ BUSY_MACHINE_TOLERANCE = {
     "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "10",
     "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120",
 }
+
+
+# serve.shutdown() waits on a controller call that only the controller's exit answers; the driver
+# then printed "Task ServeController.graceful_shutdown failed ... will be retried ... killed by
+# `ray.kill`" on every clean Ctrl-C (and "Failed to push error to driver" when the GCS was gone).
+# The notice is about tasks still being retried; a service's driver submits no task of its own.
+QUIET_SHUTDOWN = {"RAY_enable_output_error_log_if_still_retry": "0"}
+STOP_POLL_S = 0.5  # how often a stop checks whether Ray is going down under it
+HAPROXY_STOP_S = 10  # how long a stop waits for a leftover HAProxy to exit before SIGKILL
 
 
 def haproxy_binary() -> str | None:
@@ -114,10 +134,12 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
     The artifact is resolved and verified before Ray starts, so a wrong path fails in a second.
     """
     enable_throughput_mode(drain_s=drain_s)  # before Ray (and ray.serve) is first imported
+    for name, value in QUIET_SHUTDOWN.items():
+        os.environ.setdefault(name, value)
     import ray
     from ray import serve
 
-    from pneumonia.local_ray import start_ray, stop_ray
+    from pneumonia.local_ray import start_ray, stop_ray, user_cluster_address
     from pneumonia.serving import build_app
 
     application = build_app({"artifact": artifact, **(app_args or {})})
@@ -127,8 +149,10 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
         except OSError as error:
             raise PneumoniaError(f"cannot serve on {host}:{port}: {error.strerror}") from None
     started_ray = not ray.is_initialized()
+    own_cluster = started_ray and user_cluster_address() is None  # its processes are ours to end
     if started_ray:
         start_ray(RAY_ENV, logging_level="WARNING")
+    node_id = ray.get_runtime_context().get_node_id() if own_cluster else None
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application, name="pneumonia", route_prefix="/")
@@ -136,6 +160,107 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
         wait_until_healthy(url)
         yield url
     finally:
-        serve.shutdown()
-        if started_ray:
+        stop_service(stop_ray if started_ray else None, node_id)
+
+
+def stop_service(stop_ray=None, node_id: str | None = None) -> None:
+    """Shut Serve down, then call ``stop_ray`` (when this process started or joined Ray), and end
+    whatever HAProxy outlived the Ray cluster this process started on node ``node_id`` (see the
+    module docstring). With ``node_id`` the wait for Serve also ends once that Ray is going down."""
+    going_down = _ray_going_down if node_id else (lambda: False)
+    with _quiet_teardown(bool(node_id)):
+        if not going_down():
+            _shutdown_serve(going_down)
+        if stop_ray is not None:
             stop_ray()
+    end_haproxy(node_id)
+
+
+@contextlib.contextmanager
+def _quiet_teardown(quiet: bool) -> Iterator[None]:
+    """While our own Ray is torn down, print none of what its processes forward to the driver.
+
+    What they say then is about being stopped, and it reads like a crash: the autoscaler, which
+    handles SIGTERM by reporting itself failed, printed "The autoscaler failed with the following
+    error: Terminated with signal 15" and a stack on every group SIGTERM. Ray's own log files
+    keep it all. (Ray's debugger uses the same switch to keep worker logs off its prompt.)
+    """
+    from ray._private import worker
+
+    before = getattr(worker, "_worker_logs_enabled", True)
+    if quiet:
+        worker._worker_logs_enabled = False
+    try:
+        yield
+    finally:
+        worker._worker_logs_enabled = before
+
+
+def _shutdown_serve(going_down) -> None:
+    """serve.shutdown(), given up once ``going_down()`` says Ray is going away under it."""
+    from ray import serve
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:  # called from a running event loop (a notebook): the plain, blocking shutdown
+        serve.shutdown()
+        return
+
+    async def shutdown() -> None:
+        task = asyncio.ensure_future(serve.shutdown_async())
+        while not (await asyncio.wait({task}, timeout=STOP_POLL_S))[0]:
+            if going_down():
+                task.cancel()
+                return
+        task.result()
+
+    asyncio.run(shutdown())
+
+
+def _ray_going_down() -> bool:
+    """Whether the GCS or the raylet that this process started has exited (they got the SIGTERM
+    that was sent to our whole process group)."""
+    from ray._private import ray_constants, worker
+
+    node = getattr(worker, "_global_node", None)
+    if node is None:
+        return False
+    core = {ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET}
+    return any(kind in core for kind, _ in node.dead_processes())
+
+
+def haproxy_processes(node_id: str) -> list[int]:
+    """PIDs of the HAProxy processes Serve started for Ray node ``node_id`` (Serve keeps their
+    config under a folder named after the node, which their command line names); Linux only."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().decode(errors="replace").split("\0")
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        if os.path.basename(argv[0]).startswith("haproxy") and any(f"/{node_id}/" in arg for arg in argv[1:]):
+            found.append(int(entry))
+    return found
+
+
+def end_haproxy(node_id: str | None, timeout_s: float = HAPROXY_STOP_S) -> list[int]:
+    """End the HAProxy processes of node ``node_id`` that outlived its Ray (SIGTERM, HAProxy's
+    immediate stop; SIGKILL after ``timeout_s``); returns their PIDs. A manager still dying may
+    start one more during a reload, so this repeats until a look finds none."""
+    ended: list[int] = []
+    if not node_id:
+        return ended
+    deadline = time.monotonic() + timeout_s
+    while (pids := haproxy_processes(node_id)) and time.monotonic() < deadline + timeout_s:
+        late = time.monotonic() > deadline
+        for pid in pids:
+            with contextlib.suppress(OSError):  # exited meanwhile
+                os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+        ended.extend(pid for pid in pids if pid not in ended)
+        time.sleep(0.2)
+    return ended

@@ -10,6 +10,11 @@ overload never becomes a growing queue. Run under Serve's throughput-optimised m
 
 Serving imports only the preprocessing function and the registry (never train or tune code), and
 applies the same ``decode_image`` that training used: no training/serving skew.
+
+Every error the application answers has one shape, ``{"error": "<message>"}`` (FastAPI's own 404,
+405 and 422 included, see :func:`json_errors`), and every answer of an artifact trained on
+synthetic images carries a ``warning`` (``registry.artifact_warning``), so that nobody takes its
+calls on real X-rays for a diagnosis.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) in the
@@ -23,15 +28,19 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pneumonia import CLASS_NAMES, RAY_ENV
 from pneumonia.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     ImageTooLargeError,
+    PreprocessSpec,
     decode_image,
+    open_image,
 )
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/dicom", "image/dicom", "application/octet-stream"}
@@ -52,21 +61,53 @@ class HTTPError(Exception):
         self.message = message
 
 
-def _json_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def json_errors(app: FastAPI) -> FastAPI:
+    """Answer the errors FastAPI and Starlette raise themselves in our shape, ``{"error": ...}``,
+    instead of their ``{"detail": ...}``: an unknown path (404), a wrong method (405, with its
+    ``Allow`` header), a request that fails validation (422), a malformed multipart body (400)
+    and an unexpected exception (500, no internals in the message)."""
+
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        method, path = request.method, request.url.path
+        if error.status_code == 404 and error.detail == "Not Found":
+            message = f"no such route: {method} {path}"
+        elif error.status_code == 405:
+            message = f"{method} is not allowed on {path}; use {(error.headers or {}).get('Allow', 'another method')}"
+        else:
+            message = str(error.detail)
+        return _json_error(error.status_code, message, error.headers)
+
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, problem.get('loc', ())))}: {problem.get('msg', 'invalid')}"
+                             for problem in error.errors())
+        return _json_error(422, f"invalid request: {problems or 'see the API'}")
+
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        return _json_error(500, f"internal error ({type(error).__name__}); the service logs have the details")
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, unexpected)
+    return app
 
 
 # ----------------------------------------------------------------------------- the service
 
-api = FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")
+api = json_errors(FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier"))
 
 
 @serve.deployment(
     name="Classifier",
     # Above max_pending the replica itself answers a JSON 503 at once; Serve's own bounds sit
-    # above it (their 503 is plain text), so they only catch what the replica cannot.
+    # above it (their 503 is plain text that no handler of ours can reshape, README "Serving"),
+    # so they only catch what the replica cannot; theirs at least says when to retry, as ours does.
     max_ongoing_requests=192,
     max_queued_requests=64,
+    backpressure_config={"retry_after_s": 1},
     autoscaling_config={
         "min_replicas": 1,
         "max_replicas": 4,
@@ -89,10 +130,11 @@ class Classifier:
                  max_pending: int = DEFAULT_MAX_PENDING):
         from ray.serve import metrics
 
-        from pneumonia.registry import load_artifact
+        from pneumonia.registry import artifact_warning, load_artifact
 
         self.artifact = load_artifact(artifact)
         self.metadata = self.artifact.metadata
+        self.warning = artifact_warning(self.metadata)  # in every answer when set
         self.spec = self.artifact.preprocess
         self.threshold = float(self.artifact.threshold)
         self.max_bytes = max_bytes
@@ -155,16 +197,19 @@ class Classifier:
         self.last_batch_sizes = (self.last_batch_sizes + [len(items)])[-256:]
         return await asyncio.to_thread(self._run_batch, items)
 
-    def _explain(self, image: np.ndarray) -> dict[str, Any]:
-        from pneumonia.explain import GradCam
+    def _explain(self, data: bytes, image: np.ndarray) -> dict[str, Any]:
+        """Grad-CAM of the model input ``image``, drawn over the X-ray ``data`` as it was sent
+        (its aspect ratio, longest side 512 px: see pneumonia.explain)."""
+        from pneumonia.explain import DISPLAY_SIDE, GradCam
 
         if self._explainer is None:
             self._explainer = GradCam(self.artifact.keras_model())
         explanation = self._explainer.explain(image)
+        original = open_image(data, PreprocessSpec(DISPLAY_SIDE, self.spec.channels), self.max_pixels)
         return {
             "probability": float(self.artifact.predict(image[None])[0]),  # the number /predict gives
             "layer": explanation.layer,
-            "overlay_png": base64.b64encode(explanation.overlay_png(image)).decode(),
+            "overlay_png": base64.b64encode(explanation.overlay_on(original, self.spec.resize)).decode(),
             "heatmap": np.round(explanation.heatmap, 3).tolist(),
         }
 
@@ -222,7 +267,12 @@ class Classifier:
             "threshold": self.threshold,
             "model": self.metadata["name"],
             "version": self.metadata["version"],
+            **self._warned(),
         }
+
+    def _warned(self) -> dict[str, str]:
+        """``{"warning": ...}`` for an artifact that must say so in every answer, else nothing."""
+        return {"warning": self.warning} if self.warning else {}
 
     async def _classify(self, items: list[tuple[str, bytes | np.ndarray]]) -> list[float]:
         """Probabilities for named images (encoded bytes or decoded pixels), via the batch queue;
@@ -270,8 +320,9 @@ class Classifier:
             items = await self._body_images(request)
             if len(items) != 1:
                 raise HTTPError(400, "/explain takes one image")
-            image = await self._decode(*items[0])
-            result = await asyncio.to_thread(self._explain, image)
+            name, data = items[0]
+            image = await self._decode(name, data)
+            result = await asyncio.to_thread(self._explain, data, image)
             return {**self._answer(result["probability"]), **result}
 
         return await self._guarded(work())
@@ -282,7 +333,7 @@ class Classifier:
 
     @api.get("/model")
     async def model(self):
-        return self.metadata
+        return {**self.metadata, **self._warned()}
 
     # -- Open Inference Protocol (KServe v2)
 
@@ -335,7 +386,7 @@ class Classifier:
                 "model_name": name,
                 "model_version": self.metadata["version"],
                 "id": payload.get("id") if isinstance(payload, dict) else None,
-                "parameters": {"threshold": self.threshold},
+                "parameters": {"threshold": self.threshold, **self._warned()},
                 "outputs": [
                     {"name": "probability", "datatype": "FP32", "shape": [len(images)], "data": probabilities},
                     {"name": "label", "datatype": "BYTES", "shape": [len(images)], "data": labels},

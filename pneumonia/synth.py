@@ -15,6 +15,7 @@ imports, without TensorFlow or Ray.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,10 @@ LUNG_CENTERS = ((-0.4, 0.0), (0.4, 0.0))
 LUNG_AXES = (0.29, 0.6)
 _LUNG_DARKNESS = 0.36
 _OPACITY_CEILING = 0.4
+
+MARKER_FILE = ".dataset.json"
+"""Written at the dataset root: says the images are synthetic, so that an artifact trained on them
+says so too (pneumonia.export). Hidden, because dataset discovery skips hidden files silently."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,16 @@ def _exposure(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
+def write_marker(root: Path, **settings) -> Path:
+    """Mark ``root`` as synthetic (:data:`MARKER_FILE`): ``{"synthetic": true, "generator": ...,
+    and the settings}``. A model trained on these images calls real X-rays wrongly, and nothing in
+    a checkpoint or an artifact would otherwise say where its training images came from."""
+    marker = root / MARKER_FILE
+    marker.write_text(json.dumps({"synthetic": True, "generator": "pneumonia.synth", **settings},
+                                 indent=2, sort_keys=True) + "\n")
+    return marker
+
+
 def make_synthetic_dataset(
     out_dir,
     n: int = 600,
@@ -239,6 +254,8 @@ def make_synthetic_dataset(
     _validate(n, image_size, pneumonia_fraction, split_fractions, difficulty)
     root = Path(out_dir)
     _prepare_root(root)
+    write_marker(root, n=n, seed=seed, image_size=image_size, pneumonia_fraction=pneumonia_fraction,
+                 split_fractions=list(split_fractions), difficulty=difficulty)
 
     layout_seq, render_seq = np.random.SeedSequence(seed).spawn(2)
     records, patients = _plan_records(

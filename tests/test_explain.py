@@ -277,6 +277,45 @@ def test_overlay_rejects_a_mismatched_image(xraynet_cam):
         explanation.overlay_png(random_images(1)[0], alpha=1.5)
 
 
+@pytest.mark.parametrize("size, expected", [((1200, 900), (512, 384)), ((300, 600), (256, 512)),
+                                            ((100, 40), (512, 205))])
+def test_overlay_on_the_original_keeps_its_aspect_with_a_512_px_longest_side(xraynet_cam, size, expected):
+    """What a person sees: the X-ray they sent, not the 64 px square the model saw; a small one
+    is enlarged so that the map can be read."""
+    from pneumonia.explain import display_size
+
+    original = Image.fromarray(np.random.default_rng(2).integers(0, 256, size[::-1], dtype=np.uint8))
+    explanation = xraynet_cam.explain(random_images(1)[0])
+    overlay = decode_png(explanation.overlay_on(original))
+    assert overlay.mode == "RGB" and overlay.size == expected == display_size(size)
+    assert np.array_equal(np.asarray(decode_png(explanation.overlay_on(original, alpha=0.0)))[..., 0],
+                          np.asarray(original.resize(expected, Image.Resampling.BILINEAR)))
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+def test_the_map_lands_where_the_model_saw_the_evidence(resize):
+    """A hot spot in the model's square is drawn over the same spot of the original, whichever
+    way preprocessing fitted the original into the square (stretched, or letterboxed by pad)."""
+    from pneumonia.explain import Explanation
+
+    width, height = 400, 200  # a 2:1 X-ray; pad puts it in the middle half of the square
+    heatmap = np.zeros((SIZE, SIZE), np.float32)
+    if resize == "stretch":
+        heatmap[:, SIZE // 2:] = 1.0  # the right half of the square is the right half of the image
+    else:
+        heatmap[SIZE // 4: SIZE // 2, :] = 1.0  # the top half of the image, below the top band
+    overlay = np.asarray(decode_png(Explanation(0.5, heatmap, "x").overlay_on(
+        Image.new("L", (width, height), 0), resize, alpha=1.0))).astype(int)
+    assert overlay.shape == (256, 512, 3)
+    hot, cold = overlay[..., 0] > overlay[..., 2], overlay[..., 2] > overlay[..., 0]  # jet: red vs blue
+    if resize == "stretch":
+        assert hot[:, 264:].all() and cold[:, :248].all()
+    else:
+        assert hot[:120].all() and cold[136:].all()
+    with pytest.raises(ValueError, match="resize"):
+        Explanation(0.5, heatmap, "x").overlay_on(Image.new("L", (8, 4)), "crop")
+
+
 # ----------------------------------------------------------------------------- localisation
 
 SQUARE = 8

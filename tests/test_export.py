@@ -62,6 +62,7 @@ def test_export_records_how_the_threshold_was_chosen(setup, tmp_path, capsys):
     assert recorded["target_recall"] == 0.9 == metadata["target_recall"]
     assert recorded["threshold"] == metadata["threshold"] == artifact.threshold == printed["threshold"]
     assert isinstance(recorded["met"], bool)
+    assert metadata["training_data"]["synthetic"] is True  # --data is the synthetic set, marked so
     for name in ("recall", "precision", "specificity"):
         low, high = recorded[f"{name}_ci"]
         assert low <= recorded[name] <= high, name
@@ -109,3 +110,63 @@ def test_export_without_data_keeps_the_checkpoints_threshold(setup, tmp_path, ca
     metadata = json.loads((tmp_path / "r" / "pneumonia-cnn" / "v0001" / "metadata.json").read_text())
     assert "operating_point" not in metadata["validation_metrics"]
     assert np.isclose(metadata["threshold"], 0.42)
+
+
+def test_the_artifact_says_it_learned_from_synthetic_images(setup, tmp_path, capsys):
+    """The run's manifest names the data the checkpoint was trained on; the synthetic dataset's
+    marker makes the artifact say so (and the service then warns in every answer)."""
+    from pneumonia.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+    from pneumonia.registry import SYNTHETIC_WARNING, artifact_warning
+
+    checkpoint, data = setup
+    model, _ = load_checkpoint(str(checkpoint))
+    run_dir = tmp_path / "runs" / "train-1"
+    trained = run_dir / "checkpoint_000002"
+    save_checkpoint(trained, model, CheckpointInfo(epoch=2, config=CONFIG, preprocess=SPEC,
+                                                   metrics={"val_threshold": 0.42}))
+    (run_dir / "pneumonia_run.json").write_text(json.dumps({"name": "train-1", "data": str(data), "config": CONFIG}))
+    code, out, err = run(capsys, "export", "--checkpoint", str(trained), "--registry", str(tmp_path / "r"), "--json")
+    assert code == 0, err
+    metadata = json.loads((tmp_path / "r" / "pneumonia-cnn" / "v0001" / "metadata.json").read_text())
+    facts = metadata["training_data"]
+    assert facts["synthetic"] is True and facts["roots"] == [str(data)]
+    assert facts["dataset"]["generator"] == "pneumonia.synth" and facts["dataset"]["seed"] == 3
+    assert artifact_warning(metadata) == SYNTHETIC_WARNING
+
+
+def test_training_data_is_found_from_every_checkpoint_layout(tmp_path):
+    """A training run's checkpoint_*, a sweep trial's trials/<trial>/<ckpt>, an ensemble combined
+    from members of other runs, --data alone, and nothing at all."""
+    from pneumonia.export import training_data
+    from pneumonia.synth import write_marker
+
+    real, synthetic = tmp_path / "real", tmp_path / "synthetic"
+    real.mkdir()
+    synthetic.mkdir()
+    write_marker(synthetic, n=8, seed=0)
+
+    def manifest(folder, name, data):
+        folder.mkdir(parents=True)
+        (folder / name).write_text(json.dumps({"data": str(data)}))
+
+    manifest(tmp_path / "runs" / "r1", "pneumonia_run.json", real)
+    manifest(tmp_path / "sweeps" / "s1", "pneumonia_sweep.json", synthetic)
+    run_checkpoint = str(tmp_path / "runs" / "r1" / "checkpoint_000001")
+    trial_checkpoint = str(tmp_path / "sweeps" / "s1" / "trials" / "t0" / "checkpoint_000003")
+
+    assert training_data(run_checkpoint, [], None) == {"synthetic": False, "roots": [str(real)]}
+    from_sweep = training_data(trial_checkpoint, [], str(real))  # the manifest wins over --data
+    assert from_sweep["synthetic"] is True and from_sweep["roots"] == [str(synthetic)]
+    combined = training_data(str(tmp_path / "elsewhere" / "ensemble"), [run_checkpoint, trial_checkpoint], None)
+    assert combined["synthetic"] is True and combined["roots"] == [str(real), str(synthetic)]
+    assert training_data(str(tmp_path / "loose" / "ckpt"), [], str(real)) == {"synthetic": False, "roots": [str(real)]}
+    assert training_data(str(tmp_path / "loose" / "ckpt"), [], None) == {"synthetic": None, "roots": []}
+
+
+def test_an_unreadable_marker_makes_the_training_data_unknown_not_real(tmp_path):
+    from pneumonia.export import training_data
+    from pneumonia.synth import MARKER_FILE
+
+    (tmp_path / MARKER_FILE).write_text("{not json")
+    facts = training_data(str(tmp_path / "loose" / "ckpt"), [], str(tmp_path))
+    assert facts["synthetic"] is None and facts["roots"] == [str(tmp_path)] and MARKER_FILE in facts["problem"]

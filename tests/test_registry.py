@@ -16,7 +16,9 @@ import pytest
 from pneumonia.data import ImageRecord
 from pneumonia.preprocess import PreprocessSpec
 from pneumonia.registry import (
+    SYNTHETIC_WARNING,
     ArtifactError,
+    artifact_warning,
     data_fingerprint,
     export_artifact,
     list_versions,
@@ -32,7 +34,7 @@ SETTINGS = dict(threshold=0.37, target_recall=np.float32(0.75),  # numpy numbers
 METADATA_KEYS = {
     "name", "version", "created", "git_commit", "package_version", "format_version", "classes", "input",
     "threshold", "target_recall", "validation_metrics", "training_config", "tuning_config",
-    "data_fingerprint", "source_checkpoint", "files",
+    "data_fingerprint", "training_data", "source_checkpoint", "files",
 }
 
 
@@ -139,11 +141,23 @@ def test_metadata_records_provenance_and_usage(registry, checkpoint):
     assert metadata["validation_metrics"]["roc_auc"] == pytest.approx(0.91)
     assert metadata["validation_metrics"]["f1"] is None  # NaN is not JSON
     assert metadata["tuning_config"] == {"trials": 4} and metadata["data_fingerprint"] == "sha256:abc"
+    assert metadata["training_data"] == {"synthetic": None}  # nobody said what it learned from
     assert metadata["source_checkpoint"] == str(checkpoint[0].resolve())
     files = metadata["files"]
     assert {"model.keras", "saved_model/saved_model.pb"} <= set(files) and "metadata.json" not in files
     assert any(name.startswith("saved_model/variables/") for name in files)
     assert all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in files.values())
+
+
+def test_only_an_artifact_trained_on_synthetic_data_carries_a_warning(registry, checkpoint, tmp_path):
+    synthetic = export_artifact(str(checkpoint[0]), tmp_path, **SETTINGS,
+                                training_data={"synthetic": True, "roots": ["/data/synthetic"]})
+    assert synthetic.metadata["training_data"] == {"synthetic": True, "roots": ["/data/synthetic"]}
+    assert artifact_warning(load_artifact(synthetic.path).metadata) == SYNTHETIC_WARNING
+    assert "synthetic" in SYNTHETIC_WARNING and "real X-rays" in SYNTHETIC_WARNING
+    for training_data in ({"synthetic": False}, {"synthetic": None}, None, "yes"):
+        assert artifact_warning({"training_data": training_data}) is None
+    assert artifact_warning({}) is None  # an artifact exported before training_data existed
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,109 @@ def test_predict_reports_a_missing_file_and_an_unreachable_service(tmp_path, cap
     assert "cannot reach" in capsys.readouterr().err
 
 
+def test_end_haproxy_ends_that_nodes_haproxy_and_nothing_else():
+    """The sweep after a stop: HAProxy processes are told apart by the node folder their command
+    line names (two fakes here: one of "our" node, one of another Ray on the machine)."""
+    ours, theirs = "a" * 56, "b" * 56
+    fakes = {node: subprocess.Popen(["bash", "-c", f'exec -a haproxy {sys.executable} -c "import time; time.sleep(600)" '
+                                                   f"-db -f /tmp/haproxy-serve/{node}/haproxy.cfg"])
+             for node in (ours, theirs)}
+    try:
+        deadline = time.monotonic() + 60
+        while not all(service.haproxy_processes(node) == [fake.pid] for node, fake in fakes.items()):
+            assert time.monotonic() < deadline, "the fakes never showed up as HAProxy processes"
+            time.sleep(0.1)
+        assert service.end_haproxy(ours) == [fakes[ours].pid]
+        assert fakes[ours].wait(timeout=30) == -signal.SIGTERM
+        assert fakes[theirs].poll() is None and service.haproxy_processes(ours) == []
+        assert service.end_haproxy(None) == []
+    finally:
+        for fake in fakes.values():
+            if fake.poll() is None:
+                fake.kill()
+            fake.wait()
+
+
+class ServeProcess:
+    """`python -m pneumonia serve` in its own session (a process group, as under systemd or in a
+    container), with its output collected; killed if a test leaves it running."""
+
+    def __init__(self, registry, port: int):
+        self.port, self.url, self.lines = port, f"http://127.0.0.1:{port}", []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pneumonia", "serve", "--artifact", str(registry), "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+            start_new_session=True)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    def __enter__(self):
+        deadline = time.monotonic() + 600  # a busy machine starts Ray and HAProxy slowly
+        while not any(line.startswith("serving ") for line in self.lines):
+            assert self.process.poll() is None and time.monotonic() < deadline, self.output[-3000:]
+            time.sleep(0.5)
+        return self
+
+    def __exit__(self, *_):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stopped(self, timeout_s: float = 300) -> int:
+        """The exit status once it has stopped and its output is all read."""
+        code = self.process.wait(timeout=timeout_s)
+        self.reader.join(timeout=10)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (session id, command line) of every process we may read."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                session = int(stat.read().rsplit(")", 1)[1].split()[4])
+                found[int(entry)] = (session, cmdline.read().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _haproxy_on(port: int) -> set[int]:
+    """PIDs of HAProxy processes whose configuration (named on their command line) binds ``port``."""
+    found = set()
+    for pid, (_, command) in _processes().items():
+        words = command.split()
+        if words and os.path.basename(words[0]) == "haproxy" and "-f" in words[:-1]:
+            try:
+                config = open(words[words.index("-f") + 1]).read()
+            except OSError:
+                continue
+            if re.search(rf"^\s*bind\s+\S*:{port}(\s|$)", config, re.MULTILINE):
+                found.add(pid)
+    return found
+
+
+def _assert_clean_stop(server: ServeProcess, code: int) -> None:
+    """Exit 0 with no crash report, no process of the service left (HAProxy included), port closed."""
+    output = server.output
+    assert code == 0, output[-3000:]
+    assert "service stopped" in output
+    for noise in ("SIGTERM received", "graceful_shutdown failed", "Traceback", "Controller failed to shut down"):
+        assert noise not in output, output[-3000:]
+    deadline = time.monotonic() + 120  # Ray's workers notice their raylet is gone within seconds
+    while left := {pid: command for pid, (session, command) in _processes().items() if session == server.process.pid}:
+        assert time.monotonic() < deadline, f"left running: {left}"
+        time.sleep(0.5)
+    assert not _haproxy_on(server.port)
+    with pytest.raises(OSError):  # the port is closed: nothing answers any more
+        urllib.request.urlopen(f"{server.url}/healthz", timeout=5)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_pneumonia_serve_answers_predict_then_stops_cleanly_on_ctrl_c(tmp_path):
@@ -81,35 +185,38 @@ def test_pneumonia_serve_answers_predict_then_stops_cleanly_on_ctrl_c(tmp_path):
     image.write_bytes(_png(np.random.default_rng(0).integers(0, 256, (80, 60), dtype=np.uint8)))
     bad = tmp_path / "bad.jpeg"
     bad.write_bytes(b"not an image")
-    port = _free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    server = subprocess.Popen([sys.executable, "-m", "pneumonia", "serve", "--artifact", str(tmp_path / "registry"),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 600  # a busy machine starts Ray and HAProxy slowly
-        while not any(line.startswith("serving ") for line in lines):
-            assert server.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}"
-        client = subprocess.run([sys.executable, "-m", "pneumonia", "predict", "--url", url, str(image), str(bad),
-                                 "--json"], capture_output=True, text=True, timeout=60)
+    with ServeProcess(tmp_path / "registry", _free_port()) as server:
+        client = subprocess.run([sys.executable, "-m", "pneumonia", "predict", "--url", server.url, str(image),
+                                 str(bad), "--json"], capture_output=True, text=True, timeout=60)
         assert client.returncode == 1, client.stderr  # one of the two files was refused
         rows = json.loads(client.stdout.strip().splitlines()[-1])["predictions"]
         assert rows[0]["version"] == artifact.version and rows[0]["label"] in ("NORMAL", "PNEUMONIA")
         assert rows[1]["status"] == 400 and "not a recognised image" in rows[1]["error"]
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=120)
-        reader.join(timeout=10)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-    output = "".join(lines)
-    assert server.returncode == 0, output[-3000:]
-    assert "service stopped" in output
-    with pytest.raises(OSError):  # the port is closed: nothing answers any more
-        urllib.request.urlopen(f"{url}/healthz", timeout=5)
+        assert "this model was trained" not in server.output and "warning" not in rows[0]  # not synthetic
+        server.process.send_signal(signal.SIGINT)
+        _assert_clean_stop(server, server.stopped())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_sigterm_to_the_whole_process_group_stops_cleanly_and_leaves_no_process(tmp_path):
+    """systemd and container runtimes signal the service's whole process group, so Ray's GCS and
+    raylet get the SIGTERM too; HAProxy (in a process group of its own) must not outlive them.
+    The artifact says it was trained on synthetic data, and `pneumonia serve` says so at start."""
+    from pneumonia.config import ExperimentConfig
+    from pneumonia.registry import SYNTHETIC_WARNING, export_artifact
+    from tests.test_serving_ops import _export
+
+    registry = tmp_path / "registry"
+    _export(registry, width=8)  # v0001, from the checkpoint ckpt-8 beside the registry
+    export_artifact(str(tmp_path / "ckpt-8"), registry, threshold=0.5, target_recall=0.95, validation_metrics={},
+                    training_config=ExperimentConfig().model_dump(), training_data={"synthetic": True})
+    with ServeProcess(registry, _free_port()) as server:
+        deadline = time.monotonic() + 60
+        while not ((haproxy := _haproxy_on(server.port)) and "WARNING: this model" in server.output):
+            assert time.monotonic() < deadline, f"HAProxy on the port: {haproxy}; output: {server.output[-2000:]}"
+            time.sleep(0.5)
+        assert f"WARNING: this model was {SYNTHETIC_WARNING}" in server.output
+        os.killpg(server.process.pid, signal.SIGTERM)
+        _assert_clean_stop(server, server.stopped())
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in haproxy)

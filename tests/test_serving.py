@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,14 +219,103 @@ def test_health_model_and_v2_protocol(server):
     assert status == 400
 
 
-def test_explain_returns_a_heatmap_over_the_image(server):
-    body = _png(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8))
+def test_explain_draws_the_heatmap_over_the_xray_that_was_sent(server):
+    """The map is the model's (64 px square); the overlay is the sent X-ray, its aspect kept,
+    512 px on its longest side (this one is 90 x 60 and is enlarged to 512 x 341)."""
+    body = _png(np.random.default_rng(1).integers(0, 256, (60, 90), dtype=np.uint8))
     status, answer = request(f"{server}/explain", body, "image/png")
     assert status == 200, answer
     heatmap = np.asarray(answer["heatmap"])
     assert heatmap.shape == (64, 64) and 0 <= heatmap.min() and heatmap.max() <= 1
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["overlay_png"])))
-    assert overlay.size == (64, 64)
+    assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size == (512, 341)
+    assert "warning" not in answer  # this artifact does not say it was trained on synthetic data
+
+
+@pytest.mark.parametrize("path, method, body, content_type, status, fragment", [
+    ("/nothing-here", "GET", None, None, 404, "no such route: GET /nothing-here"),
+    ("/predict", "GET", None, None, 405, "GET is not allowed on /predict; use POST"),
+    ("/healthz", "DELETE", None, None, 405, "use GET"),
+    ("/predict", "POST", b"--x\r\n", "multipart/form-data", 400, "boundary"),
+])
+def test_every_error_has_the_same_json_shape(server, path, method, body, content_type, status, fragment):
+    """FastAPI's own 404/405 (and Starlette's 400 for a multipart body without a boundary) answer
+    {"error": ...} like ours, never FastAPI's {"detail": ...}."""
+    got, answer = request(f"{server}{path}", body, content_type, method=method)
+    assert got == status, answer
+    assert list(answer) == ["error"] and fragment in answer["error"], answer
+
+
+def test_serves_own_overload_answer_is_plain_text_with_retry_after(server, artifact):
+    """The one overload answer that no handler of ours can shape (README "Serving"): past
+    max_ongoing_requests + max_queued_requests on a replica, Serve answers before our code runs,
+    503 text/plain, with the Retry-After our deployment asks for. Requests whose bodies never end
+    take the one slot and the one queue place here; the first of them to get an answer got Serve's."""
+    import http.client
+    import select
+    import socket
+
+    from ray import serve
+
+    from pneumonia.serving import Classifier
+
+    port = int(server.rsplit(":", 1)[1])
+    serve.run(Classifier.options(max_ongoing_requests=1, max_queued_requests=1,
+                                 autoscaling_config={"min_replicas": 1, "max_replicas": 1})
+              .bind(str(artifact.path)), name="tight", route_prefix="/tight")
+    held: list[socket.socket] = []
+    try:
+        answered = []
+        while not answered:
+            assert len(held) < 20, "no request was turned away"
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=60))
+            held[-1].sendall(b"POST /tight/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+                             b"Content-Length: 1000\r\n\r\n\x89PNG")
+            answered = select.select(held, [], [], 5)[0]  # one still waiting holds a slot or a place
+        response = http.client.HTTPResponse(answered[0])
+        response.begin()
+        assert response.status == 503, response.status
+        assert response.getheader("Content-Type").startswith("text/plain") and response.getheader("Retry-After") == "1"
+        assert response.read() == b"Request dropped due to backpressure"
+    finally:
+        for connection in held:
+            connection.close()
+        serve.delete("tight")
+
+
+def test_an_artifact_trained_on_synthetic_data_says_so_in_every_answer(server, artifact, tmp_path):
+    """Predictions (single, multipart, v2) and explanations carry the warning, and so does /model."""
+    import shutil
+
+    from ray import serve
+
+    from pneumonia.registry import SYNTHETIC_WARNING, export_artifact
+    from pneumonia.serving import Classifier
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(Path(artifact.metadata["source_checkpoint"]), checkpoint)
+    synthetic = export_artifact(str(checkpoint), tmp_path / "registry", threshold=0.5, target_recall=0.95,
+                                validation_metrics={}, training_config=artifact.metadata["training_config"],
+                                training_data={"synthetic": True, "roots": ["/somewhere/synthetic"]})
+    serve.run(Classifier.bind(str(synthetic.path)), name="synthetic", route_prefix="/synthetic")
+    try:
+        base, image = f"{server}/synthetic", _png(np.full((40, 30), 90, np.uint8))
+        answers = [request(f"{base}/predict", image, "image/png"), request(f"{base}/explain", image, "image/png")]
+        boundary = "b0"
+        form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        status, multipart = request(f"{base}/predict", form, f"multipart/form-data; boundary={boundary}")
+        answers += [(status, prediction) for prediction in multipart["predictions"]]
+        payload = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(image).decode()]}]}
+        status, inferred = request(f"{base}/v2/models/pneumonia-cnn/infer", json.dumps(payload).encode(),
+                                   "application/json")
+        answers += [(status, inferred["parameters"]), request(f"{base}/model")]
+        for status, answer in answers:
+            assert status == 200 and answer["warning"] == SYNTHETIC_WARNING, answer
+        assert answers[-1][1]["training_data"]["synthetic"] is True
+    finally:
+        serve.delete("synthetic")
 
 
 def test_serve_config_is_a_valid_serve_deploy_config():

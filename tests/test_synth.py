@@ -122,6 +122,21 @@ def test_images_are_grayscale_jpegs_of_requested_size(dataset):
             assert img.size == (SIZE, SIZE)
 
 
+def test_the_dataset_says_it_is_synthetic_and_discovery_ignores_the_marker(dataset):
+    """A model trained here must not pass for one trained on X-rays: the root carries a marker
+    (pneumonia.export copies what it says into the artifact), and the dataset reads as before."""
+    import json
+
+    from pneumonia.data import discover
+    from pneumonia.synth import MARKER_FILE
+
+    marker = json.loads((dataset.root / MARKER_FILE).read_text())
+    assert marker["synthetic"] is True and marker["generator"] == "pneumonia.synth"
+    assert marker["n"] == N_IMAGES and marker["seed"] == 0 and marker["image_size"] == SIZE
+    found = discover(str(dataset.root))
+    assert len(found.records) == N_IMAGES and found.skipped == []
+
+
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path):
     def contents(name, seed):
         root = make_synthetic_dataset(tmp_path / name, n=16, seed=seed, image_size=32).root
