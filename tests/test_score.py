@@ -354,7 +354,9 @@ def test_the_rayjob_manifest_is_valid_like_the_other_rayjobs(monkeypatch):
 
 def test_the_result_reads_as_a_summary_and_as_json():
     result = ScoreResult(output="out.parquet", model="m", version="v0002", files=10, scored=8, skipped=2,
-                         failed=1, counts={"NORMAL": 3, "PNEUMONIA": 4}, rows=10, wall_s=5.0, pipeline_s=4.0)
+                         failed=1, counts={"NORMAL": 3, "PNEUMONIA": 4}, rows=10, wall_s=5.0, pipeline_s=4.0,
+                         startup_s=2.0)
     assert json.loads(json.dumps(result.to_json()))["images_per_s"] == 2.0
     text = result.summary()
-    assert "NORMAL 3, PNEUMONIA 4, failed 1; 2 already scored, skipped" in text and "2.0 images/s" in text
+    assert "NORMAL 3, PNEUMONIA 4, failed 1; 2 already scored, skipped" in text
+    assert "2.0 images/s over 4.0 s (first results after 2.0 s" in text

@@ -49,6 +49,7 @@ class ScoreResult:
 
     @property
     def images_per_s(self) -> float:
+        """This run's files over the pipeline's time, start-up included."""
         return self.scored / self.pipeline_s if self.pipeline_s > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -61,7 +62,7 @@ class ScoreResult:
                  + (f"; {self.skipped:,} already scored, skipped" if self.skipped else "")
                  + (f"; {self.ignored:,} non-image files ignored" if self.ignored else ""),
                  f"{self.images_per_s:.1f} images/s over {self.pipeline_s:.1f} s (first results after "
-                 f"{self.startup_s:.1f} s); wall time {self.wall_s:.1f} s",
+                 f"{self.startup_s:.1f} s: the actors loading the model); wall time {self.wall_s:.1f} s",
                  f"output: {self.output} ({self.rows:,} rows)"]
         if self.failed:
             lines.append("rows with an error name the reason in their 'error' column; a re-run tries them again")
