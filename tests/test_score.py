@@ -208,8 +208,9 @@ def served(registry) -> dict[str, float]:
 
     core = next(cls for cls in Classifier.func_or_class.__mro__ if "_run_batch" in vars(cls))  # under Serve's wrapper
     replica = core(str(resolve_artifact(registry)))
-    return {path.name: replica._run_batch([path.read_bytes()])[0]
-            for path in sorted(real_data("chest_xray_val16").rglob("*.jpeg"))}
+    answers = {path.name: replica._run_batch([path.read_bytes()])[0]
+               for path in sorted(real_data("chest_xray_val16").rglob("*.jpeg"))}
+    return {name: getattr(answer, "probability", answer) for name, answer in answers.items()}  # float or Scored
 
 
 @pytest.mark.ray
