@@ -256,6 +256,11 @@ def cmd_evaluate(args) -> None:
              + (f" ({evaluation.skipped} files skipped)" if evaluation.skipped else ""))
     payload = {**evaluation.metrics, "split": evaluation.split, "skipped": evaluation.skipped, **source}
     text = format_table(evaluation.metrics, title)
+    if evaluation.ood is not None:
+        payload["out_of_distribution"] = evaluation.ood
+        text += (f"\nout-of-distribution guard: {evaluation.ood['count']} of {evaluation.ood['n']} images "
+                 f"({evaluation.ood['rate']:.1%}) would not be classified (about {evaluation.ood['expected_rate']:.0%} "
+                 "on validation; a sudden rise means data unlike the training data)")
     if evaluation.stress is not None:
         payload["stress"] = evaluation.stress.to_json()
         text += "\n\nshift stress validation (" + f"{evaluation.stress.n} images):\n" + evaluation.stress.table()
@@ -267,7 +272,7 @@ def cmd_evaluate(args) -> None:
             title=f"Pneumonia classifier on {evaluation.split}",
             details={**source, "data": args.data, "split": evaluation.split, "skipped files": evaluation.skipped},
             groups=evaluation.patient_ids, threshold_choice=_threshold_choice(args),
-            stress=payload.get("stress"),
+            stress=payload.get("stress"), ood=evaluation.ood,
         )
         summary = json.loads(files.json.read_text())
         payload["intervals"] = {name: {"low": item["low"], "high": item["high"]}
@@ -337,7 +342,7 @@ def cmd_export(args) -> None:
     from pneumonia.export import export
 
     _check_export_args(args)
-    exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name)
+    exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name, ood_policy=args.ood_policy)
     _emit(_clean_nan(exported.to_json()), args.json, exported.summary())
 
 
@@ -677,7 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="checkpoint -> versioned serving artifact in a registry")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--registry", required=True, help="registry folder (versions are kept per model name)")
-    export.add_argument("--data", help="dataset root: choose the threshold on its validation split")
+    export.add_argument("--data", help="dataset root: choose the threshold on its validation split and fit the "
+                        "out-of-distribution guard on its training split")
+    export.add_argument("--ood-policy", choices=("reject", "flag"), default="reject",
+                        help="what serving does with an image the guard says is not a chest X-ray: reject "
+                        "(HTTP 422) or flag (200 with out_of_distribution: true and no label); default reject")
     export.add_argument("--name", type=_artifact_name, default="pneumonia-cnn", help="model name in the registry")
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=cmd_export)

@@ -122,7 +122,11 @@ def format_predictions(rows: list[dict]) -> str:
     for row in rows:
         if "error" in row:
             lines.append(f"{row['file']:<44} error {row['status']}: {row['error']}")
+        elif row.get("out_of_distribution"):  # the artifact's guard flags it: no label was given
+            lines.append(f"{row['file']:<44} {'-':<10} {'-':>11}  not a chest X-ray (out-of-distribution "
+                         f"score {row.get('ood_score', float('nan')):.1f} > {row.get('ood_threshold', float('nan')):.1f})")
         else:
             lines.append(f"{row['file']:<44} {row['label']:<10} {row['probability']:>11.4f}  "
                          f"{row['threshold']:.4f}     {row['version']}")
-    return "\n".join(lines)
+    warnings = sorted({row["warning"] for row in rows if row.get("warning")})
+    return "\n".join(lines + [f"warning: {warning}" for warning in warnings])

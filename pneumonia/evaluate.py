@@ -24,6 +24,7 @@ class Evaluation:
     probabilities: np.ndarray = field(repr=False)
     patient_ids: list[str] = field(repr=False)
     stress: Any = field(default=None, repr=False)  # a pneumonia.stress.StressReport when asked for
+    ood: dict[str, Any] | None = None  # an artifact's guard on this split: rate, count, threshold, policy
 
 
 VALIDATION = "validation"
@@ -132,4 +133,13 @@ def evaluate_artifact(location: str, data_root: str, split: str = "test", thresh
     dataset, records = split_records(data_root, split, read_metadata(location).get("training_config"))
     artifact = load_artifact(location)
     chosen = artifact.threshold if threshold is None else threshold
-    return _score(artifact.predict, _decode(records, artifact.preprocess, data_root), dataset, split, chosen)
+    decoded = _decode(records, artifact.preprocess, data_root)
+    probabilities, scores = artifact.predict_scored(decoded.images)
+    evaluation = _score(lambda _: probabilities, decoded, dataset, split, chosen)
+    if scores is not None:  # a sudden rise on a new site's data is itself a warning
+        guard = artifact.ood
+        refused = int(np.sum(scores > guard["threshold"]))
+        evaluation.ood = {"rate": refused / max(len(scores), 1), "count": refused, "n": int(len(scores)),
+                          "threshold": float(guard["threshold"]), "policy": guard.get("policy"),
+                          "expected_rate": round(1 - float(guard.get("validation_pass_rate", 0.99)), 4)}
+    return evaluation

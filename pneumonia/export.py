@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from pneumonia.checkpoint import load_checkpoint
 from pneumonia.config import config_from_dict
 from pneumonia.errors import CheckpointError, PneumoniaError
@@ -46,11 +48,13 @@ class Exported:
     target_recall: float
     metrics: dict[str, Any]
     operating_point: SafeOperatingPoint | None = None  # how the threshold was chosen (with --data)
+    ood: dict[str, Any] | None = None  # the out-of-distribution guard's metadata (with --data)
 
     def to_json(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "version": self.version, "threshold": self.threshold,
                 "target_recall": self.target_recall, "metrics": self.metrics,
-                "operating_point": self.operating_point.to_json() if self.operating_point else None}
+                "operating_point": self.operating_point.to_json() if self.operating_point else None,
+                "out_of_distribution": self.ood}
 
     def summary(self) -> str:
         """Terminal text: where the artifact went and how far to trust its threshold."""
@@ -58,7 +62,10 @@ class Exported:
             how = f"threshold {self.threshold:.4f} (target recall {self.target_recall}, recorded by training)"
         else:
             how = self.operating_point.summary()
-        return f"exported {self.version} to {self.artifact}\n  {how}"
+        guard = ("no out-of-distribution guard (export with --data to fit one)" if self.ood is None else
+                 f"out-of-distribution guard: {self.ood['method']}, threshold {self.ood['threshold']:.1f} "
+                 f"({self.ood['validation_pass_rate']:.1%} of validation X-rays pass), policy {self.ood['policy']}")
+        return f"exported {self.version} to {self.artifact}\n  {how}\n  {guard}"
 
 
 def _parent(location: str) -> str:
@@ -131,21 +138,46 @@ def training_data(checkpoint: str, members: list[str], data_root: str | None) ->
     return {"synthetic": synthetic, "roots": roots, **({"dataset": dataset} if dataset else {})}
 
 
-def export(checkpoint: str, registry: str, data_root: str | None = None, name: str = "pneumonia-cnn") -> Exported:
+# Training images the out-of-distribution guard is fitted on (a seeded, label-stratified sample):
+# enough for a stable covariance of a few hundred to a thousand features, seconds to decode.
+GUARD_FIT_IMAGES = 2000
+
+
+def fit_ood_guard(dual, train_part, validation_features: np.ndarray, spec, seed: int = BOOTSTRAP_SEED):
+    """The guard (pneumonia.ood) from a sample of the training carve's features, its threshold
+    letting 99% of the validation carve's images through."""
+    from pneumonia.ood import features_and_probabilities, fit_guard
+    from pneumonia.pipeline import load_images
+
+    rng = np.random.default_rng(seed)
+    sample = [train_part[i] for i in sorted(rng.permutation(len(train_part))[:GUARD_FIT_IMAGES])]
+    training = load_images(sample, spec)
+    features, _ = features_and_probabilities(dual, training.images)
+    return fit_guard(features, training.labels, validation_features)
+
+
+def export(checkpoint: str, registry: str, data_root: str | None = None, name: str = "pneumonia-cnn",
+           ood_policy: str = "reject") -> Exported:
+    """Export ``checkpoint`` to the registry. With ``data_root``: the threshold chosen on the
+    validation carve, and an out-of-distribution guard fitted on the training carve (its policy
+    for what it refuses, ``reject`` or ``flag``, goes into the artifact)."""
     from pneumonia.registry import data_fingerprint, export_artifact
 
     model, info = load_checkpoint(checkpoint)
     config = config_from_dict(info.config, source=f"checkpoint {checkpoint}")
     objective = config.objective
     target = objective.target_recall
-    fingerprint, point = None, None
+    fingerprint, point, guard = None, None, None
     if data_root is not None:
-        from pneumonia.pipeline import load_images, predict_probabilities
+        from pneumonia.ood import features_and_probabilities, model_with_features
+        from pneumonia.pipeline import load_images
         from pneumonia.train import carve_validation
 
         _, train_part, val_part = carve_validation(data_root, config)
         validation = load_images(val_part, info.preprocess)
-        probabilities = predict_probabilities(model, validation.images)
+        dual = model_with_features(model)
+        validation_features, probabilities = features_and_probabilities(dual, validation.images)
+        guard = fit_ood_guard(dual, train_part, validation_features, info.preprocess)
         point = safe_operating_point(
             validation.labels, probabilities, [record.patient_id for record in validation.records], target,
             objective.confidence, objective.bootstrap_samples, BOOTSTRAP_SEED, rule=objective.threshold_rule,
@@ -167,8 +199,9 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
             checkpoint, registry, threshold=threshold, target_recall=target, validation_metrics=metrics,
             training_config=info.config, tuning_config=_sweep_config(checkpoint),
             data_fingerprint=fingerprint, training_data=training_data(checkpoint, info.members, data_root),
-            name=name,
+            guard=guard, ood_policy=ood_policy, name=name,
         )
     except ValueError as error:
         raise PneumoniaError(str(error)) from None
-    return Exported(str(artifact.path), artifact.version, threshold, target, metrics, point)
+    return Exported(str(artifact.path), artifact.version, threshold, target, metrics, point,
+                    artifact.metadata.get("out_of_distribution"))

@@ -76,7 +76,7 @@ def fit_guard(features: np.ndarray, labels: np.ndarray, validation_features: np.
     precision = np.linalg.inv(covariance)
     guard = Guard(means, precision, 0.0, pass_rate, len(features), len(validation_features), 0.0)
     validation_scores = guard.scores(validation_features)
-    guard.threshold = float(np.quantile(validation_scores, pass_rate))
+    guard.threshold = float(np.quantile(validation_scores, pass_rate, method="higher"))  # at least pass_rate pass
     guard.validation_pass_rate = float(np.mean(validation_scores <= guard.threshold))
     return guard
 
@@ -93,13 +93,26 @@ def model_with_features(model):
     image = tf.keras.Input(shape=model.input_shape[1:], name="image", dtype=model.input.dtype)
     probabilities, features = [], []
     for member in members:
-        dual = tf.keras.Model(member.input, [member.output, member.get_layer(FEATURE_LAYER).input])
-        probability, feature = dual(image)
+        dual = tf.keras.Model(member.input, [member.output, *_taps(member)])
+        probability, *taps = dual(image)
         probabilities.append(probability)
-        features.append(tf.keras.layers.Flatten()(feature))
+        features += [tf.keras.layers.Flatten()(tap) for tap in taps]
     probability = probabilities[0] if len(probabilities) == 1 else tf.keras.layers.Average()(probabilities)
     feature = features[0] if len(features) == 1 else tf.keras.layers.Concatenate()(features)
     return tf.keras.Model(image, [probability, feature], name="with_features")
+
+
+def _taps(member) -> list:
+    """The feature vectors of one model: the spatial mean of every ReLU activation map (texture and
+    contrast at each depth: what tells a blank frame or a photo from an X-ray early on) and the
+    penultimate features (what the classifier itself sees)."""
+    import tensorflow as tf
+
+    maps = [layer.output for layer in member.layers
+            if len(layer.output.shape) == 4 and (isinstance(layer, tf.keras.layers.ReLU)
+                                                 or getattr(getattr(layer, "activation", None), "__name__", "") == "relu")]
+    pooled = [tf.reduce_mean(output, axis=[1, 2]) for output in maps]
+    return [*pooled, member.get_layer(FEATURE_LAYER).input]
 
 
 def features_and_probabilities(dual, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -127,3 +140,30 @@ def tf_scores(features, means, precision):
         centred = features - means[index]
         distances.append(tf.reduce_sum(tf.matmul(centred, precision) * centred, axis=1))
     return tf.reduce_min(tf.stack(distances, axis=0), axis=0)
+
+
+NOT_AN_XRAY = "the image does not look like a pediatric chest X-ray"
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image's probability and guard score, judged by the artifact's guard metadata (None
+    without a guard: every image is then in distribution)."""
+
+    probability: float
+    ood_score: float | None
+    guard: dict | None
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return self.guard is not None and self.ood_score is not None and self.ood_score > self.guard["threshold"]
+
+    @property
+    def refused(self) -> bool:
+        """Whether the policy refuses (HTTP 422) rather than flags (200, no label) such an image."""
+        return self.guard is not None and self.guard.get("policy", DEFAULT_POLICY) == "reject"
+
+    def guard_fields(self) -> dict[str, float]:
+        if self.guard is None or self.ood_score is None:
+            return {}
+        return {"ood_score": round(self.ood_score, 3), "ood_threshold": round(float(self.guard["threshold"]), 3)}

@@ -66,6 +66,7 @@ SAVED_MODEL_DIR = "saved_model"
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
+SCORE_NAME = "ood_score"  # pneumonia.ood.SCORE_NAME: the guard's output, when the artifact has one
 REQUIRED_FILES = (MODEL_FILE, f"{SAVED_MODEL_DIR}/saved_model.pb")
 GIT_TIMEOUT_S = 5
 SYNTHETIC_WARNING = "trained on synthetic data: not for real X-rays"
@@ -101,6 +102,8 @@ def export_artifact(
     tuning_config: dict | None = None,
     data_fingerprint: str | None = None,
     training_data: dict | None = None,
+    guard: Any = None,
+    ood_policy: str = "reject",
     name: str = DEFAULT_NAME,
 ) -> Artifact:
     """Export a training checkpoint (path or URI) as the next version of ``name`` in a local registry.
@@ -109,6 +112,8 @@ def export_artifact(
     validation data to reach ``target_recall``; both are stored so serving and audits agree.
     ``training_data`` (what the model learned from, ``{"synthetic": ...}``) is stored as it is;
     None records that nobody said (``{"synthetic": null}``).
+    ``guard`` (a :class:`pneumonia.ood.Guard`) is baked into the signature as a second output,
+    ``ood_score``, and recorded with ``ood_policy`` under ``out_of_distribution``.
     Raises ValueError for impossible settings and ArtifactError for a checkpoint that cannot be
     read; either way no version appears.
     """
@@ -128,6 +133,7 @@ def export_artifact(
         "tuning_config": tuning_config,
         "data_fingerprint": data_fingerprint,
         "training_data": training_data if training_data is not None else {"synthetic": None},
+        "out_of_distribution": guard.metadata(ood_policy) if guard is not None else None,
         "source_checkpoint": str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).resolve()),
     })
     name_dir = Path(registry).expanduser().resolve() / name
@@ -136,7 +142,7 @@ def export_artifact(
     staging = name_dir / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        spec, ensemble = _stage(str(checkpoint), staging)
+        spec, ensemble = _stage(str(checkpoint), staging, guard)
         metadata = {
             **facts,
             **({"ensemble": _json_ready(ensemble)} if ensemble else {}),
@@ -180,7 +186,7 @@ def _json_ready(value: Any) -> Any:
     raise ValueError(f"cannot store a {type(value).__name__} in artifact metadata (not JSON)")
 
 
-def _stage(checkpoint: str, staging: Path) -> tuple[PreprocessSpec, dict | None]:
+def _stage(checkpoint: str, staging: Path, guard: Any = None) -> tuple[PreprocessSpec, dict | None]:
     """Fill the staging folder with the SavedModel and model.keras; the checkpoint's spec and,
     for an ensemble, its members' count and sources (None for a single model)."""
     try:
@@ -195,27 +201,41 @@ def _stage(checkpoint: str, staging: Path) -> tuple[PreprocessSpec, dict | None]
         raise ArtifactError(
             f"{checkpoint}: the model takes {model.input_shape[1:]} but its preprocessing makes {spec.shape}"
         )
-    _save_serving_model(model, spec, staging / SAVED_MODEL_DIR)
+    _save_serving_model(model, spec, staging / SAVED_MODEL_DIR, guard)
     if not is_ensemble(model):
         return spec, None
     return spec, {"members": len(member_models(model)), "sources": list(info.members)}
 
 
-def _save_serving_model(model, spec: PreprocessSpec, directory: Path) -> None:
+def _save_serving_model(model, spec: PreprocessSpec, directory: Path, guard: Any = None) -> None:
     """Trace inference (training=False: batch-norm statistics, no dropout) into a SavedModel.
 
     Only the variables are tracked, not the Keras model, so the SavedModel has no Keras layer
-    metadata: saving is quicker and loading needs no Keras code.
+    metadata: saving is quicker and loading needs no Keras code. With a guard the one forward
+    pass also yields the penultimate features, and the signature adds their ``ood_score``.
     """
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *spec.shape], tf.uint8, name=INPUT_NAME)])
-    def serve(image):
-        probability = model(tf.cast(image, tf.float32), training=False)
-        return {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1])}
-
     module = tf.Module()
     module.model_variables = list(model.variables)
+    if guard is None:
+        @tf.function(input_signature=[tf.TensorSpec([None, *spec.shape], tf.uint8, name=INPUT_NAME)])
+        def serve(image):
+            probability = model(tf.cast(image, tf.float32), training=False)
+            return {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1])}
+    else:
+        from pneumonia.ood import SCORE_NAME, model_with_features, tf_scores
+
+        dual = model_with_features(model)
+        module.ood_means = tf.Variable(guard.means.astype("float32"), trainable=False)
+        module.ood_precision = tf.Variable(guard.precision.astype("float32"), trainable=False)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *spec.shape], tf.uint8, name=INPUT_NAME)])
+        def serve(image):
+            probability, features = dual(tf.cast(image, tf.float32), training=False)
+            return {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1]),
+                    SCORE_NAME: tf_scores(features, module.ood_means, module.ood_precision)}
+
     tf.saved_model.save(module, str(directory), signatures={SIGNATURE: serve})
 
 
@@ -411,17 +431,42 @@ class LoadedArtifact:
         """Probabilities of PNEUMONIA (float32, shape [n]) for uint8 images [n, size, size, channels]."""
         import tensorflow as tf
 
+        images = self._checked(images)
+        outputs = [
+            self._signature(**{INPUT_NAME: tf.constant(images[start : start + batch_size])})[OUTPUT_NAME].numpy()
+            for start in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros(0, np.float32)
+
+    def _checked(self, images) -> np.ndarray:
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.preprocess.shape:
             raise ValueError(
                 f"expected uint8 images of shape (n, {', '.join(map(str, self.preprocess.shape))}), "
                 f"got {images.dtype} {images.shape}"
             )
-        outputs = [
-            self._signature(**{INPUT_NAME: tf.constant(images[start : start + batch_size])})[OUTPUT_NAME].numpy()
-            for start in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros(0, np.float32)
+        return images
+
+    @property
+    def ood(self) -> dict | None:
+        """The out-of-distribution guard's metadata (threshold, policy, ...), None without one."""
+        guard = self.metadata.get("out_of_distribution")
+        return guard if isinstance(guard, dict) and SCORE_NAME in self._signature.structured_outputs else None
+
+    def predict_scored(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities [n], out-of-distribution scores [n] or None without a guard), one forward pass."""
+        import tensorflow as tf
+
+        images = self._checked(images)
+        probabilities, scores = [], []
+        for start in range(0, len(images), batch_size):
+            outputs = self._signature(**{INPUT_NAME: tf.constant(images[start : start + batch_size])})
+            probabilities.append(outputs[OUTPUT_NAME].numpy())
+            if SCORE_NAME in outputs:
+                scores.append(outputs[SCORE_NAME].numpy())
+        empty = np.zeros(0, np.float32)
+        return (np.concatenate(probabilities).astype(np.float32) if probabilities else empty,
+                (np.concatenate(scores).astype(np.float32) if scores else empty) if self.ood else None)
 
     def keras_model(self):
         """The Keras model (uncompiled), loaded on first use: Grad-CAM needs its layers."""

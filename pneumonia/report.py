@@ -157,7 +157,8 @@ def _ranking_metrics(positive, probabilities, weights) -> tuple[np.ndarray, np.n
 
 def write_report(directory, labels, probabilities, threshold: float, *, title: str,
                  details: dict | None = None, groups=None, n_boot: int = 1000, seed: int = 0,
-                 threshold_choice: dict | None = None, stress: dict | None = None) -> ReportFiles:
+                 threshold_choice: dict | None = None, stress: dict | None = None,
+                 ood: dict | None = None) -> ReportFiles:
     """Write metrics.json, four PNG plots and a self-contained report.html into ``directory``.
 
     ``details`` (model, version, split, data path...) is copied into the JSON verbatim (values JSON
@@ -168,7 +169,9 @@ def write_report(directory, labels, probabilities, threshold: float, *, title: s
     sensitivity that were to be expected, with their intervals, next to what this set shows. The
     HTML embeds its images and CSS and loads nothing, so it can be mailed or archived as one file.
     Undefined numbers (an AUC on one class) are null in the JSON and "n/a" in the page.
-    ``stress`` (a ``pneumonia.stress.StressReport.to_json()``) adds the shift stress table.
+    ``stress`` (a ``pneumonia.stress.StressReport.to_json()``) adds the shift stress table;
+    ``ood`` (an artifact's guard on this split: rate, count, n, threshold, policy, expected_rate)
+    the share of images the guard would not classify.
     """
     labels, probabilities = validated_scores(labels, probabilities)
     directory = Path(directory)
@@ -178,6 +181,7 @@ def write_report(directory, labels, probabilities, threshold: float, *, title: s
     summary = _summary(title, details or {}, metrics, intervals, labels, groups, n_boot, seed)
     summary["threshold_choice"] = threshold_choice
     summary["stress"] = stress
+    summary["out_of_distribution"] = ood
 
     images = {name: directory / f"{name}.png" for name in PLOTS}
     figures = {
@@ -388,6 +392,9 @@ def _html(summary: dict, images: dict[str, Path]) -> str:
                                                                           summary["threshold"])]
     if summary["details"]:
         sections += ["<h2>Details</h2>", _details_table(summary["details"])]
+    if summary.get("out_of_distribution"):
+        sections += ["<h2>Images the model would not classify (out-of-distribution guard)</h2>",
+                     _ood_html(summary["out_of_distribution"])]
     if summary.get("stress"):
         sections += ["<h2>Under the changes a new site brings (shift stress validation)</h2>",
                      _stress_html(summary["stress"])]
@@ -470,6 +477,16 @@ def _choice_html(choice: dict, threshold: float) -> str:
             "of the flagged children are healthy.")
     return ("".join(f"<p>{_e(line)}</p>" for line in lines) + "<table>" + "".join(rows) + "</table>"
             + f'<p class="note">{_e(note)}</p>')
+
+
+def _ood_html(ood: dict) -> str:
+    warn = ood["rate"] > max(3 * ood.get("expected_rate", 0.01), 0.02)
+    return (f"<p>{ood['count']} of {ood['n']} images ({ood['rate']:.1%}) score above the guard's threshold "
+            f"{ood['threshold']:.1f} and would be {'refused' if ood.get('policy') == 'reject' else 'flagged'} by "
+            f"the service; about {ood.get('expected_rate', 0.01):.0%} of validation X-rays do."
+            + (" <strong>Far more than on validation: these images differ from what the model learned from "
+               "(another site, device or protocol?). Check them before trusting the metrics.</strong>" if warn else "")
+            + "</p>")
 
 
 def _stress_html(stress: dict) -> str:

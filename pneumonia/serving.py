@@ -34,6 +34,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pneumonia import CLASS_NAMES, RAY_ENV
+from pneumonia.ood import NOT_AN_XRAY, Scored
 from pneumonia.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -53,16 +54,17 @@ BATCHES_IN_FLIGHT = 3
 
 
 class HTTPError(Exception):
-    """A client error with its status code; answered as {"error": message}."""
+    """A client error with its status code; answered as {"error": message, **fields}."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, **fields: Any):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.fields = fields
 
 
-def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _json_error(status: int, message: str, headers: dict[str, str] | None = None, **fields: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **fields}, status_code=status, headers=headers)
 
 
 def json_errors(app: FastAPI) -> FastAPI:
@@ -152,16 +154,21 @@ class Classifier:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
         self._predictions = metrics.Counter(
             "pneumonia_predictions", description="predictions by label", tag_keys=("label",))
+        self.guard = self.artifact.ood  # the out-of-distribution guard's metadata, None without one
+        self._refusals = metrics.Counter(
+            "pneumonia_out_of_distribution", description="images the guard said are not chest X-rays "
+            "(refused or flagged, by the artifact's policy)")
         self.last_batch_sizes: list[int] = []  # the recent batch sizes, for tests and operators
         self._forward(np.zeros((1, *self.spec.shape), np.uint8))  # compile before traffic
 
     # -- inference
 
-    def _forward(self, images: np.ndarray) -> np.ndarray:
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, out-of-distribution scores or None): one pass through the signature."""
         started = time.perf_counter()
-        probabilities = self.artifact.predict(images)
+        probabilities, scores = self.artifact.predict_scored(images)
         self._latency.observe((time.perf_counter() - started) * 1000)
-        return probabilities
+        return probabilities, scores
 
     def _decoded(self, item: bytes | np.ndarray) -> np.ndarray | ImageDecodeError:
         if isinstance(item, np.ndarray):
@@ -171,22 +178,28 @@ class Classifier:
         except ImageDecodeError as error:  # ImageTooLargeError included: answered per image
             return error
 
-    def _run_batch(self, items: list[bytes | np.ndarray]) -> list[float | ImageDecodeError]:
+    def _run_batch(self, items: list[bytes | np.ndarray]) -> list[Scored | ImageDecodeError]:
         """Decode and score one batch in this worker thread; an undecodable image gets its error
         back. Batches run side by side (BATCHES_IN_FLIGHT), so decoding uses every core."""
         results: list = [self._decoded(item) for item in items]
         good = [index for index, result in enumerate(results) if isinstance(result, np.ndarray)]
         if good:
-            probabilities = self._forward(np.stack([results[index] for index in good]))
-            labels = [CLASS_NAMES[int(probability >= self.threshold)] for probability in probabilities]
-            for index, probability in zip(good, probabilities):
-                results[index] = float(probability)
+            probabilities, scores = self._forward(np.stack([results[index] for index in good]))
+            scored = [Scored(float(p), None if scores is None else float(s), self.guard)
+                      for p, s in zip(probabilities, scores if scores is not None else [None] * len(good))]
+            for index, answer in zip(good, scored):
+                results[index] = answer
+            labels = [CLASS_NAMES[int(answer.probability >= self.threshold)] for answer in scored
+                      if not answer.out_of_distribution]
             for label in set(labels):
                 self._predictions.inc(labels.count(label), tags={"label": label})
+            refused = sum(answer.out_of_distribution for answer in scored)
+            if refused:
+                self._refusals.inc(refused)
         return results
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=BATCHES_IN_FLIGHT)
-    async def predict_batch(self, items: list[bytes | np.ndarray]) -> list[float | ImageDecodeError]:
+    async def predict_batch(self, items: list[bytes | np.ndarray]) -> list[Scored | ImageDecodeError]:
         """Concurrent requests' images (encoded, or decoded pixels) through one forward pass.
 
         Decoding happens here, not per request, so a batch costs one hand-off to a worker thread
@@ -207,7 +220,6 @@ class Classifier:
         explanation = self._explainer.explain(image)
         original = open_image(data, PreprocessSpec(DISPLAY_SIDE, self.spec.channels), self.max_pixels)
         return {
-            "probability": float(self.artifact.predict(image[None])[0]),  # the number /predict gives
             "layer": explanation.layer,
             "overlay_png": base64.b64encode(explanation.overlay_on(original, self.spec.resize)).decode(),
             "heatmap": np.round(explanation.heatmap, 3).tolist(),
@@ -260,21 +272,24 @@ class Classifier:
         except ImageDecodeError as error:
             raise HTTPError(400, f"{name}: {error}") from None
 
-    def _answer(self, probability: float) -> dict[str, Any]:
+    def _answer(self, scored: Scored) -> dict[str, Any]:
+        """A prediction's JSON; for an image the guard flags (policy ``flag``) no label at all."""
+        model = {"model": self.metadata["name"], "version": self.metadata["version"], **self._warned()}
+        if scored.out_of_distribution:
+            return {"out_of_distribution": True, **scored.guard_fields(), **model}
         return {
-            "label": CLASS_NAMES[int(probability >= self.threshold)],
-            "probability": probability,
+            "label": CLASS_NAMES[int(scored.probability >= self.threshold)],
+            "probability": scored.probability,
             "threshold": self.threshold,
-            "model": self.metadata["name"],
-            "version": self.metadata["version"],
-            **self._warned(),
+            **({"out_of_distribution": False, **scored.guard_fields()} if self.guard else {}),
+            **model,
         }
 
     def _warned(self) -> dict[str, str]:
         """``{"warning": ...}`` for an artifact that must say so in every answer, else nothing."""
         return {"warning": self.warning} if self.warning else {}
 
-    async def _classify(self, items: list[tuple[str, bytes | np.ndarray]]) -> list[float]:
+    async def _classify(self, items: list[tuple[str, bytes | np.ndarray]]) -> list[Scored]:
         """Probabilities for named images (encoded bytes or decoded pixels), via the batch queue;
         the first image that cannot be decoded answers for the request."""
         for name, data in items:
@@ -284,6 +299,9 @@ class Classifier:
         for (name, _), result in zip(items, results):
             if isinstance(result, ImageDecodeError):
                 raise HTTPError(413 if isinstance(result, ImageTooLargeError) else 400, f"{name}: {result}")
+            if result.out_of_distribution and result.refused:
+                raise HTTPError(422, f"{name}: {NOT_AN_XRAY}; it was not classified", out_of_distribution=True,
+                                **result.guard_fields())
         return results
 
     async def _guarded(self, work):
@@ -297,7 +315,7 @@ class Classifier:
         try:
             return await work
         except HTTPError as error:
-            return _json_error(error.status, error.message)
+            return _json_error(error.status, error.message, **error.fields)
         finally:
             self._pending -= 1
 
@@ -322,8 +340,11 @@ class Classifier:
                 raise HTTPError(400, "/explain takes one image")
             name, data = items[0]
             image = await self._decode(name, data)
+            scored = (await self._classify([(name, image)]))[0]  # the guard first: no heatmap for a non-X-ray
+            if scored.out_of_distribution:
+                return self._answer(scored)
             result = await asyncio.to_thread(self._explain, data, image)
-            return {**self._answer(result["probability"]), **result}
+            return {**self._answer(scored), **result}
 
         return await self._guarded(work())
 
@@ -380,8 +401,9 @@ class Classifier:
             except ValueError:
                 raise HTTPError(400, "body is not valid JSON") from None
             images = self._oip_images(payload)
-            probabilities = await self._classify(images)
-            labels = [self._answer(p)["label"] for p in probabilities]
+            scored = await self._classify(images)
+            probabilities = [None if s.out_of_distribution else s.probability for s in scored]
+            labels = [self._answer(s).get("label") for s in scored]
             return {
                 "model_name": name,
                 "model_version": self.metadata["version"],
@@ -390,6 +412,8 @@ class Classifier:
                 "outputs": [
                     {"name": "probability", "datatype": "FP32", "shape": [len(images)], "data": probabilities},
                     {"name": "label", "datatype": "BYTES", "shape": [len(images)], "data": labels},
+                    *([{"name": "ood_score", "datatype": "FP32", "shape": [len(images)],
+                        "data": [s.ood_score for s in scored]}] if self.guard else []),
                 ],
             }
 

@@ -66,4 +66,6 @@ def test_features_come_with_the_same_probabilities_from_one_forward_pass(ensembl
     features, probabilities = features_and_probabilities(model_with_features(model), images)
     expected = model(tf.cast(images, tf.float32), training=False).numpy().reshape(-1)
     np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
-    assert features.shape == (5, 8 * 8 * len(members))  # xraynet's last conv has width * 8 channels
+    # Per member: the spatial mean of each of xraynet's 6 ReLU maps (4+8+16+32+32+64 channels at
+    # width 8) and the 64 penultimate features.
+    assert features.shape == (5, (4 + 8 + 16 + 32 + 32 + 64 + 64) * len(members))

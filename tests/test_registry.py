@@ -34,7 +34,7 @@ SETTINGS = dict(threshold=0.37, target_recall=np.float32(0.75),  # numpy numbers
 METADATA_KEYS = {
     "name", "version", "created", "git_commit", "package_version", "format_version", "classes", "input",
     "threshold", "target_recall", "validation_metrics", "training_config", "tuning_config",
-    "data_fingerprint", "training_data", "source_checkpoint", "files",
+    "data_fingerprint", "training_data", "out_of_distribution", "source_checkpoint", "files",
 }
 
 
@@ -187,7 +187,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused(registry, tmp_path):
 def test_an_export_that_fails_midway_leaves_no_version(registry, checkpoint, monkeypatch):
     import pneumonia.registry
 
-    def crash(model, spec, directory):
+    def crash(model, spec, directory, guard=None):
         directory.mkdir()
         (directory / "saved_model.pb").write_bytes(b"half")
         raise RuntimeError("disk full")
