@@ -34,7 +34,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pneumonia import CLASS_NAMES, RAY_ENV
-from pneumonia.ood import NOT_AN_XRAY, Scored
+from pneumonia.ood import NOT_AN_XRAY, POLICIES, Scored
 from pneumonia.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -129,7 +129,7 @@ class Classifier:
 
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0,
                  max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_pending: int = DEFAULT_MAX_PENDING):
+                 max_pending: int = DEFAULT_MAX_PENDING, ood_policy: str | None = None):
         from ray.serve import metrics
 
         from pneumonia.registry import artifact_warning, load_artifact
@@ -154,7 +154,11 @@ class Classifier:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
         self._predictions = metrics.Counter(
             "pneumonia_predictions", description="predictions by label", tag_keys=("label",))
-        self.guard = self.artifact.ood  # the out-of-distribution guard's metadata, None without one
+        # The out-of-distribution guard's metadata (None without one); the app config may
+        # override the artifact's policy (reject / flag).
+        self.guard = self.artifact.ood
+        if self.guard is not None and ood_policy is not None:
+            self.guard = {**self.guard, "policy": ood_policy}
         self._refusals = metrics.Counter(
             "pneumonia_out_of_distribution", description="images the guard said are not chest X-rays "
             "(refused or flagged, by the artifact's policy)")
@@ -467,7 +471,8 @@ def build_app(args: dict[str, Any] | None = None):
     """The Serve application. ``args`` (from `serve run serve_app:build_app key=value` or a serve
     config's `args`): artifact (path to a version folder or a registry; default
     $PNEUMONIA_ARTIFACT or ./registry, resolved to its latest version now, so every replica serves
-    the same version), max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, max_pending."""
+    the same version), max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, max_pending,
+    ood_policy (reject or flag: overrides the artifact's out-of-distribution policy)."""
     from pneumonia.registry import resolve_artifact
 
     args = dict(args or {})
@@ -478,7 +483,10 @@ def build_app(args: dict[str, Any] | None = None):
         "max_bytes": int(args.pop("max_bytes", DEFAULT_MAX_BYTES)),
         "max_pixels": int(args.pop("max_pixels", DEFAULT_MAX_PIXELS)),
         "max_pending": int(args.pop("max_pending", DEFAULT_MAX_PENDING)),
+        "ood_policy": args.pop("ood_policy", None),
     }
+    if options["ood_policy"] not in (None, *POLICIES):
+        raise ValueError(f"ood_policy must be one of {', '.join(POLICIES)}, not {options['ood_policy']!r}")
     if args:
         raise ValueError(f"unknown application arguments: {', '.join(sorted(args))}")
     return Classifier.bind(artifact, **options)

@@ -1,0 +1,152 @@
+"""Serving honours the out-of-distribution guard: reject (422) or flag (200, no label), on
+/predict, /explain and OIP v2, counted in pneumonia_out_of_distribution_total.
+
+The artifact's guard is made to order: its mean is the features of one image (a dark frame), so
+that image passes and a bright noise frame is far outside; the guard's fitting on real X-rays is
+tested in test_ood_real.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_serving import _free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+INSIDE = _png(np.full((64, 64), 40, np.uint8))
+OUTSIDE = _png(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+
+
+def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.config import ExperimentConfig, ModelConfig
+    from pneumonia.models import build_model, compile_model
+    from pneumonia.ood import Guard, features_and_probabilities, model_with_features
+    from pneumonia.preprocess import PreprocessSpec, decode_image
+    from pneumonia.registry import export_artifact
+
+    root = tmp_path_factory.mktemp("serving-ood")
+    spec = PreprocessSpec(64, 1)
+    model = build_model(ModelConfig(name="xraynet", width=8), spec.shape)
+    compile_model(model, "adam", 1e-3)
+    save_checkpoint(root / "ckpt", model, CheckpointInfo(epoch=1, config=ExperimentConfig().model_dump(),
+                                                         preprocess=spec, metrics={}))
+    images = np.stack([decode_image(INSIDE, spec), decode_image(OUTSIDE, spec)])
+    features, _ = features_and_probabilities(model_with_features(model), images)
+    distance = float(np.sum((features[1] - features[0]) ** 2))
+    assert distance > 0
+    guard = Guard(means=features[:1].astype(np.float64), precision=np.eye(features.shape[1]),
+                  threshold=distance / 2, pass_rate=0.99, fitted_on=1, calibrated_on=1, validation_pass_rate=1.0)
+    return export_artifact(str(root / "ckpt"), root / "registry", threshold=0.5, target_recall=0.95,
+                           validation_metrics={}, training_config=ExperimentConfig().model_dump(), guard=guard)
+
+
+@pytest.fixture(scope="module")
+def port(ray_cluster):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+def _deploy(artifact, port: int, **args) -> str:
+    from ray import serve
+
+    from pneumonia.serving import build_app
+
+    serve.run(build_app({"artifact": str(artifact.path), **args}), name="ood", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def _refusals(port: int) -> float:
+    """pneumonia_out_of_distribution_total as Ray exports it (0 before the first refusal)."""
+    import ray
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ray.metrics_export_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ray_pneumonia_out_of_distribution_total{"))
+
+
+def test_reject_answers_422_with_the_score_and_classifies_what_passes(artifact, port):
+    url = _deploy(artifact, port)
+    status, answer = _post(f"{url}/predict", INSIDE)
+    assert status == 200 and answer["label"] in ("NORMAL", "PNEUMONIA") and answer["out_of_distribution"] is False
+    assert answer["ood_score"] < answer["ood_threshold"]
+
+    status, answer = _post(f"{url}/predict", OUTSIDE)
+    assert status == 422, answer
+    assert "does not look like a pediatric chest X-ray" in answer["error"] and answer["out_of_distribution"] is True
+    assert answer["ood_score"] > answer["ood_threshold"] and "label" not in answer
+
+    status, answer = _post(f"{url}/explain", OUTSIDE)  # no heatmap for what is not an X-ray
+    assert status == 422 and "overlay_png" not in answer
+
+    infer = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                         "data": [base64.b64encode(OUTSIDE).decode()]}]}
+    status, answer = _post(f"{url}/v2/models/{artifact.metadata['name']}/infer", json.dumps(infer).encode(),
+                           "application/json")
+    assert status == 422 and answer["out_of_distribution"] is True
+
+    model = json.loads(urllib.request.urlopen(f"{url}/model", timeout=30).read())
+    assert model["out_of_distribution"]["policy"] == "reject"
+
+
+def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact, port):
+    import time
+
+    url = _deploy(artifact, port, ood_policy="flag")
+    status, answer = _post(f"{url}/predict", OUTSIDE)
+    assert status == 200 and answer["out_of_distribution"] is True
+    assert "label" not in answer and "probability" not in answer
+
+    status, answer = _post(f"{url}/explain", OUTSIDE)
+    assert status == 200 and answer["out_of_distribution"] is True and "overlay_png" not in answer
+
+    infer = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                         "data": [base64.b64encode(OUTSIDE).decode(), base64.b64encode(INSIDE).decode()]}]}
+    status, answer = _post(f"{url}/v2/models/{artifact.metadata['name']}/infer", json.dumps(infer).encode(),
+                           "application/json")
+    outputs = {output["name"]: output["data"] for output in answer["outputs"]}
+    assert status == 200 and outputs["label"][0] is None and outputs["label"][1] in ("NORMAL", "PNEUMONIA")
+    assert outputs["probability"][0] is None and outputs["ood_score"][0] > outputs["ood_score"][1]
+
+    deadline = time.monotonic() + 120  # Ray exports metrics every few seconds
+    while _refusals(port) < 3 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert _refusals(port) >= 3  # the reject test's /predict (and more) plus these three
+
+
+def test_pneumonia_predict_shows_a_flagged_image_as_not_a_chest_xray():
+    from pneumonia.client import format_predictions
+
+    table = format_predictions([{"file": "holiday.jpeg", "out_of_distribution": True, "ood_score": 812.4,
+                                 "ood_threshold": 301.2, "model": "m", "version": "v0001"}])
+    assert "not a chest X-ray (out-of-distribution score 812.4 > 301.2)" in table
