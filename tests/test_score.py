@@ -29,7 +29,7 @@ from pneumonia.scoring.outputs import default_output, output_schema
 from tests.helpers import real_data
 from tests.test_serving_ops import _export
 
-COLUMNS = ["path", "label", "probability", "threshold", "model", "version", "error"]
+COLUMNS = ["path", "label", "probability", "threshold", "ood_score", "out_of_distribution", "model", "version", "error"]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -187,8 +187,9 @@ def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_pa
     """Rows of this model version without an error are skipped; other versions' rows are kept."""
     images = [str(path) for path in _small_images(tmp_path / "images", 3)]
     output = tmp_path / "scores.parquet"
-    rows = [{"path": path, "label": "NORMAL", "probability": 0.1, "threshold": 0.5, "model": "pneumonia-cnn",
-             "version": version, "error": None} for path in images for version in ("v0001", "v0000")]
+    rows = [{"path": path, "label": "NORMAL", "probability": 0.1, "threshold": 0.5, "ood_score": None,
+             "out_of_distribution": False, "model": "pneumonia-cnn", "version": version, "error": None}
+            for path in images for version in ("v0001", "v0000")]
     pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), output)
     # The artifact as a URI (file:// here, s3:// on a cluster): copied and verified by the driver.
     result = score(registry.as_uri(), str(tmp_path / "images"), str(output), progress=lambda line: None)
@@ -199,27 +200,54 @@ def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_pa
 # ----------------------------------------------------------------------------- Ray runs
 
 
-@pytest.fixture(scope="module")
-def served(registry) -> dict[str, float]:
-    """What the Serve app's model core answers for each real X-ray sent alone: Classifier._run_batch,
-    which decodes with decode_image and predicts with LoadedArtifact.predict."""
+def _serve(registry: Path) -> dict[str, object]:
+    """What the Serve app's model core answers for each real X-ray sent alone: Classifier._run_batch
+    (decode_image, then one pass through the artifact's signature), a Scored or a probability."""
     from pneumonia.registry import resolve_artifact
     from pneumonia.serving import Classifier
 
     core = next(cls for cls in Classifier.func_or_class.__mro__ if "_run_batch" in vars(cls))  # under Serve's wrapper
     replica = core(str(resolve_artifact(registry)))
-    answers = {path.name: replica._run_batch([path.read_bytes()])[0]
-               for path in sorted(real_data("chest_xray_val16").rglob("*.jpeg"))}
-    return {name: getattr(answer, "probability", answer) for name, answer in answers.items()}  # float or Scored
+    return {path.name: replica._run_batch([path.read_bytes()])[0]
+            for path in sorted(real_data("chest_xray_val16").rglob("*.jpeg"))}
+
+
+@pytest.fixture(scope="module")
+def served(registry) -> dict[str, float]:
+    return {name: getattr(answer, "probability", answer) for name, answer in _serve(registry).items()}
+
+
+@pytest.fixture(scope="module")
+def guarded_registry(registry, tmp_path_factory) -> Path:
+    """The same model exported with an out-of-distribution guard (policy ``flag``) whose threshold
+    passes half of the real X-rays, so that both kinds of answer occur."""
+    from pneumonia.checkpoint import load_model_from_directory
+    from pneumonia.config import ExperimentConfig
+    from pneumonia.ood import features_and_probabilities, fit_guard, model_with_features
+    from pneumonia.preprocess import PreprocessSpec, decode_image
+    from pneumonia.registry import export_artifact
+
+    checkpoint = registry.parent / "ckpt-8"  # where tests.test_serving_ops._export saved it
+    files = sorted(real_data("chest_xray_val16").rglob("*.jpeg"))
+    images = np.stack([decode_image(path.read_bytes(), PreprocessSpec(64, 1)) for path in files])
+    features, _ = features_and_probabilities(model_with_features(load_model_from_directory(checkpoint)), images)
+    labels = np.array([int(path.parent.name == "PNEUMONIA") for path in files])
+    guard = fit_guard(features, labels, features)
+    guard.threshold = float(np.median(guard.scores(features)))
+    root = tmp_path_factory.mktemp("guarded") / "registry"
+    export_artifact(str(checkpoint), root, threshold=0.5, target_recall=0.95, validation_metrics={},
+                    training_config=ExperimentConfig().model_dump(), guard=guard, ood_policy="flag")
+    return root
 
 
 @pytest.mark.ray
-def test_an_archive_is_scored_with_the_same_probabilities_as_serving(ray_cluster, registry, served, archive, tmp_path):
+def test_an_archive_is_scored_with_the_same_answers_as_serving(ray_cluster, guarded_registry, archive, tmp_path):
     output = tmp_path / "scores.parquet"
     lines: list[str] = []
     # Batches of one, like lone requests: a forward pass over a different batch can move the last
     # bit of a float32 result (serving's dynamic batches do the same); see the next test.
-    result = score(str(registry), str(archive), str(output), batch_size=1, concurrency=1, progress=lines.append)
+    result = score(str(guarded_registry), str(archive), str(output), batch_size=1, concurrency=1,
+                   progress=lines.append)
 
     table = _read(output)
     assert table.column_names == COLUMNS
@@ -229,12 +257,23 @@ def test_an_archive_is_scored_with_the_same_probabilities_as_serving(ray_cluster
     assert broken["error"] and broken["label"] is None and broken["probability"] is None
     assert all(row["error"] is None and row["model"] == "pneumonia-cnn" and row["version"] == "v0001"
                and row["threshold"] == 0.5 for row in by_name.values())
-    assert {name: row["probability"] for name, row in by_name.items()} == served  # identical, not close
 
-    expected = Counter("PNEUMONIA" if p >= 0.5 else "NORMAL" for p in served.values())
-    assert Counter(row["label"] for row in by_name.values()) == expected
+    served = _serve(guarded_registry)
+    assert {name: row["probability"] for name, row in by_name.items()} == {
+        name: answer.probability for name, answer in served.items()}  # identical, not close
+    assert {name: row["ood_score"] for name, row in by_name.items()} == {
+        name: answer.ood_score for name, answer in served.items()}
+    refused = {name for name, answer in served.items() if answer.out_of_distribution}
+    assert 0 < len(refused) < 16  # the guard's threshold passes half of them
+    assert {name for name, row in by_name.items() if row["out_of_distribution"]} == refused
+    labels = {name: None if name in refused else ("PNEUMONIA" if answer.probability >= 0.5 else "NORMAL")
+              for name, answer in served.items()}
+    assert {name: row["label"] for name, row in by_name.items()} == labels  # no label where serving gives none
+
+    expected = Counter(label for label in labels.values() if label)
     assert result.counts == {"NORMAL": expected["NORMAL"], "PNEUMONIA": expected["PNEUMONIA"]}
     assert (result.files, result.scored, result.failed, result.skipped, result.ignored) == (17, 17, 1, 0, 1)
+    assert result.out_of_distribution == len(refused)
     assert result.images_per_s > 0 and result.wall_s >= result.pipeline_s > 0
     assert "failed 1" in result.summary() and str(output) in result.summary()
     assert lines and "scoring 17 files" in lines[0]
@@ -268,6 +307,7 @@ def test_an_interrupted_run_keeps_its_finished_blocks_and_the_rerun_skips_them(
     assert len(rows) == 17 and len({row["path"] for row in rows}) == 17
     assert all(row in rows for row in done)  # the first run's rows, unchanged
     assert not parts.exists()
+    assert all(row["ood_score"] is None and row["out_of_distribution"] is False for row in rows if not row["error"])
     scored = {Path(row["path"]).name: row["probability"] for row in rows if row["error"] is None}
     assert scored.keys() == served.keys()
     np.testing.assert_allclose([scored[name] for name in served], list(served.values()), rtol=0, atol=1e-6)

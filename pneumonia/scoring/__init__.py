@@ -2,9 +2,11 @@
 
 A hospital wants yesterday's worklist or a whole PACS export scored, not one request at a time.
 :func:`score` reads every image under a folder or object-store prefix (or every ``path`` of a
-CSV/Parquet manifest) and writes one row per file: path, label, probability, threshold, model,
-version and, for a file that could not be read or decoded, an ``error`` (label and probability
-empty) instead of a failed run.
+CSV/Parquet manifest) and writes one row per file: path, label, probability, threshold,
+ood_score and out_of_distribution (the artifact's out-of-distribution guard, :mod:`pneumonia.ood`;
+empty and false without one), model, version and, for a file that could not be read or decoded,
+an ``error`` (label and probability empty) instead of a failed run. An image the guard calls out of
+distribution keeps its probability (for audit) but gets no label, as the service gives none.
 
 The pipeline, on Ray Data's streaming executor::
 
@@ -20,7 +22,8 @@ The pipeline, on Ray Data's streaming executor::
   docs/BENCHMARKS.md).
 - **Same numbers as serving.** Decoding is :func:`pneumonia.preprocess.decode_image` with the
   artifact's own :class:`~pneumonia.preprocess.PreprocessSpec`, inference is
-  :meth:`LoadedArtifact.predict` and the label is ``probability >= threshold`` compared as Python
+  :meth:`LoadedArtifact.predict_scored` (probability and guard score from one pass), judged by
+  :class:`pneumonia.ood.Scored`, and the label is ``probability >= threshold`` compared as Python
   floats: exactly what :class:`pneumonia.serving.Classifier` does per batch.
 - **Read and decode in one CPU task.** A full-resolution X-ray is 0.2-2 MB of JPEG and 50 KB of
   model input: decoding where the bytes were read keeps the large bytes out of the object store.

@@ -24,8 +24,8 @@ def output_schema():
     import pyarrow as pa
 
     return pa.schema([("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()),
-                      ("threshold", pa.float64()), ("model", pa.string()), ("version", pa.string()),
-                      ("error", pa.string())])
+                      ("threshold", pa.float64()), ("ood_score", pa.float64()), ("out_of_distribution", pa.bool_()),
+                      ("model", pa.string()), ("version", pa.string()), ("error", pa.string())])
 
 
 def default_output(input_location: str) -> str:

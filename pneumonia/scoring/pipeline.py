@@ -114,23 +114,36 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
+        from pneumonia.ood import Scored
+
         errors = [str(error) for error in batch["error"]]
-        good = np.array([not error for error in errors], dtype=bool)
-        probabilities: list[float | None] = [None] * len(errors)
-        if good.any():
-            scores = self.artifact.predict(batch["image"][good], batch_size=self.batch_size)
-            for index, probability in zip(np.flatnonzero(good), scores):
-                probabilities[index] = float(probability)
+        good = np.flatnonzero([not error for error in errors])
+        answers: list[Scored | None] = [None] * len(errors)
+        if len(good):
+            # As the service judges a batch: one pass gives the probability and, when the artifact
+            # has an out-of-distribution guard, its score; Scored compares it with the guard.
+            probabilities, scores = self.artifact.predict_scored(batch["image"][good], batch_size=self.batch_size)
+            for position, index in enumerate(good):
+                score = None if scores is None else float(scores[position])
+                answers[index] = Scored(float(probabilities[position]), score, self.artifact.ood)
         return pa.table({
             "path": [str(path) for path in batch["path"]],
-            # As serving labels: the float32 probability as a Python float against the threshold.
-            "label": [None if p is None else CLASS_NAMES[int(p >= self.threshold)] for p in probabilities],
-            "probability": probabilities,
+            "label": [self._label(answer) for answer in answers],
+            "probability": [None if answer is None else answer.probability for answer in answers],
             "threshold": [self.threshold] * len(errors),
+            "ood_score": [None if answer is None else answer.ood_score for answer in answers],
+            "out_of_distribution": [None if answer is None else answer.out_of_distribution for answer in answers],
             "model": [self.artifact.name] * len(errors),
             "version": [self.artifact.version] * len(errors),
             "error": [error or None for error in errors],
         }, schema=output_schema())
+
+    def _label(self, answer) -> str | None:
+        """Serving's label: the float32 probability as a Python float against the threshold; none
+        for an image the guard calls out of distribution (the service refuses or flags it)."""
+        if answer is None or answer.out_of_distribution:
+            return None
+        return CLASS_NAMES[int(answer.probability >= self.threshold)]
 
 
 def build_dataset(todo: ScoreInput, packed: PackedArtifact, shipped, *, gpu: bool, batch_size: int,

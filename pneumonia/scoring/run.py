@@ -41,6 +41,7 @@ class ScoreResult:
     skipped: int  # already scored by this model version in the output
     failed: int  # this run's rows with an error
     counts: dict[str, int] = field(default_factory=dict)  # this run's rows per label
+    out_of_distribution: int = 0  # this run's images the artifact's guard says are not chest X-rays (no label)
     rows: int = 0  # rows in the output after the merge (every run, every version)
     ignored: int = 0  # files in the input folder that are not images
     wall_s: float = 0.0  # the whole call: checks, Ray start, pipeline, merge
@@ -59,6 +60,7 @@ class ScoreResult:
         labels = ", ".join(f"{label} {self.counts.get(label, 0):,}" for label in CLASS_NAMES)
         lines = [f"scored {self.scored:,} of {self.files:,} files with {self.model} {self.version}: "
                  f"{labels}, failed {self.failed:,}"
+                 + (f", not chest X-rays {self.out_of_distribution:,}" if self.out_of_distribution else "")
                  + (f"; {self.skipped:,} already scored, skipped" if self.skipped else "")
                  + (f"; {self.ignored:,} non-image files ignored" if self.ignored else ""),
                  f"{self.images_per_s:.1f} images/s over {self.pipeline_s:.1f} s (first results after "
@@ -66,6 +68,9 @@ class ScoreResult:
                  f"output: {self.output} ({self.rows:,} rows)"]
         if self.failed:
             lines.append("rows with an error name the reason in their 'error' column; a re-run tries them again")
+        if self.out_of_distribution:
+            lines.append("rows with out_of_distribution true have no label: the model's guard says the image "
+                         "does not look like a pediatric chest X-ray")
         return "\n".join(lines)
 
 
@@ -140,6 +145,7 @@ def _run(todo: ScoreInput, packed: PackedArtifact, result: ScoreResult, *, gpu: 
             write_part(parts, sequence, run_ns, table)
             result.scored += len(table)
             result.failed += len(table) - table["error"].null_count
+            result.out_of_distribution += sum(flag is True for flag in table["out_of_distribution"].to_pylist())
             counts.update(label for label in table["label"].to_pylist() if label is not None)
             result.counts = {label: counts.get(label, 0) for label in CLASS_NAMES}
     except KeyboardInterrupt:
