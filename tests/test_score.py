@@ -183,18 +183,21 @@ def test_a_folder_is_listed_recursively_images_only(tmp_path):
 # ----------------------------------------------------------------------------- resume without Ray
 
 
-def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_path, registry, no_ray):
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_path, registry, no_ray, suffix):
     """Rows of this model version without an error are skipped; other versions' rows are kept."""
     images = [str(path) for path in _small_images(tmp_path / "images", 3)]
-    output = tmp_path / "scores.parquet"
+    output = tmp_path / f"scores{suffix}"
     rows = [{"path": path, "label": "NORMAL", "probability": 0.1, "threshold": 0.5, "ood_score": None,
              "out_of_distribution": False, "model": "pneumonia-cnn", "version": version, "error": None}
             for path in images for version in ("v0001", "v0000")]
-    pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), output)
+    table = pa.Table.from_pylist(rows, schema=output_schema())
+    (pq.write_table if suffix == ".parquet" else pacsv.write_csv)(table, output)
     # The artifact as a URI (file:// here, s3:// on a cluster): copied and verified by the driver.
     result = score(registry.as_uri(), str(tmp_path / "images"), str(output), progress=lambda line: None)
     assert (result.files, result.skipped, result.scored, result.rows) == (3, 3, 0, 6)
     assert not Path(f"{output}.parts").exists()
+    assert _read(output).column_names == COLUMNS and _read(output).num_rows == 6
 
 
 # ----------------------------------------------------------------------------- Ray runs

@@ -52,7 +52,8 @@ Writing, resuming:
   the same model name and version (in the output or in parts); files that failed are tried again
   (the error may have been a transient read failure, or the file was replaced). A new model
   version scores everything again and its rows sit beside the old version's.
-- Two runs writing the same output at the same time are not supported.
+- Two runs writing the same output at the same time are not supported, and the output is the
+  command's: columns added to it by hand are not kept by the next merge.
 
 Bad input fails before Ray starts, as one-line :class:`~pneumonia.errors.PneumoniaError` s: a
 missing or corrupt artifact (:class:`ArtifactError`), an empty or missing input

@@ -64,7 +64,7 @@ def _read_manifest(location: str, kind: str) -> ScoreInput:
     import pyarrow as pa
 
     try:
-        table = read_table(location, kind, columns=None)
+        table = read_table(location, kind)
     except (OSError, pa.ArrowException, ValueError) as error:
         raise DataError(f"cannot read manifest {location}: {first_line(error)}") from None
     if PATH_COLUMN not in table.column_names:
@@ -82,8 +82,9 @@ def _read_manifest(location: str, kind: str) -> ScoreInput:
     return ScoreInput(location, paths, locations)
 
 
-def read_table(location: str, kind: str, columns: list[str] | None, schema=None):
-    """A CSV or Parquet file (local path or URI) as a pyarrow Table; with ``schema``, typed as it says."""
+def read_table(location: str, kind: str, schema=None):
+    """A CSV or Parquet file (local path or URI) as a pyarrow Table; with ``schema``, its columns
+    only (others in the file are left out), typed as it says."""
     import io
 
     import pyarrow.csv as csv
@@ -91,8 +92,9 @@ def read_table(location: str, kind: str, columns: list[str] | None, schema=None)
 
     data = io.BytesIO(read_bytes(location))
     if kind == "parquet":
-        return pq.read_table(data, columns=columns, schema=schema)
-    options = csv.ConvertOptions(column_types=schema, strings_can_be_null=True) if schema is not None else None
+        return pq.read_table(data, columns=schema.names if schema is not None else None, schema=schema)
+    options = (csv.ConvertOptions(column_types=schema, strings_can_be_null=True, include_columns=schema.names)
+               if schema is not None else None)
     return csv.read_csv(data, convert_options=options)
 
 

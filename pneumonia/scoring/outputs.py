@@ -119,7 +119,7 @@ def read_previous(output: str, progress: Callable[[str], None]) -> list:
     tables = []
     if _exists(output):
         try:
-            tables.append(read_table(output, output_format(output), columns=schema.names, schema=schema))
+            tables.append(read_table(output, output_format(output), schema))
         except (OSError, pa.ArrowException, ValueError) as error:
             raise OutputError(f"--output {output} exists but cannot be read as scores ({first_line(error)}); "
                               "move it away or choose another --output") from None
@@ -131,7 +131,7 @@ def read_previous(output: str, progress: Callable[[str], None]) -> list:
         entries = []
     for entry in entries:  # sorted by name: oldest run first, then block order
         try:
-            tables.append(read_table(entry.location, "parquet", columns=schema.names, schema=schema))
+            tables.append(read_table(entry.location, "parquet", schema))
         except (OSError, pa.ArrowException, ValueError) as error:
             progress(f"warning: ignoring unreadable part {entry.location} ({first_line(error)}); "
                      "its files are scored again")

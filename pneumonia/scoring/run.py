@@ -12,7 +12,7 @@ from typing import Any, Callable
 from pneumonia import CLASS_NAMES
 from pneumonia.errors import ConfigError, Interrupted, PneumoniaError
 from pneumonia.preprocess import DEFAULT_MAX_PIXELS
-from pneumonia.scoring.inputs import ScoreInput, list_input
+from pneumonia.scoring.inputs import ScoreInput, first_line, list_input
 from pneumonia.scoring.outputs import (
     already_scored,
     check_output,
@@ -151,6 +151,10 @@ def _run(todo: ScoreInput, packed: PackedArtifact, result: ScoreResult, *, gpu: 
     except KeyboardInterrupt:
         raise Interrupted(f"scoring interrupted after {result.scored:,} of {len(todo.paths):,} files; they are "
                           f"kept in {parts}: the same command continues") from None
+    except Exception as error:  # a lost node or driver connection, a full disk: the parts stay
+        raise PneumoniaError(f"scoring stopped after {result.scored:,} of {len(todo.paths):,} files "
+                             f"({type(error).__name__}: {first_line(error)}); they are kept in {parts}: the same "
+                             "command continues") from error
     result.pipeline_s = time.perf_counter() - began
 
 
