@@ -29,8 +29,13 @@ way `pneumonia export` does; the weights do not change the cost), right after th
 single model, so both see the same background load. The table's `model` column tells them apart,
 and `ensemble_cost` in the JSON gives the ensemble's req/s and p50 relative to the single model's.
 
+With `--guard` every chosen mode also runs against the same model exported with an
+out-of-distribution guard (pneumonia.ood: the signature adds `ood_score`, computed from the same
+forward pass; the guard's numbers do not change its cost), labelled `guard on`; `ensemble_cost`
+then also gives the guard's req/s and p50 relative to the model without it (`single`).
+
     python bench/serve_load.py [--artifact PATH] [--concurrency 1,8,32,64] [--duration 8] [--modes a,b,e]
-                               [--ensemble 3]
+                               [--ensemble 3] [--guard]
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real Request type in the plain
@@ -118,6 +123,33 @@ def export_ensemble_artifact(artifact: str, members: int, root: Path) -> str:
                     target_recall=single.metadata.get("target_recall", 0.95), validation_metrics={},
                     training_config=training_config, name=single.name)
     return str(root / "ensemble-registry")
+
+
+def export_guarded_artifact(artifact: str, body: bytes, root: Path) -> str:
+    """The artifact's model exported again with an out-of-distribution guard. Its cost depends on
+    the feature count, not on the numbers: it is fitted on random frames and the payload, with a
+    threshold that lets the payload through (every request is then answered, as without it)."""
+    import numpy as np
+
+    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.ood import features_and_probabilities, fit_guard, model_with_features
+    from pneumonia.preprocess import decode_image
+    from pneumonia.registry import export_artifact, load_artifact
+
+    single = load_artifact(artifact)
+    model = single.keras_model()
+    frames = np.random.default_rng(0).integers(0, 256, (64, *single.preprocess.shape), dtype=np.uint8)
+    frames[0] = decode_image(body, single.preprocess)
+    features, _ = features_and_probabilities(model_with_features(model), frames)
+    guard = fit_guard(features, np.arange(len(features)) % 2, features[:1])
+    guard.threshold = 2 * guard.threshold + 1.0  # the payload passes whatever the float rounding
+    training_config = single.metadata.get("training_config") or {}
+    checkpoint = save_checkpoint(root / "guarded", model, CheckpointInfo(
+        epoch=1, config=training_config, preprocess=single.preprocess, metrics={}))
+    export_artifact(str(checkpoint), root / "guarded-registry", threshold=single.threshold,
+                    target_recall=single.metadata.get("target_recall", 0.95), validation_metrics={},
+                    training_config=training_config, guard=guard, name=single.name)
+    return str(root / "guarded-registry")
 
 
 # ----------------------------------------------------------------------------- load generator
@@ -348,6 +380,9 @@ HEADER = (f"{'mode':<22}{'model':<13}{'conc':>5}{'req/s':>10}{'p50 ms':>10}{'p95
           f"{'errors':>8}")
 
 
+GUARDED = "guard on"
+
+
 def ensemble_label(members: int) -> str:
     return f"ensemble x{members}"
 
@@ -415,6 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", default="a,b,c,d,e,f", help="which of a..f (the modes above) to run")
     parser.add_argument("--ensemble", type=int, metavar="K",
                         help="also run every mode on a K-member ensemble of the model (K >= 1)")
+    parser.add_argument("--guard", action="store_true",
+                        help="also run every mode on the model exported with an out-of-distribution guard")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     parser.add_argument("--server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--server-mode", choices=sorted(MODES)[1:], help=argparse.SUPPRESS)
@@ -470,6 +507,8 @@ def main(argv=None) -> int:
     artifacts = {SINGLE: artifact}
     if args.ensemble:
         artifacts[ensemble_label(args.ensemble)] = export_ensemble_artifact(artifact, args.ensemble, scratch)
+    if args.guard:
+        artifacts[GUARDED] = export_guarded_artifact(artifact, body, scratch)
     machine = {**machine_info(), "load_average_at_start": os.getloadavg()}
     print(f"payload: {source} ({len(body):,} bytes); artifacts: {artifacts}; levels {levels}, "
           f"{args.warmup:g} s warm-up + {args.duration:g} s per level; Ray CPUs {args.ray_cpus}", flush=True)
@@ -496,7 +535,7 @@ def main(argv=None) -> int:
         "benchmark": "serve_load", "machine": machine, "payload": {"source": source, "bytes": len(body)},
         "artifact": artifact, "ensemble": ensemble, "concurrency": levels, "warmup_s": args.warmup,
         "duration_s": args.duration, "max_requests_per_level": args.max_requests, "ray_cpus": args.ray_cpus,
-        "results": rows, "ensemble_cost": costs, "targets": checks,
+        "guard": artifacts.get(GUARDED), "results": rows, "ensemble_cost": costs, "targets": checks,
     }
     write_report(args.out, report)
     shutil.rmtree(scratch, ignore_errors=True)  # kept after a failure: it holds the servers' logs

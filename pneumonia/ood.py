@@ -131,15 +131,16 @@ def features_and_probabilities(dual, images: np.ndarray, batch_size: int = 64) -
 
 
 def tf_scores(features, means, precision):
-    """:meth:`Guard.scores` in TensorFlow, for the serving signature."""
+    """:meth:`Guard.scores` in TensorFlow, for the serving signature, with one [d, d] product for
+    all classes: (f - m)' P (f - m) = f'Pf - 2 f'(Pm) + m'Pm (P symmetric)."""
     import tensorflow as tf
 
     features = tf.cast(features, tf.float32)
-    distances = []
-    for index in range(means.shape[0]):
-        centred = features - means[index]
-        distances.append(tf.reduce_sum(tf.matmul(centred, precision) * centred, axis=1))
-    return tf.reduce_min(tf.stack(distances, axis=0), axis=0)
+    projected = tf.matmul(features, precision)  # [n, d]
+    quadratic = tf.reduce_sum(projected * features, axis=1, keepdims=True)  # [n, 1]
+    cross = tf.matmul(projected, means, transpose_b=True)  # [n, classes]: f'P m_c
+    offsets = tf.reduce_sum(tf.matmul(means, precision) * means, axis=1)  # [classes]: m_c'P m_c
+    return tf.maximum(tf.reduce_min(quadratic - 2.0 * cross + offsets, axis=1), 0.0)
 
 
 NOT_AN_XRAY = "the image does not look like a pediatric chest X-ray"
