@@ -716,6 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve-port", type=_number(int, 0, 65535), default=0,
                       help="port for the final service (default 0: a free one)")
     demo.set_defaults(func=cmd_demo)
+
+    from pneumonia.scoring import add_parser as add_score_parser
+
+    add_score_parser(commands)  # pneumonia score: batch scoring with Ray Data (pneumonia.scoring)
     return parser
 
 
