@@ -2,21 +2,26 @@
 
 Any decodable image used to get a confident NORMAL/PNEUMONIA answer: a holiday photo, a scanned
 form, a knee X-ray, a blank frame. The guard here is the Mahalanobis distance of an image's
-penultimate features (the input of each member's ``probability`` layer; concatenated across an
-ensemble's members) to the nearest class mean, with one covariance shared by the classes (Lee et
-al., 2018, "A Simple Unified Framework for Detecting Out-of-Distribution Samples"):
+features to the nearest class mean, with one covariance shared by the classes (Lee et al., 2018,
+"A Simple Unified Framework for Detecting Out-of-Distribution Samples"). The features are the
+spatial mean of every ReLU activation map and the penultimate features (the input of each
+member's ``probability`` layer), concatenated across an ensemble's members: with the penultimate
+features alone a small model let blank and gradient frames through; the early maps tell them
+apart. The guard is
 
-- fitted at export on the training carve's features (class means, shrunk shared covariance);
+- fitted at export on a sample of the training carve (class means, shrunk shared covariance);
 - its acceptance threshold is the ``pass_rate`` quantile (default 0.99) of the validation
   carve's scores, so that 99% of validation X-rays pass;
 - baked into the artifact's SavedModel signature as a second output, ``ood_score``: the network
   runs once per image for both the probability and the score, so the guard costs a matrix
-  product per image (bench/serve_load.py measures it), not a second forward pass.
+  few reductions and one matrix product per image (bench/serve_load.py --guard measures it), not a
+  second forward pass.
 
-Why this method: measured on the recommended recipe's ensemble (docs/RESULTS.md), it refused
-every natural photo, scanned page, rendered text, noise/solid/gradient frame, rotated and
-inverted X-ray we could make, while accepting all 16 full-resolution originals; a max-probability
-or energy score on a binary sigmoid cannot tell "confident" from "never seen".
+Why this method: measured on the recommended recipe's ensemble and on a small test model
+(docs/RESULTS.md), it refused every photo, scanned page, rendered text, noise/solid/gradient
+frame, rotated and inverted X-ray and CT phantom we could make, while accepting all 16
+full-resolution originals; a max-probability or energy score on a binary sigmoid cannot tell
+"confident" from "never seen".
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-METHOD = "mahalanobis-penultimate"
+METHOD = "mahalanobis-features"  # ReLU-map means + penultimate features
 SCORE_NAME = "ood_score"
 FEATURE_LAYER = "probability"  # each model's (member's) output layer: its input is the feature vector
 DEFAULT_PASS_RATE = 0.99

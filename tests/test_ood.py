@@ -25,7 +25,7 @@ def test_the_threshold_lets_the_pass_rate_of_validation_through_and_refuses_what
     far = rng.normal(0, 1, (200, 8)) + 12.0  # nowhere near either class
     assert np.all(guard.scores(far) > guard.threshold)
     info = guard.metadata("flag")
-    assert info["method"] == "mahalanobis-penultimate" and info["policy"] == "flag" and info["features"] == 8
+    assert info["method"] == "mahalanobis-features" and info["policy"] == "flag" and info["features"] == 8
     assert info["fitted_on"] == 2000 and info["calibrated_on"] == 1000
 
 

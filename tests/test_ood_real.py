@@ -135,7 +135,7 @@ def test_the_guard_is_recorded_and_passes_99_percent_of_the_validation_carve(exp
     from pneumonia.evaluate import VALIDATION, evaluate_artifact
 
     guard = exported.ood
-    assert guard["method"] == "mahalanobis-penultimate" and guard["policy"] == "reject"
+    assert guard["method"] == "mahalanobis-features" and guard["policy"] == "reject"
     assert guard["validation_pass_rate"] >= 0.99 and guard["fitted_on"] > 1000
     evaluation = evaluate_artifact(exported.artifact, str(real_data("chest_xray_224")), split=VALIDATION)
     assert evaluation.ood["n"] == guard["calibrated_on"] and evaluation.ood["rate"] <= 0.01 + 1e-9
