@@ -13,7 +13,7 @@ apart. The guard is
 - its acceptance threshold is the ``pass_rate`` quantile (default 0.99) of the validation
   carve's scores, so that 99% of validation X-rays pass;
 - baked into the artifact's SavedModel signature as a second output, ``ood_score``: the network
-  runs once per image for both the probability and the score, so the guard costs a matrix
+  runs once per image for both the probability and the score, so the guard costs a
   few reductions and one matrix product per image (bench/serve_load.py --guard measures it), not a
   second forward pass.
 
