@@ -81,9 +81,20 @@ def fit_guard(features: np.ndarray, labels: np.ndarray, validation_features: np.
     precision = np.linalg.inv(covariance)
     guard = Guard(means, precision, 0.0, pass_rate, len(features), len(validation_features), 0.0)
     validation_scores = guard.scores(validation_features)
-    guard.threshold = float(np.quantile(validation_scores, pass_rate, method="higher"))  # at least pass_rate pass
+    guard.threshold = _threshold(validation_scores, pass_rate)
     guard.validation_pass_rate = float(np.mean(validation_scores <= guard.threshold))
     return guard
+
+
+def _threshold(scores: np.ndarray, pass_rate: float) -> float:
+    """The smallest validation score that lets ``pass_rate`` of them through, moved halfway to the
+    next one: the served (float32) scores then fall on the same side as these (float64) ones."""
+    ordered = np.sort(np.asarray(scores, np.float64))
+    index = min(int(np.ceil(pass_rate * len(ordered))) - 1, len(ordered) - 1)
+    index = max(index, 0)
+    if index + 1 < len(ordered):
+        return float((ordered[index] + ordered[index + 1]) / 2)
+    return float(ordered[index] * (1 + 1e-6) + 1e-6)
 
 
 def model_with_features(model):

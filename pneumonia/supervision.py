@@ -246,10 +246,12 @@ class ResourceWatch:
             elif give_up:
                 self.message = (f"{line}. Gave up after {self.timeout_s:g} s (run.resource_timeout_s): free those "
                                 "resources, or lower scaling.workers / scaling.cpus_per_worker")
-                if self.stops == "run":
-                    _end_train_controllers(self._job)
-                else:
-                    _stop_main_thread()
+                if self.stops == "sweep":
+                    _stop_main_thread()  # first: Tune then starts no trial, nor a retry of one
+                # Train's controllers too: one that waits would otherwise retry with a new group,
+                # which Train's cleaner never learns about (it registers groups once they start)
+                # and which would outlive the run for as long as the job (a notebook, a test session).
+                _end_train_controllers(self._job)
                 _remove_group(group["id"])  # before Ray grants it to a controller that is gone
                 return
             else:

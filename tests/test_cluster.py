@@ -706,7 +706,8 @@ class LocalCluster:
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard_port}",
                              f"--ray-client-server-port={self.client_port}"])
-        self._wait("the head's Jobs API", lambda: self.client().list_jobs() is not None, 120)
+        # Patient: a busy 2-core machine has taken over 2 minutes to bring the dashboard up.
+        self._wait("the head's Jobs API", lambda: self.client().list_jobs() is not None, 300)
 
     def start(self, head_cpus: int, worker_cpus: int) -> None:
         self.start_head(head_cpus)

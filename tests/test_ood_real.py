@@ -138,5 +138,7 @@ def test_the_guard_is_recorded_and_passes_99_percent_of_the_validation_carve(exp
     assert guard["method"] == "mahalanobis-features" and guard["policy"] == "reject"
     assert guard["validation_pass_rate"] >= 0.99 and guard["fitted_on"] > 1000
     evaluation = evaluate_artifact(exported.artifact, str(real_data("chest_xray_224")), split=VALIDATION)
-    assert evaluation.ood["n"] == guard["calibrated_on"] and evaluation.ood["rate"] <= 0.01 + 1e-9
+    # The served float32 scores may put a sample that sits on the threshold either side of it.
+    assert evaluation.ood["n"] == guard["calibrated_on"]
+    assert evaluation.ood["rate"] <= 1 - guard["validation_pass_rate"] + 2 / evaluation.ood["n"], evaluation.ood
     assert "out-of-distribution guard:" in exported.summary()
