@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_serving import _free_port
+from tests.test_serving_ops import serve_port  # noqa: F401  (Serve started on a free port, per module)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -67,16 +67,6 @@ def artifact(tmp_path_factory):
                            validation_metrics={}, training_config=ExperimentConfig().model_dump(), guard=guard)
 
 
-@pytest.fixture(scope="module")
-def port(ray_cluster):
-    from ray import serve
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-
-
 def _deploy(artifact, port: int, **args) -> str:
     from ray import serve
 
@@ -86,7 +76,7 @@ def _deploy(artifact, port: int, **args) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _refusals(port: int) -> float:
+def _refusals() -> float:
     """pneumonia_out_of_distribution_total as Ray exports it (0 before the first refusal)."""
     import ray
 
@@ -95,8 +85,8 @@ def _refusals(port: int) -> float:
                if line.startswith("ray_pneumonia_out_of_distribution_total{"))
 
 
-def test_reject_answers_422_with_the_score_and_classifies_what_passes(artifact, port):
-    url = _deploy(artifact, port)
+def test_reject_answers_422_with_the_score_and_classifies_what_passes(artifact, serve_port):
+    url = _deploy(artifact, serve_port)
     status, answer = _post(f"{url}/predict", INSIDE)
     assert status == 200 and answer["label"] in ("NORMAL", "PNEUMONIA") and answer["out_of_distribution"] is False
     assert answer["ood_score"] < answer["ood_threshold"]
@@ -119,10 +109,10 @@ def test_reject_answers_422_with_the_score_and_classifies_what_passes(artifact, 
     assert model["out_of_distribution"]["policy"] == "reject"
 
 
-def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact, port):
+def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact, serve_port):
     import time
 
-    url = _deploy(artifact, port, ood_policy="flag")
+    url = _deploy(artifact, serve_port, ood_policy="flag")
     status, answer = _post(f"{url}/predict", OUTSIDE)
     assert status == 200 and answer["out_of_distribution"] is True
     assert "label" not in answer and "probability" not in answer
@@ -139,9 +129,9 @@ def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact,
     assert outputs["probability"][0] is None and outputs["ood_score"][0] > outputs["ood_score"][1]
 
     deadline = time.monotonic() + 120  # Ray exports metrics every few seconds
-    while _refusals(port) < 3 and time.monotonic() < deadline:
+    while _refusals() < 3 and time.monotonic() < deadline:
         time.sleep(2)
-    assert _refusals(port) >= 3  # the reject test's /predict (and more) plus these three
+    assert _refusals() >= 3  # the reject test's /predict (and more) plus these three
 
 
 def test_pneumonia_predict_shows_a_flagged_image_as_not_a_chest_xray():
