@@ -19,6 +19,7 @@ inherits the environment) starts its own cluster instead of joining this one, an
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from typing import Any
 
@@ -39,7 +40,7 @@ def start_ray(env_vars: dict[str, str], **init_kwargs: Any):
     """ray.init on the user's cluster (RAY_ADDRESS) or on a new embedded one; returns Ray's context."""
     import ray
 
-    sigterm = _current_sigterm_handler()
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it (see _restore_sigterm)
     address = user_cluster_address()
     if address is not None:
         # Our job's processes (Train's detached placement-group cleaner among them) are told the
@@ -94,12 +95,6 @@ def _canonical_address(address: str) -> str | None:
         return None
 
 
-def _current_sigterm_handler():
-    import signal
-
-    return signal.getsignal(signal.SIGTERM)
-
-
 def _restore_sigterm(before) -> None:
     """Keep the process's own SIGTERM handling after Ray connects.
 
@@ -110,7 +105,6 @@ def _restore_sigterm(before) -> None:
     A handler set before Ray started comes back; otherwise Ray's Python-level one (without the
     crash dump) is registered again.
     """
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():

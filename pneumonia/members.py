@@ -114,9 +114,8 @@ def train_members(
             run_config=tune.RunConfig(name="tuner", storage_path=run_dir, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
-    with ResourceWatch(config, what=f"ensemble run {config.run.name}") as watch:
+    with ResourceWatch(config, what=f"ensemble run {config.run.name}"):
         grid = tuner.fit()
-    watch.raise_if_starved()
     raise_if_interrupted(saved_statuses(tuner_path), members, f"ensemble run {config.run.name}", "members",
                          f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`")
     metric, mode = config.run.checkpoint_metric, config.run.checkpoint_mode

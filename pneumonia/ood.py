@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from pneumonia import CLASS_NAMES
+
 METHOD = "mahalanobis-features"  # ReLU-map means + penultimate features
 SCORE_NAME = "ood_score"
 FEATURE_LAYER = "probability"  # each model's (member's) output layer: its input is the feature vector
@@ -180,7 +182,18 @@ class Scored:
         """Whether the policy refuses (HTTP 422) rather than flags (200, no label) such an image."""
         return self.guard is not None and self.guard.get("policy", DEFAULT_POLICY) == "reject"
 
+    def label(self, threshold: float) -> str | None:
+        """NORMAL or PNEUMONIA at ``threshold``; None for an image the guard says is not an X-ray."""
+        return None if self.out_of_distribution else CLASS_NAMES[int(self.probability >= threshold)]
+
     def guard_fields(self) -> dict[str, float]:
         if self.guard is None or self.ood_score is None:
             return {}
         return {"ood_score": round(self.ood_score, 3), "ood_threshold": round(float(self.guard["threshold"]), 3)}
+
+
+def judge(probabilities, scores, guard: dict | None) -> list[Scored]:
+    """A batch's answers as the service gives them: each probability with its guard score
+    (``scores`` None for an artifact without a guard), judged by the guard's metadata."""
+    scores = [None] * len(probabilities) if scores is None else [float(score) for score in scores]
+    return [Scored(float(probability), score, guard) for probability, score in zip(probabilities, scores)]

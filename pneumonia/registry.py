@@ -52,6 +52,7 @@ from pneumonia import CLASS_NAMES, __version__
 from pneumonia.checkpoint import MODEL_FILE, load_model_from_directory, read_info
 from pneumonia.ensemble import is_ensemble, member_models
 from pneumonia.errors import CheckpointError, DataError
+from pneumonia.ood import SCORE_NAME
 from pneumonia.preprocess import PreprocessSpec
 from pneumonia.storage import is_uri, local_directory
 
@@ -66,7 +67,6 @@ SAVED_MODEL_DIR = "saved_model"
 SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
-SCORE_NAME = "ood_score"  # pneumonia.ood.SCORE_NAME: the guard's output, when the artifact has one
 REQUIRED_FILES = (MODEL_FILE, f"{SAVED_MODEL_DIR}/saved_model.pb")
 GIT_TIMEOUT_S = 5
 SYNTHETIC_WARNING = "trained on synthetic data: not for real X-rays"
@@ -224,7 +224,7 @@ def _save_serving_model(model, spec: PreprocessSpec, directory: Path, guard: Any
             probability = model(tf.cast(image, tf.float32), training=False)
             return {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1])}
     else:
-        from pneumonia.ood import SCORE_NAME, model_with_features, tf_scores
+        from pneumonia.ood import model_with_features, tf_scores
 
         dual = model_with_features(model)
         module.ood_means = tf.Variable(guard.means.astype("float32"), trainable=False)
@@ -429,14 +429,7 @@ class LoadedArtifact:
 
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Probabilities of PNEUMONIA (float32, shape [n]) for uint8 images [n, size, size, channels]."""
-        import tensorflow as tf
-
-        images = self._checked(images)
-        outputs = [
-            self._signature(**{INPUT_NAME: tf.constant(images[start : start + batch_size])})[OUTPUT_NAME].numpy()
-            for start in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros(0, np.float32)
+        return self.predict_scored(images, batch_size)[0]
 
     def _checked(self, images) -> np.ndarray:
         images = np.asarray(images)

@@ -33,8 +33,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pneumonia import CLASS_NAMES, RAY_ENV
-from pneumonia.ood import NOT_AN_XRAY, POLICIES, Scored
+from pneumonia import RAY_ENV
+from pneumonia.ood import NOT_AN_XRAY, POLICIES, Scored, judge
 from pneumonia.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -188,13 +188,10 @@ class Classifier:
         results: list = [self._decoded(item) for item in items]
         good = [index for index, result in enumerate(results) if isinstance(result, np.ndarray)]
         if good:
-            probabilities, scores = self._forward(np.stack([results[index] for index in good]))
-            scored = [Scored(float(p), None if scores is None else float(s), self.guard)
-                      for p, s in zip(probabilities, scores if scores is not None else [None] * len(good))]
+            scored = judge(*self._forward(np.stack([results[index] for index in good])), self.guard)
             for index, answer in zip(good, scored):
                 results[index] = answer
-            labels = [CLASS_NAMES[int(answer.probability >= self.threshold)] for answer in scored
-                      if not answer.out_of_distribution]
+            labels = [label for label in (answer.label(self.threshold) for answer in scored) if label]
             for label in set(labels):
                 self._predictions.inc(labels.count(label), tags={"label": label})
             refused = sum(answer.out_of_distribution for answer in scored)
@@ -282,7 +279,7 @@ class Classifier:
         if scored.out_of_distribution:
             return {"out_of_distribution": True, **scored.guard_fields(), **model}
         return {
-            "label": CLASS_NAMES[int(scored.probability >= self.threshold)],
+            "label": scored.label(self.threshold),
             "probability": scored.probability,
             "threshold": self.threshold,
             **({"out_of_distribution": False, **scored.guard_fields()} if self.guard else {}),
@@ -407,7 +404,7 @@ class Classifier:
             images = self._oip_images(payload)
             scored = await self._classify(images)
             probabilities = [None if s.out_of_distribution else s.probability for s in scored]
-            labels = [self._answer(s).get("label") for s in scored]
+            labels = [s.label(self.threshold) for s in scored]
             return {
                 "model_name": name,
                 "model_version": self.metadata["version"],

@@ -156,8 +156,8 @@ def describe_cluster(exclude: str | None = None) -> str:
 class ResourceWatch:
     """A driver thread that notices this job's workers waiting for resources (see module doc).
 
-    Use as a context manager around ``trainer.fit()`` or ``tuner.fit()``; afterwards
-    :meth:`raise_if_starved` fails with the line it printed when it had to stop the run.
+    Use as a context manager around ``trainer.fit()`` or ``tuner.fit()``: when it had to stop the
+    run, leaving the block fails with the line it would have printed (however the fit ended).
     """
 
     def __init__(self, config: ExperimentConfig, what: str = "this run",
@@ -198,13 +198,9 @@ class ResourceWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if self.message is not None and kind is not None and issubclass(kind, (Exception, KeyboardInterrupt, SystemExit)):
-            raise PneumoniaError(self.message) from None  # our own stop, not the user's Ctrl-C or a failure
+        if self.message is not None:  # we stopped the run: that, not its Ctrl-C or failure, is the story
+            raise PneumoniaError(self.message) from None
         return False
-
-    def raise_if_starved(self) -> None:
-        if self.message is not None:
-            raise PneumoniaError(self.message)
 
     # -- the thread
     def _loop(self) -> None:

@@ -490,7 +490,8 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
             raise Interrupted(f"training interrupted; {resume} continues it from its last checkpoint") from None
         except Exception as error:  # Ray wraps worker errors; keep the cause, drop the stack
             cause = getattr(error, "__cause__", None) or error
-            if "startup timed out" in str(cause):  # Train's own start timeout, after start_retries
+            failure = getattr(cause, "controller_failure", cause)  # Ray Train's ControllerError wraps it
+            if type(failure).__name__ == "WorkerGroupStartupTimeoutError":  # Train's own timeout, after retries
                 from pneumonia.supervision import describe_cluster
 
                 raise PneumoniaError(f"training failed: the workers did not get their resources in "

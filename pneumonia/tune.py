@@ -203,18 +203,15 @@ def tune(
                 failure_config=ray_tune.FailureConfig(max_failures=1),
             ),
         )
-    with ResourceWatch(config, what=f"sweep {name}") as watch:
+    with ResourceWatch(config, what=f"sweep {name}"):
         grid = tuner.fit()
-    watch.raise_if_starved()
     statuses = saved_statuses(sweep_path)
     resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"
     try:
-        result = summarize_sweep(grid, config, sweep_path, statuses)
-    except PneumoniaError:
+        return summarize_sweep(grid, config, sweep_path, statuses)  # the table first, even of an interrupted sweep
+    finally:
+        # An interruption is the story, also when nothing finished to summarise.
         raise_if_interrupted(statuses, sweep.num_samples, f"sweep {name}", "trials", resume_command)
-        raise
-    raise_if_interrupted(statuses, sweep.num_samples, f"sweep {name}", "trials", resume_command)  # after the table
-    return result
 
 
 def _searcher(sweep):

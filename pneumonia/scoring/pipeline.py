@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumonia import CLASS_NAMES
 from pneumonia.errors import DataError, PneumoniaError
 from pneumonia.preprocess import PreprocessSpec, decode_image
 from pneumonia.scoring.inputs import ScoreInput, first_line
@@ -114,7 +113,7 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
-        from pneumonia.ood import Scored
+        from pneumonia.ood import Scored, judge
 
         errors = [str(error) for error in batch["error"]]
         good = np.flatnonzero([not error for error in errors])
@@ -122,13 +121,13 @@ class Scorer:
         if len(good):
             # As the service judges a batch: one pass gives the probability and, when the artifact
             # has an out-of-distribution guard, its score; Scored compares it with the guard.
-            probabilities, scores = self.artifact.predict_scored(batch["image"][good], batch_size=self.batch_size)
-            for position, index in enumerate(good):
-                score = None if scores is None else float(scores[position])
-                answers[index] = Scored(float(probabilities[position]), score, self.artifact.ood)
+            scored = judge(*self.artifact.predict_scored(batch["image"][good], batch_size=self.batch_size),
+                           self.artifact.ood)
+            for index, answer in zip(good, scored):
+                answers[index] = answer
         return pa.table({
             "path": [str(path) for path in batch["path"]],
-            "label": [self._label(answer) for answer in answers],
+            "label": [None if answer is None else answer.label(self.threshold) for answer in answers],
             "probability": [None if answer is None else answer.probability for answer in answers],
             "threshold": [self.threshold] * len(errors),
             "ood_score": [None if answer is None else answer.ood_score for answer in answers],
@@ -137,13 +136,6 @@ class Scorer:
             "version": [self.artifact.version] * len(errors),
             "error": [error or None for error in errors],
         }, schema=output_schema())
-
-    def _label(self, answer) -> str | None:
-        """Serving's label: the float32 probability as a Python float against the threshold; none
-        for an image the guard calls out of distribution (the service refuses or flags it)."""
-        if answer is None or answer.out_of_distribution:
-            return None
-        return CLASS_NAMES[int(answer.probability >= self.threshold)]
 
 
 def build_dataset(todo: ScoreInput, packed: PackedArtifact, shipped, *, gpu: bool, batch_size: int,
