@@ -93,9 +93,21 @@ class Explanation:
         ``original`` is the upright image before preprocessing (``preprocess.open_image``);
         ``resize`` is the preprocessing's mode, which says how the model's square maps onto it.
         """
+        gray, heatmap = self._on(original, resize, side)
+        return _png(_blend(gray, heatmap, alpha))
+
+    def layers_on(self, original: Image.Image, resize: str = "stretch", side: int = DISPLAY_SIDE) -> tuple[bytes, bytes]:
+        """(X-ray in grey, colour-mapped heatmap): two PNGs of the size :meth:`overlay_on` draws,
+        for a viewer with its own opacity control (the heatmap over the X-ray at opacity a is the
+        overlay blended at a)."""
+        gray, heatmap = self._on(original, resize, side)
+        return _png(np.clip(np.round(gray), 0, 255).astype(np.uint8)), _png(_colorize(heatmap))
+
+    def _on(self, original: Image.Image, resize: str, side: int) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (grey X-ray, heatmap), both at the display size of ``original``."""
         width, height = display_size(original.size, side)
         gray = np.asarray(original.convert("L").resize((width, height), Image.Resampling.BILINEAR), np.float32)
-        return _png(_blend(gray, _heatmap_over(self.heatmap, original.size, (width, height), resize), alpha))
+        return gray, _heatmap_over(self.heatmap, original.size, (width, height), resize)
 
     def heatmap_png(self) -> bytes:
         """PNG (RGB) of the colour-mapped heatmap alone."""

@@ -672,8 +672,18 @@ class LocalCluster:
         return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}"
                          for path in sorted(self.logs.glob("*.log")))
 
+    def _session_logs(self, chars: int = 1500) -> str:
+        """The tails of the head session's dashboard logs: why an API did not answer."""
+        logs = sorted(Path(self.temp_dir).glob("session_2*/logs"))
+        if not logs:
+            return ""
+        names = ("dashboard.log", "dashboard.err", "dashboard_JobHead.log", "dashboard_JobHead.err")
+        return "\n".join(f"--- {name}\n{(logs[-1] / name).read_text(errors='replace')[-chars:]}"
+                         for name in names if (logs[-1] / name).is_file())
+
     def _wait(self, what: str, ready, deadline_s: float) -> None:
         deadline = time.monotonic() + deadline_s
+        last_error = "no answer yet"
         while time.monotonic() < deadline:
             for process in self.processes:
                 if process.poll() is not None:
@@ -682,10 +692,12 @@ class LocalCluster:
             try:
                 if ready():
                     return
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
+                last_error = "answered, but not ready"
+            except Exception as error:  # noqa: BLE001 - not up yet; kept for the failure message
+                last_error = f"{type(error).__name__}: {str(error)[:500]}"
             time.sleep(1)
-        raise AssertionError(f"timed out waiting for {what}\n" + self.log_tail())
+        raise AssertionError(f"timed out waiting for {what} (last: {last_error})\n" + self.log_tail()
+                             + "\n" + self._session_logs())
 
     def client(self):
         from ray.job_submission import JobSubmissionClient

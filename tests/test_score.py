@@ -204,15 +204,18 @@ def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_pa
 
 
 def _serve(registry: Path) -> dict[str, object]:
-    """What the Serve app's model core answers for each real X-ray sent alone: Classifier._run_batch
-    (decode_image, then one pass through the artifact's signature), a Scored or a probability."""
+    """What the Serve app's model core answers for each real X-ray sent alone: ServedModel.decode
+    (decode_image), then one pass through the artifact's signature: a Scored (or the decode error)."""
     from pneumonia.registry import resolve_artifact
-    from pneumonia.serving import Classifier
+    from pneumonia.serving import ServedModel
 
-    core = next(cls for cls in Classifier.func_or_class.__mro__ if "_run_batch" in vars(cls))  # under Serve's wrapper
-    replica = core(str(resolve_artifact(registry)))
-    return {path.name: replica._run_batch([path.read_bytes()])[0]
-            for path in sorted(real_data("chest_xray_val16").rglob("*.jpeg"))}
+    model = ServedModel(str(resolve_artifact(registry)))
+
+    def one(data: bytes):
+        image = model.decode(data)
+        return image if isinstance(image, Exception) else model.score(image[None])[0][0]
+
+    return {path.name: one(path.read_bytes()) for path in sorted(real_data("chest_xray_val16").rglob("*.jpeg"))}
 
 
 @pytest.fixture(scope="module")

@@ -232,6 +232,52 @@ def test_explain_draws_the_heatmap_over_the_xray_that_was_sent(server):
     assert "warning" not in answer  # this artifact does not say it was trained on synthetic data
 
 
+def test_explain_layers_rebuild_the_overlay_at_any_opacity(server):
+    """?layers=true adds the grey X-ray and the colour heatmap at the overlay's size: the heatmap
+    over the X-ray at the overlay's alpha is the overlay (what the review page's slider shows)."""
+    body = _png(np.random.default_rng(2).integers(0, 256, (60, 90), dtype=np.uint8))
+    status, plain = request(f"{server}/explain", body, "image/png")
+    assert status == 200 and "image_png" not in plain and "heatmap_png" not in plain
+    status, answer = request(f"{server}/explain?layers=true", body, "image/png")
+    assert status == 200, answer
+
+    def picture(key: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer[key]))), np.float32)
+
+    gray, heatmap, overlay = picture("image_png"), picture("heatmap_png"), picture("overlay_png")
+    assert gray.shape == (341, 512) and heatmap.shape == overlay.shape == (341, 512, 3)
+    alpha = answer["overlay_alpha"]
+    rebuilt = (1 - alpha) * gray[:, :, None] + alpha * heatmap
+    assert np.abs(rebuilt - overlay).max() <= 1.0  # rounding only
+    assert answer["label"] == plain["label"] and answer["probability"] == pytest.approx(plain["probability"])
+
+
+def _get(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_the_review_page_and_its_assets_come_from_the_app_itself(server):
+    """GET / is the page; its style and script come from the package under the same origin, and
+    the Content-Security-Policy forbids every other origin (nothing fetched, nothing sent away)."""
+    status, headers, body = _get(f"{server}/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp
+    page = body.decode()
+    assert 'src="static/page.js"' in page and 'href="static/page.css"' in page
+    assert "http://" not in page and "https://" not in page  # no CDN, no external font
+    for name, kind in (("page.js", "text/javascript"), ("page.css", "text/css")):
+        status, headers, body = _get(f"{server}/static/{name}")
+        assert status == 200 and headers["content-type"].startswith(kind) and body
+        assert b"http://" not in body and b"https://" not in body
+    status, _, body = _get(f"{server}/static/app.py")  # a file beside the assets: never served
+    assert status == 404 and "no such page asset" in json.loads(body)["error"]
+
+
 @pytest.mark.parametrize("path, method, body, content_type, status, fragment", [
     ("/nothing-here", "GET", None, None, 404, "no such route: GET /nothing-here"),
     ("/predict", "GET", None, None, 405, "GET is not allowed on /predict; use POST"),

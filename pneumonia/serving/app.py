@@ -22,27 +22,20 @@ calls on real X-rays for a diagnosis.
 import asyncio
 import base64
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pneumonia import RAY_ENV
-from pneumonia.ood import NOT_AN_XRAY, POLICIES, Scored, judge
-from pneumonia.preprocess import (
-    DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
-    ImageTooLargeError,
-    PreprocessSpec,
-    decode_image,
-    open_image,
-)
+from pneumonia.ood import NOT_AN_XRAY, POLICIES, Scored
+from pneumonia.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image
+from pneumonia.serving.errors import HTTPError, json_error, json_errors
+from pneumonia.serving.model import ServedModel
+from pneumonia.serving.page import add_page
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/dicom", "image/dicom", "application/octet-stream"}
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
@@ -53,53 +46,9 @@ DEFAULT_MAX_PENDING = 128  # per replica: four full batches
 BATCHES_IN_FLIGHT = 3
 
 
-class HTTPError(Exception):
-    """A client error with its status code; answered as {"error": message, **fields}."""
-
-    def __init__(self, status: int, message: str, **fields: Any):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.fields = fields
-
-
-def _json_error(status: int, message: str, headers: dict[str, str] | None = None, **fields: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **fields}, status_code=status, headers=headers)
-
-
-def json_errors(app: FastAPI) -> FastAPI:
-    """Answer the errors FastAPI and Starlette raise themselves in our shape, ``{"error": ...}``,
-    instead of their ``{"detail": ...}``: an unknown path (404), a wrong method (405, with its
-    ``Allow`` header), a request that fails validation (422), a malformed multipart body (400)
-    and an unexpected exception (500, no internals in the message)."""
-
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        method, path = request.method, request.url.path
-        if error.status_code == 404 and error.detail == "Not Found":
-            message = f"no such route: {method} {path}"
-        elif error.status_code == 405:
-            message = f"{method} is not allowed on {path}; use {(error.headers or {}).get('Allow', 'another method')}"
-        else:
-            message = str(error.detail)
-        return _json_error(error.status_code, message, error.headers)
-
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, problem.get('loc', ())))}: {problem.get('msg', 'invalid')}"
-                             for problem in error.errors())
-        return _json_error(422, f"invalid request: {problems or 'see the API'}")
-
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        return _json_error(500, f"internal error ({type(error).__name__}); the service logs have the details")
-
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(Exception, unexpected)
-    return app
-
-
 # ----------------------------------------------------------------------------- the service
 
-api = json_errors(FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier"))
+api = add_page(json_errors(FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")))
 
 
 @serve.deployment(
@@ -121,7 +70,8 @@ api = json_errors(FastAPI(title="pneumonia", description="Chest X-ray pneumonia 
 )
 @serve.ingress(api)
 class Classifier:
-    """One replica: validates and decodes requests in threads, batches them through the model.
+    """One replica's HTTP surface: validates requests, batches their images through the model
+    core (:class:`~pneumonia.serving.model.ServedModel`), answers JSON; the review page is `GET /`.
 
     Decoding and inference share a process so that a request costs one hop (ingress to replica),
     not two: on a small machine the hop costs as much CPU as the forward pass.
@@ -132,20 +82,12 @@ class Classifier:
                  max_pending: int = DEFAULT_MAX_PENDING, ood_policy: str | None = None):
         from ray.serve import metrics
 
-        from pneumonia.registry import artifact_warning, load_artifact
-
-        self.artifact = load_artifact(artifact)
-        self.metadata = self.artifact.metadata
-        self.warning = artifact_warning(self.metadata)  # in every answer when set
-        self.spec = self.artifact.preprocess
-        self.threshold = float(self.artifact.threshold)
+        self.model = ServedModel(artifact, max_pixels=max_pixels, ood_policy=ood_policy)
         self.max_bytes = max_bytes
-        self.max_pixels = max_pixels
         self.max_pending = max_pending
         self._pending = 0  # requests in the prediction routes now (one event loop: no lock)
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self._explainer = None
         self._batch_sizes = metrics.Histogram(
             "pneumonia_batch_size", description="images per forward pass",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
@@ -154,44 +96,25 @@ class Classifier:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
         self._predictions = metrics.Counter(
             "pneumonia_predictions", description="predictions by label", tag_keys=("label",))
-        # The out-of-distribution guard's metadata (None without one); the app config may
-        # override the artifact's policy (reject / flag).
-        self.guard = self.artifact.ood
-        if self.guard is not None and ood_policy is not None:
-            self.guard = {**self.guard, "policy": ood_policy}
         self._refusals = metrics.Counter(
             "pneumonia_out_of_distribution", description="images the guard said are not chest X-rays "
             "(refused or flagged, by the artifact's policy)")
         self.last_batch_sizes: list[int] = []  # the recent batch sizes, for tests and operators
-        self._forward(np.zeros((1, *self.spec.shape), np.uint8))  # compile before traffic
+        self.model.score(np.zeros((1, *self.model.spec.shape), np.uint8))  # compile before traffic
 
     # -- inference
-
-    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities, out-of-distribution scores or None): one pass through the signature."""
-        started = time.perf_counter()
-        probabilities, scores = self.artifact.predict_scored(images)
-        self._latency.observe((time.perf_counter() - started) * 1000)
-        return probabilities, scores
-
-    def _decoded(self, item: bytes | np.ndarray) -> np.ndarray | ImageDecodeError:
-        if isinstance(item, np.ndarray):
-            return item
-        try:
-            return decode_image(item, self.spec, self.max_pixels)
-        except ImageDecodeError as error:  # ImageTooLargeError included: answered per image
-            return error
 
     def _run_batch(self, items: list[bytes | np.ndarray]) -> list[Scored | ImageDecodeError]:
         """Decode and score one batch in this worker thread; an undecodable image gets its error
         back. Batches run side by side (BATCHES_IN_FLIGHT), so decoding uses every core."""
-        results: list = [self._decoded(item) for item in items]
+        results: list = [self.model.decode(item) for item in items]
         good = [index for index, result in enumerate(results) if isinstance(result, np.ndarray)]
         if good:
-            scored = judge(*self._forward(np.stack([results[index] for index in good])), self.guard)
+            scored, elapsed_ms = self.model.score(np.stack([results[index] for index in good]))
+            self._latency.observe(elapsed_ms)
             for index, answer in zip(good, scored):
                 results[index] = answer
-            labels = [label for label in (answer.label(self.threshold) for answer in scored) if label]
+            labels = [label for label in (answer.label(self.model.threshold) for answer in scored) if label]
             for label in set(labels):
                 self._predictions.inc(labels.count(label), tags={"label": label})
             refused = sum(answer.out_of_distribution for answer in scored)
@@ -210,21 +133,6 @@ class Classifier:
         self._batch_sizes.observe(len(items))
         self.last_batch_sizes = (self.last_batch_sizes + [len(items)])[-256:]
         return await asyncio.to_thread(self._run_batch, items)
-
-    def _explain(self, data: bytes, image: np.ndarray) -> dict[str, Any]:
-        """Grad-CAM of the model input ``image``, drawn over the X-ray ``data`` as it was sent
-        (its aspect ratio, longest side 512 px: see pneumonia.explain)."""
-        from pneumonia.explain import DISPLAY_SIDE, GradCam
-
-        if self._explainer is None:
-            self._explainer = GradCam(self.artifact.keras_model())
-        explanation = self._explainer.explain(image)
-        original = open_image(data, PreprocessSpec(DISPLAY_SIDE, self.spec.channels), self.max_pixels)
-        return {
-            "layer": explanation.layer,
-            "overlay_png": base64.b64encode(explanation.overlay_on(original, self.spec.resize)).decode(),
-            "heatmap": np.round(explanation.heatmap, 3).tolist(),
-        }
 
     def recent_batch_sizes(self) -> list[int]:
         return list(self.last_batch_sizes)
@@ -267,28 +175,11 @@ class Classifier:
         if len(data) > self.max_bytes:
             raise HTTPError(413, f"{name}: {len(data):,} bytes is above the limit of {self.max_bytes:,}")
         try:
-            return await asyncio.to_thread(decode_image, data, self.spec, self.max_pixels)
+            return await asyncio.to_thread(decode_image, data, self.model.spec, self.model.max_pixels)
         except ImageTooLargeError as error:
             raise HTTPError(413, f"{name}: {error}") from None
         except ImageDecodeError as error:
             raise HTTPError(400, f"{name}: {error}") from None
-
-    def _answer(self, scored: Scored) -> dict[str, Any]:
-        """A prediction's JSON; for an image the guard flags (policy ``flag``) no label at all."""
-        model = {"model": self.metadata["name"], "version": self.metadata["version"], **self._warned()}
-        if scored.out_of_distribution:
-            return {"out_of_distribution": True, **scored.guard_fields(), **model}
-        return {
-            "label": scored.label(self.threshold),
-            "probability": scored.probability,
-            "threshold": self.threshold,
-            **({"out_of_distribution": False, **scored.guard_fields()} if self.guard else {}),
-            **model,
-        }
-
-    def _warned(self) -> dict[str, str]:
-        """``{"warning": ...}`` for an artifact that must say so in every answer, else nothing."""
-        return {"warning": self.warning} if self.warning else {}
 
     async def _classify(self, items: list[tuple[str, bytes | np.ndarray]]) -> list[Scored]:
         """Probabilities for named images (encoded bytes or decoded pixels), via the batch queue;
@@ -316,7 +207,7 @@ class Classifier:
         try:
             return await work
         except HTTPError as error:
-            return _json_error(error.status, error.message, **error.fields)
+            return json_error(error.status, error.message, **error.fields)
         finally:
             self._pending -= 1
 
@@ -326,7 +217,7 @@ class Classifier:
     async def predict(self, request: Request):
         async def work():
             items = await self._body_images(request)
-            answers = [self._answer(p) for p in await self._classify(items)]
+            answers = [self.model.answer(scored) for scored in await self._classify(items)]
             if len(items) == 1 and items[0][0] == "body":
                 return JSONResponse(answers[0])  # plain JSON types: skips FastAPI's generic encoder
             return JSONResponse({"predictions": [{"file": name, **answer} for (name, _), answer in zip(items, answers)]})
@@ -334,7 +225,9 @@ class Classifier:
         return await self._guarded(work())
 
     @api.post("/explain")
-    async def explain(self, request: Request):
+    async def explain(self, request: Request, layers: bool = False):
+        """Prediction and Grad-CAM of one image; ``?layers=true`` adds the grey X-ray and the
+        heatmap as separate pictures (the review page's opacity control)."""
         async def work():
             items = await self._body_images(request)
             if len(items) != 1:
@@ -343,19 +236,19 @@ class Classifier:
             image = await self._decode(name, data)
             scored = (await self._classify([(name, image)]))[0]  # the guard first: no heatmap for a non-X-ray
             if scored.out_of_distribution:
-                return self._answer(scored)
-            result = await asyncio.to_thread(self._explain, data, image)
-            return {**self._answer(scored), **result}
+                return self.model.answer(scored)
+            result = await asyncio.to_thread(self.model.explain, data, image, layers)
+            return {**self.model.answer(scored), **result}
 
         return await self._guarded(work())
 
     @api.get("/healthz")
     async def healthz(self):
-        return {"status": "ok", "model": self.metadata["name"], "version": self.metadata["version"]}
+        return {"status": "ok", "model": self.model.name, "version": self.model.version}
 
     @api.get("/model")
-    async def model(self):
-        return {**self.metadata, **self._warned()}
+    async def model_card(self):
+        return self.model.card()
 
     # -- Open Inference Protocol (KServe v2)
 
@@ -369,12 +262,12 @@ class Classifier:
 
     @api.get("/v2/models/{name}")
     async def model_metadata(self, name: str):
-        if name != self.metadata["name"]:
-            return _json_error(404, f"unknown model {name!r}; this server has {self.metadata['name']!r}")
-        size, channels = self.spec.image_size, self.spec.channels
+        if name != self.model.name:
+            return json_error(404, f"unknown model {name!r}; this server has {self.model.name!r}")
+        size, channels = self.model.spec.image_size, self.model.spec.channels
         return {
             "name": name,
-            "versions": [self.metadata["version"]],
+            "versions": [self.model.version],
             "platform": "tensorflow_savedmodel",
             "inputs": [
                 {"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -388,15 +281,15 @@ class Classifier:
 
     @api.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str):
-        if name != self.metadata["name"]:
-            return _json_error(404, f"unknown model {name!r}")
+        if name != self.model.name:
+            return json_error(404, f"unknown model {name!r}")
         return {"name": name, "ready": True}
 
     @api.post("/v2/models/{name}/infer")
     async def infer(self, name: str, request: Request):
         async def work():
-            if name != self.metadata["name"]:
-                raise HTTPError(404, f"unknown model {name!r}; this server has {self.metadata['name']!r}")
+            if name != self.model.name:
+                raise HTTPError(404, f"unknown model {name!r}; this server has {self.model.name!r}")
             try:
                 payload = await request.json()
             except ValueError:
@@ -404,17 +297,17 @@ class Classifier:
             images = self._oip_images(payload)
             scored = await self._classify(images)
             probabilities = [None if s.out_of_distribution else s.probability for s in scored]
-            labels = [s.label(self.threshold) for s in scored]
+            labels = [s.label(self.model.threshold) for s in scored]
             return {
                 "model_name": name,
-                "model_version": self.metadata["version"],
+                "model_version": self.model.version,
                 "id": payload.get("id") if isinstance(payload, dict) else None,
-                "parameters": {"threshold": self.threshold, **self._warned()},
+                "parameters": {"threshold": self.model.threshold, **self.model.warned()},
                 "outputs": [
                     {"name": "probability", "datatype": "FP32", "shape": [len(images)], "data": probabilities},
                     {"name": "label", "datatype": "BYTES", "shape": [len(images)], "data": labels},
                     *([{"name": "ood_score", "datatype": "FP32", "shape": [len(images)],
-                        "data": [s.ood_score for s in scored]}] if self.guard else []),
+                        "data": [s.ood_score for s in scored]}] if self.model.guard else []),
                 ],
             }
 
@@ -443,7 +336,7 @@ class Classifier:
                 encoded.append((f"input {index}", raw))
             return encoded
         if datatype == "UINT8":
-            expected = list(self.spec.shape)
+            expected = list(self.model.spec.shape)
             shape = tensor.get("shape")
             try:
                 pixels = np.asarray(data, dtype=np.int64)

@@ -1,0 +1,118 @@
+"""The served model's core: load an artifact, decode, score and explain; no HTTP here.
+
+As KServe's ``Model`` separates load / preprocess / predict from its protocol servers, this class
+holds everything a replica knows about the model, and :mod:`pneumonia.serving.app` only turns
+requests into calls and results into JSON. Batch jobs, tests and the review page's routes all see
+the same answers, because there is one place that builds them (:meth:`ServedModel.answer`).
+
+Decoding is the same ``decode_image`` that training used (no training/serving skew); the
+out-of-distribution guard's verdict comes from the same forward pass as the probability.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import numpy as np
+
+from pneumonia.ood import Scored, judge
+from pneumonia.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, decode_image, open_image
+
+
+class ServedModel:
+    """One loaded artifact with its preprocessing, threshold and out-of-distribution guard.
+
+    ``ood_policy`` (reject / flag) overrides the artifact's own guard policy; ``max_pixels``
+    bounds what a decoder may allocate for one image. Thread-safe: replicas call it from their
+    decode threads side by side.
+    """
+
+    def __init__(self, artifact: str, max_pixels: int = DEFAULT_MAX_PIXELS, ood_policy: str | None = None):
+        from pneumonia.registry import artifact_warning, load_artifact
+
+        self.artifact = load_artifact(artifact)
+        self.metadata = self.artifact.metadata
+        self.name, self.version = self.metadata["name"], self.metadata["version"]
+        self.warning = artifact_warning(self.metadata)  # in every answer when set
+        self.spec = self.artifact.preprocess
+        self.threshold = float(self.artifact.threshold)
+        self.max_pixels = max_pixels
+        # The out-of-distribution guard's metadata (None without one).
+        self.guard = self.artifact.ood
+        if self.guard is not None and ood_policy is not None:
+            self.guard = {**self.guard, "policy": ood_policy}
+        self._explainer = None
+
+    # -- load / preprocess / predict
+
+    def decode(self, item: bytes | np.ndarray) -> np.ndarray | ImageDecodeError:
+        """Model input pixels of an encoded image (decoded pixels pass through); a file that
+        cannot be decoded returns its error, so that one bad image never fails a batch."""
+        if isinstance(item, np.ndarray):
+            return item
+        try:
+            return decode_image(item, self.spec, self.max_pixels)
+        except ImageDecodeError as error:  # ImageTooLargeError included
+            return error
+
+    def score(self, images: np.ndarray) -> tuple[list[Scored], float]:
+        """(one Scored per image, forward pass time in ms): probability and guard verdict from
+        one pass through the exported signature."""
+        started = time.perf_counter()
+        probabilities, ood_scores = self.artifact.predict_scored(images)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        return judge(probabilities, ood_scores, self.guard), elapsed_ms
+
+    def explain(self, data: bytes, image: np.ndarray, layers: bool = False) -> dict[str, Any]:
+        """Grad-CAM of the model input ``image``, drawn over the X-ray ``data`` as it was sent
+        (its aspect ratio, longest side 512 px: see pneumonia.explain).
+
+        ``layers`` adds the two pictures the overlay is made of, at the same size: the X-ray in
+        grey (``image_png``) and the colour-mapped heatmap (``heatmap_png``); a viewer that puts
+        the heatmap over the X-ray at opacity a shows exactly the overlay blended at a.
+        """
+        from pneumonia.explain import DEFAULT_ALPHA, DISPLAY_SIDE, GradCam
+
+        if self._explainer is None:
+            self._explainer = GradCam(self.artifact.keras_model())
+        explanation = self._explainer.explain(image)
+        original = open_image(data, PreprocessSpec(DISPLAY_SIDE, self.spec.channels), self.max_pixels)
+        answer = {
+            "layer": explanation.layer,
+            "overlay_png": _b64(explanation.overlay_on(original, self.spec.resize)),
+            "overlay_alpha": DEFAULT_ALPHA,
+            "heatmap": np.round(explanation.heatmap, 3).tolist(),
+        }
+        if layers:
+            gray_png, heatmap_png = explanation.layers_on(original, self.spec.resize)
+            answer.update(image_png=_b64(gray_png), heatmap_png=_b64(heatmap_png))
+        return answer
+
+    # -- answers
+
+    def answer(self, scored: Scored) -> dict[str, Any]:
+        """A prediction's JSON; for an image the guard flags (policy ``flag``) no label at all."""
+        model = {"model": self.name, "version": self.version, **self.warned()}
+        if scored.out_of_distribution:
+            return {"out_of_distribution": True, **scored.guard_fields(), **model}
+        return {
+            "label": scored.label(self.threshold),
+            "probability": scored.probability,
+            "threshold": self.threshold,
+            **({"out_of_distribution": False, **scored.guard_fields()} if self.guard else {}),
+            **model,
+        }
+
+    def warned(self) -> dict[str, str]:
+        """``{"warning": ...}`` for an artifact that must say so in every answer, else nothing."""
+        return {"warning": self.warning} if self.warning else {}
+
+    def card(self) -> dict[str, Any]:
+        """The artifact's metadata as /model serves it (the review page's model card)."""
+        return {**self.metadata, **self.warned()}
+
+
+def _b64(png: bytes) -> str:
+    return base64.b64encode(png).decode()
