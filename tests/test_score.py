@@ -23,7 +23,7 @@ from PIL import Image
 import pneumonia.scoring.run as scoring_run
 from pneumonia.errors import DataError, Interrupted, OutputError, PneumoniaError
 from pneumonia.registry import ArtifactError
-from pneumonia.scoring import ScoreResult, add_parser, cmd_score, score
+from pneumonia.scoring import ScoreResult, cmd_score, score
 from pneumonia.scoring.inputs import list_input
 from pneumonia.scoring.outputs import default_output, output_schema
 from tests.helpers import real_data
@@ -350,22 +350,10 @@ def test_a_csv_manifest_scored_through_the_command_into_a_csv_uri(ray_cluster, r
 # ----------------------------------------------------------------------------- command line and cluster
 
 
-def _with_score(build_parser):
-    """A build_parser that also has `score` (added here until pneumonia.cli wires it in itself)."""
-    def build() -> argparse.ArgumentParser:
-        parser = build_parser()
-        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
-        if "score" not in commands.choices:
-            add_parser(commands)
-        return parser
-
-    return build
-
-
 def _parser() -> argparse.ArgumentParser:
-    import pneumonia.cli
+    from pneumonia.cli import build_parser
 
-    return _with_score(pneumonia.cli.build_parser)()
+    return build_parser()
 
 
 def test_score_flags_parse_and_bad_values_are_usage_errors(capsys):
@@ -387,9 +375,6 @@ def test_the_rayjob_manifest_is_valid_like_the_other_rayjobs(monkeypatch):
     test_cluster.test_rayjobs_run_on_the_raycluster_spec("rayjob-score")
     test_cluster.test_rayjob_runtime_env_does_not_clash_with_the_drivers("rayjob-score")
 
-    import pneumonia.cli
-
-    monkeypatch.setattr(pneumonia.cli, "build_parser", _with_score(pneumonia.cli.build_parser))
     args = test_cluster.parse_entrypoint(test_cluster.manifest("rayjob-score")["spec"]["entrypoint"])
     assert args.command == "score" and args.func is cmd_score
     for location in (args.artifact, args.input, args.output):
