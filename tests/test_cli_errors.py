@@ -350,12 +350,12 @@ def test_serve_on_a_taken_port_or_an_unknown_host_stops_before_ray(paths, capsys
 
 
 def test_an_unexpected_error_is_one_line_and_a_traceback_only_with_verbose(capsys, monkeypatch):
-    import pneumonia.cli
+    import pneumonia.cli.commands
 
     def broken(args):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(pneumonia.cli, "cmd_synth", broken)
+    monkeypatch.setattr(pneumonia.cli.commands, "cmd_synth", broken)
     code, _, err = run_cli(capsys, "synth", "--out", "x")
     assert_one_line_error(code, err, 1, "unexpected KeyError: 'surprise'", "pneumonia -v")
     code, _, err = run_cli(capsys, "-v", "synth", "--out", "x")
@@ -363,12 +363,12 @@ def test_an_unexpected_error_is_one_line_and_a_traceback_only_with_verbose(capsy
 
 
 def test_an_os_error_names_the_file_and_the_reason(capsys, monkeypatch):
-    import pneumonia.cli
+    import pneumonia.cli.commands
 
     def full_disk(args):
         raise OSError(28, "No space left on device", "/data/runs/manifest.json")
 
-    monkeypatch.setattr(pneumonia.cli, "cmd_synth", full_disk)
+    monkeypatch.setattr(pneumonia.cli.commands, "cmd_synth", full_disk)
     code, _, err = run_cli(capsys, "synth", "--out", "x")
     assert_one_line_error(code, err, 1, "error: /data/runs/manifest.json: No space left on device")
 

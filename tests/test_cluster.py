@@ -143,14 +143,14 @@ def parse_entrypoint(entrypoint: str):
 
 def entrypoint_config(args):
     """The experiment config the entrypoint would run, built the way the CLI builds it."""
-    from pneumonia.cli import _train_overrides
+    from pneumonia.cli.commands import train_overrides
     from pneumonia.config import load_config, parse_set_option, with_overrides
 
     config_file = repo_path(args.config) if args.config else None
     if config_file is not None:
         assert config_file.is_file(), f"the entrypoint's --config {args.config} is not in the repository"
     if args.command == "train":
-        overrides = _train_overrides(args)
+        overrides = train_overrides(args)
     elif args.command == "tune":
         overrides = {"run.storage": args.storage, "run.name": args.name, "tune.num_samples": args.samples,
                      **parse_set_option(args.set or [])}

@@ -324,9 +324,9 @@ def test_a_csv_manifest_scored_through_the_command_into_a_csv_uri(ray_cluster, r
                                                                    monkeypatch):
     """A worklist with relative paths and a file that is missing; CSV out by extension, to a
     file:// URI (the object-store code path); --json prints one JSON line last."""
-    import pneumonia.cli
+    import pneumonia.cli.common
 
-    monkeypatch.setattr(pneumonia.cli, "_KEEP_RAY", True)  # the session's Ray stays up
+    monkeypatch.setattr(pneumonia.cli.common, "KEEP_RAY", True)  # the session's Ray stays up
     xrays = sorted(real_data("chest_xray_val16").rglob("*.jpeg"))[:3]
     for xray in xrays:
         shutil.copy(xray, tmp_path / xray.name)

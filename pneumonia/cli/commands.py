@@ -1,0 +1,212 @@
+"""The commands that train, tune, export, serve and query: each parses nothing, checks its inputs
+before any library call (so a mistake costs seconds, not a Ray start) and calls the library."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pneumonia.cli.common import (
+    clean_nan,
+    emit,
+    one_line,
+    require_folder,
+    require_output_folder,
+    shutdown_ray,
+    storage,
+)
+from pneumonia.errors import OutputError, PneumoniaError
+from pneumonia.storage import is_uri
+
+
+def cmd_synth(args) -> None:
+    from pneumonia.synth import make_synthetic_dataset
+
+    try:
+        summary = make_synthetic_dataset(
+            args.out, n=args.n, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty
+        )
+    except (FileExistsError, ValueError) as error:
+        raise PneumoniaError(str(error)) from None
+    except OutputError as error:
+        raise OutputError(f"--out {error}") from None
+    text = f"wrote {summary.total()} synthetic images to {summary.root}\n" + "\n".join(
+        f"  {split:<6} NORMAL {c['NORMAL']:>5}  PNEUMONIA {c['PNEUMONIA']:>5}  patients {summary.patients[split]}"
+        for split, c in summary.counts.items()
+    )
+    emit({"root": str(summary.root), "counts": summary.counts, "patients": summary.patients}, args.json, text)
+
+
+def cmd_data_summarize(args) -> None:
+    from pneumonia.summary import summarize
+
+    require_folder(args.directory, None, "data folder")
+    summary = summarize(args.directory)
+    emit(summary.to_json(), args.json, summary.format())
+
+
+def train_overrides(args) -> dict[str, Any]:
+    from pneumonia.config import parse_set_option
+
+    overrides = {
+        "scaling.workers": args.workers,
+        "scaling.gpu": True if args.gpu else None,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.learning_rate": args.learning_rate,
+        "train.normal_class_weight": args.normal_weight,
+        "model.name": args.model,
+        "data.image_size": args.image_size,
+        "run.storage": storage(args),
+        "run.name": args.name,
+    }
+    overrides.update(parse_set_option(args.set or []))
+    return overrides
+
+
+def cmd_train(args) -> None:
+    from pneumonia.config import load_config, with_overrides
+    from pneumonia.train import train
+
+    overrides = train_overrides(args)
+    config = with_overrides(load_config(args.config), overrides)
+    if args.resume and args.data is None:
+        data = None
+    elif args.data is None:
+        raise PneumoniaError("--data is required (a dataset root or a folder of class folders)")
+    else:
+        data = args.data
+        require_folder(data, "--data", "data folder")
+        require_output_folder(config.run.storage, "--storage" if storage(args) else "run.storage")
+    # On resume the stored config wins, except for what was given explicitly now (e.g. more epochs).
+    explicit = {key: value for key, value in overrides.items()
+                if key not in ("run.storage", "run.name") and value is not None}
+    result = train(
+        config,
+        data,
+        resume=args.resume,
+        overrides_on_resume=lambda stored: with_overrides(stored, explicit),
+        progress=lambda line: print(line, flush=True),
+    )
+    shutdown_ray()
+    text = (
+        f"best checkpoint (epoch {result.best_epoch} of {result.epochs_completed}): {result.best_checkpoint}\n"
+        + "\n".join(f"  val {name:<12} {value:.4f}" for name, value in result.metrics.items())
+    )
+    emit(clean_nan(result.to_json()), args.json, text)
+
+
+def cmd_tune(args) -> None:
+    from pneumonia.config import load_config, parse_set_option, with_overrides
+    from pneumonia.tune import tune
+
+    overrides = {"run.storage": storage(args), "run.name": args.name, "tune.num_samples": args.samples}
+    overrides.update(parse_set_option(args.set or []))
+    config = with_overrides(load_config(args.config), overrides)
+    if not args.resume:
+        _check_new_sweep(args, config)
+    result = tune(config, args.data, resume=args.resume, progress=lambda line: print(line, flush=True))
+    shutdown_ray()
+    lines = [f"{'trial':<10}{'objective':>10}{'pr_auc':>8}{'epochs':>7}  params"]
+    for trial in result.trials:
+        params = ", ".join(f"{k[6:]}={_short(v)}" for k, v in trial.items() if k.startswith("param:"))
+        objective = "-" if trial["objective"] is None else f"{trial['objective']:.4f}"
+        pr_auc = "-" if trial["pr_auc"] is None else f"{trial['pr_auc']:.4f}"
+        lines.append(f"{trial['trial_id']:<10}{objective:>10}{pr_auc:>8}{trial['epochs']:>7}  {params}")
+    lines += [
+        f"best: precision {result.objective:.4f} at recall >= {config.objective.target_recall} "
+        f"(threshold {result.threshold:.4f}); checkpoint {result.best_checkpoint}",
+        f"results: {result.results_csv}; plots: {', '.join(result.plots)}",
+    ]
+    emit(clean_nan(result.to_json()), args.json, "\n".join(lines))
+
+
+def _check_new_sweep(args, config) -> None:
+    """What a new sweep needs, checked before Ray starts: readable training images
+    (pneumonia.data.check_training_data) and writable storage."""
+    from pneumonia.data import check_training_data
+
+    if args.data is None:
+        raise PneumoniaError("--data is required (a dataset root or a folder of class folders)")
+    if config.tune is None:
+        return  # tune() says so, before anything starts
+    require_folder(args.data, "--data", "data folder")
+    check_training_data(args.data)
+    require_output_folder(config.run.storage, "--storage" if storage(args) else "run.storage")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_export(args) -> None:
+    from pneumonia.export import export
+
+    _check_export_args(args)
+    exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name, ood_policy=args.ood_policy)
+    emit(clean_nan(exported.to_json()), args.json, exported.summary())
+
+
+def _check_export_args(args) -> None:
+    """The checkpoint, registry and data, checked before the checkpoint's model loads."""
+    require_folder(args.checkpoint, "--checkpoint", "checkpoint folder")
+    if is_uri(args.registry):
+        raise OutputError(f"--registry {args.registry}: the registry must be a local folder")
+    require_output_folder(args.registry, "--registry")
+    if args.data is not None:
+        from pneumonia.data import check_training_data
+
+        require_folder(args.data, "--data", "data folder")
+        check_training_data(args.data)
+
+
+def _verify_artifact(location: str) -> None:
+    """The checks a replica's load_artifact makes, short of loading TensorFlow (metadata, and every
+    file against its sha256), made before Ray starts: a corrupt artifact then fails in a second with
+    its reason, not after Serve has given up on the replicas a minute later."""
+    from pneumonia.registry import _verify_files, read_metadata, resolve_artifact
+
+    metadata = read_metadata(location)
+    _verify_files(resolve_artifact(location), metadata["files"])
+
+
+def cmd_serve(args) -> None:
+    """Run the Serve application on a local Ray until Ctrl-C or SIGTERM, then stop it cleanly."""
+    import signal
+    import time
+
+    from pneumonia.registry import artifact_warning, read_metadata
+    from pneumonia.service import local_service
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: the same clean stop as Ctrl-C
+    artifact = args.artifact or os.environ.get("PNEUMONIA_ARTIFACT") or "registry"
+    _verify_artifact(artifact)
+    try:
+        with local_service(artifact, host=args.host, port=args.port) as url:
+            print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
+                  "Ctrl-C stops", flush=True)
+            warning = artifact_warning(read_metadata(artifact))
+            if warning:  # also in every answer; said here so that whoever starts it cannot miss it
+                print(f"WARNING: this model was {warning}", flush=True)
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as error:  # Serve gave up deploying (its replicas' logs above say why)
+        raise PneumoniaError(f"the service did not start: {one_line(error)}") from None
+    print("service stopped", flush=True)
+
+
+def cmd_predict(args) -> None:
+    """POST each file to a running service and print its answer."""
+    from pneumonia.client import format_predictions, predict_files
+
+    rows = predict_files(args.url, args.files, timeout_s=args.timeout)
+    emit({"predictions": rows}, args.json, format_predictions(rows))
+    failed = sum("error" in row for row in rows)
+    if failed:
+        raise PneumoniaError(f"{failed} of {len(rows)} files were refused")
+

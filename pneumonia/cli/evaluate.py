@@ -1,0 +1,110 @@
+"""`pneumonia evaluate`: metrics of a checkpoint or an artifact on a split, with its stress
+report, its out-of-distribution rate and an HTML report on request."""
+
+from __future__ import annotations
+
+import json
+
+from pneumonia.cli.common import clean_nan, emit, require_folder, require_output_folder
+from pneumonia.errors import PneumoniaError
+
+
+def cmd_evaluate(args) -> None:
+    from pneumonia.evaluate import evaluate_artifact, evaluate_checkpoint
+    from pneumonia.metrics import format_table
+
+    _check_evaluate_args(args)
+    if args.artifact is not None:
+        evaluation = evaluate_artifact(args.artifact, args.data, split=args.split, threshold=args.threshold)
+        source = {"artifact": args.artifact}
+    else:
+        threshold = 0.5 if args.threshold is None else args.threshold
+        evaluation = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, threshold=threshold)
+        source = {"checkpoint": args.checkpoint}
+    if args.stress:
+        evaluation.stress = _stress_for(args, evaluation)
+    title = (f"{evaluation.split}: {evaluation.counts['NORMAL']} NORMAL, {evaluation.counts['PNEUMONIA']} PNEUMONIA"
+             + (f" ({evaluation.skipped} files skipped)" if evaluation.skipped else ""))
+    payload = {**evaluation.metrics, "split": evaluation.split, "skipped": evaluation.skipped, **source}
+    text = format_table(evaluation.metrics, title)
+    if evaluation.ood is not None:
+        payload["out_of_distribution"] = evaluation.ood
+        text += (f"\nout-of-distribution guard: {evaluation.ood['count']} of {evaluation.ood['n']} images "
+                 f"({evaluation.ood['rate']:.1%}) would not be classified (about {evaluation.ood['expected_rate']:.0%} "
+                 "on validation; a sudden rise means data unlike the training data)")
+    if evaluation.stress is not None:
+        payload["stress"] = evaluation.stress.to_json()
+        text += "\n\nshift stress validation (" + f"{evaluation.stress.n} images):\n" + evaluation.stress.table()
+    if args.report:
+        from pneumonia.report import write_report
+
+        files = write_report(
+            args.report, evaluation.labels, evaluation.probabilities, evaluation.metrics["threshold"],
+            title=f"Pneumonia classifier on {evaluation.split}",
+            details={**source, "data": args.data, "split": evaluation.split, "skipped files": evaluation.skipped},
+            groups=evaluation.patient_ids, threshold_choice=_threshold_choice(args),
+            stress=payload.get("stress"), ood=evaluation.ood,
+        )
+        summary = json.loads(files.json.read_text())
+        payload["intervals"] = {name: {"low": item["low"], "high": item["high"]}
+                                for name, item in summary["metrics"].items() if item.get("low") is not None}
+        payload["report"] = str(files.html)
+        text += f"\nreport: {files.html} (95% CIs by patient bootstrap in {files.json})"
+    emit(clean_nan(payload), args.json, text)
+
+
+def _check_evaluate_args(args) -> None:
+    """Every argument before the model loads (TensorFlow takes seconds to start): one model, an
+    existing data folder, a readable artifact, a writable report folder. The data's layout and the
+    split are checked next, by evaluate_checkpoint/evaluate_artifact, still before the model loads."""
+    if (args.checkpoint is None) == (args.artifact is None):
+        raise PneumoniaError("pass exactly one of --checkpoint and --artifact")
+    if args.shifts and not args.stress:
+        raise PneumoniaError("--shifts chooses the shifts of --stress: add --stress")
+    require_folder(args.data, "--data", "data folder")
+    if args.checkpoint is not None:
+        require_folder(args.checkpoint, "--checkpoint", "checkpoint folder")
+    else:
+        from pneumonia.registry import read_metadata
+
+        read_metadata(args.artifact)  # resolves it and checks its metadata, without TensorFlow
+    if args.report:
+        require_output_folder(args.report, "--report")
+
+
+def _threshold_choice(args) -> dict | None:
+    """How the evaluated artifact's threshold was chosen (recorded by `export --data`), when it is the one scored."""
+    if args.artifact is None or args.threshold is not None:
+        return None
+    from pneumonia.registry import read_metadata
+
+    return (read_metadata(args.artifact).get("validation_metrics") or {}).get("operating_point")
+
+
+def _stress_for(args, evaluation):
+    """The stress report of what cmd_evaluate scored, at the same threshold."""
+    from pneumonia.config import config_from_dict
+    from pneumonia.evaluate import stress_evaluate
+
+    if args.artifact is not None:
+        from pneumonia.registry import load_artifact
+
+        artifact = load_artifact(args.artifact)
+        predict, spec, config = artifact.predict, artifact.preprocess, artifact.metadata.get("training_config")
+    else:
+        from pneumonia.checkpoint import load_checkpoint
+        from pneumonia.pipeline import predict_probabilities
+
+        model, info = load_checkpoint(args.checkpoint)
+        predict, spec, config = (lambda images: predict_probabilities(model, images)), info.preprocess, info.config
+    target = config_from_dict(config or {}).objective.target_recall
+    shifts = [name.strip() for name in args.shifts.split(",")] if args.shifts else None
+    # The drift columns keep the operating point a user would deploy: an artifact's own threshold
+    # (or --threshold); for a bare checkpoint the one its clean images give for the target recall.
+    threshold = evaluation.metrics["threshold"] if args.artifact is not None or args.threshold is not None else None
+    try:
+        return stress_evaluate(predict, spec, args.data, args.split, config, target,
+                               threshold=threshold, shifts=shifts)
+    except ValueError as error:
+        raise PneumoniaError(str(error)) from None
+
