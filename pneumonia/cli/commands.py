@@ -188,6 +188,7 @@ def cmd_serve(args) -> None:
         with local_service(artifact, host=args.host, port=args.port) as url:
             print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
                   "Ctrl-C stops", flush=True)
+            print(f"review page: {url}/ (open it in a browser)", flush=True)
             warning = artifact_warning(read_metadata(artifact))
             if warning:  # also in every answer; said here so that whoever starts it cannot miss it
                 print(f"WARNING: this model was {warning}", flush=True)
