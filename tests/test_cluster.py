@@ -654,7 +654,9 @@ class LocalCluster:
         self.headers = {"Authorization": f"Bearer {token}"}
         # Short: Ray's socket paths (<temp>/session_<date>_<pid>/sockets/...) must stay under 107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="pnc-", dir="/tmp")
-        self.gcs_port, self.dashboard_port, self.client_port = _free_ports(3)
+        self.gcs_port, self.dashboard_port, self.client_port, metrics_port = _free_ports(4)
+        # The dashboard's own Prometheus port is fixed by default (44227): the test session's Ray has it.
+        self.env["DASHBOARD_METRIC_PORT"] = str(metrics_port)
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.processes: list[subprocess.Popen] = []
 

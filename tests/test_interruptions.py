@@ -87,8 +87,8 @@ def test_interrupted_sweeps_leave_a_long_lived_cluster_clean_and_resume(syntheti
             os.kill(process.pid, signum)  # `kill`, a scheduler, the OOM killer: the driver alone
         return process.wait(timeout=180), log.read_text()
 
-    cluster.start_head(cpus=2)
     try:
+        cluster.start_head(cpus=2)  # inside: a head that never answers is stopped too, not left running
         code, said = interrupt("ctrl-c", signal.SIGINT, group=True)
         assert code == 130, said[-3000:]
         assert "interrupted: 0 of 2 trials finished, 1 stopped mid-run, 1 never started;" in said, said[-3000:]

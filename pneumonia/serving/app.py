@@ -1,5 +1,9 @@
 """Ray Serve deployment: one FastAPI ingress that decodes images and batches them through the model.
 
+This module is the HTTP surface (routes, admission, batching, metrics); what the model answers is
+the model core's (:class:`pneumonia.serving.model.ServedModel`), and the review page's routes are
+:mod:`pneumonia.serving.page`.
+
 Why one deployment: decoding a full-resolution X-ray costs more CPU than the CNN (see
 docs/BENCHMARKS.md), and every hop between Serve processes costs about as much again. So each
 replica decodes in a thread pool (Pillow releases the GIL) and gathers concurrent requests into
@@ -12,7 +16,7 @@ Serving imports only the preprocessing function and the registry (never train or
 applies the same ``decode_image`` that training used: no training/serving skew.
 
 Every error the application answers has one shape, ``{"error": "<message>"}`` (FastAPI's own 404,
-405 and 422 included, see :func:`json_errors`), and every answer of an artifact trained on
+405 and 422 included, see :func:`pneumonia.serving.errors.json_errors`), and every answer of an artifact trained on
 synthetic images carries a ``warning`` (``registry.artifact_warning``), so that nobody takes its
 calls on real X-rays for a diagnosis.
 """
