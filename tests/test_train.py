@@ -125,7 +125,7 @@ def _worker_pids() -> list[int]:
 def test_a_killed_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_cluster, synthetic_data, tmp_path):
     from pneumonia.train import HISTORY_FILE, train
 
-    config = small_config(tmp_path, **{"train.epochs": 24, "run.name": "killed", "run.max_failures": 2})
+    config = small_config(tmp_path, **{"train.epochs": 10, "data.image_size": 32, "run.name": "killed", "run.max_failures": 2})
     outcome: dict = {}
 
     def run():
@@ -155,7 +155,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_
     assert not thread.is_alive()
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
-    assert result.epochs_completed == 24
+    assert result.epochs_completed == 10
     restarted = [row for row in result.history if row.get("start_epoch", 0) > 0]
     assert restarted, "training restarted from epoch 0 after the worker was killed"
     # Ray registers reports asynchronously, so the restart point may lag the epochs already run,
