@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -27,6 +26,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import real_data
+from tests.test_serving import request
 from tests.test_serving_ops import _export, serve_port  # noqa: F401  (Serve on a free port, per module)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -61,21 +61,12 @@ def _png(array: np.ndarray) -> bytes:
 GRADIENT = _png(np.tile(np.linspace(30, 220, 96, dtype=np.uint8), (80, 1)))
 
 
-def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def _predict_file(url: str, name: str, data: bytes) -> tuple[int, dict]:
     """`POST /predict` of one multipart file, as the page sends it (so the message names the file)."""
     boundary = "page-test-boundary"
     body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return _post(f"{url}/predict", body, f"multipart/form-data; boundary={boundary}")
+    return request(f"{url}/predict", body, f"multipart/form-data; boundary={boundary}")
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +224,7 @@ def real_xray() -> Path:
 
 def test_a_real_xray_gets_the_apis_label_probability_and_an_adjustable_heatmap(real_xray, app_url, browser, tmp_path):
     xray, data = real_xray, real_xray.read_bytes()
-    status, expected = _post(f"{app_url}/predict", data, "image/jpeg")
+    status, expected = request(f"{app_url}/predict", data, "image/jpeg")
     assert status == 200, expected
 
     tab = Page(browser, app_url)
