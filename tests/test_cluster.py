@@ -702,9 +702,16 @@ class LocalCluster:
                              + "\n" + self._session_logs())
 
     def client(self):
+        """A Jobs API client of this cluster. Ray's client takes $RAY_ADDRESS (or
+        $RAY_API_SERVER_ADDRESS) over the address it is given, and in a test session that names
+        the session's own Ray, whose dashboard refuses this cluster's token: hidden while it is made."""
         from ray.job_submission import JobSubmissionClient
 
-        return JobSubmissionClient(self.dashboard, headers=self.headers)
+        hidden = {name: os.environ.pop(name) for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if name in os.environ}
+        try:
+            return JobSubmissionClient(self.dashboard, headers=self.headers)
+        finally:
+            os.environ.update(hidden)
 
     def alive_nodes(self) -> list[dict]:
         """The state API's alive nodes (node_id, is_head_node, resources_total, ...)."""

@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import real_data
+from tests.test_dicom import bright_top, make_dicom
 from tests.test_serving import request
 from tests.test_serving_ops import _export, serve_port  # noqa: F401  (Serve on a free port, per module)
 
@@ -59,6 +60,8 @@ def _png(array: np.ndarray) -> bytes:
 
 # A small grey picture the test model classifies (it has no out-of-distribution guard).
 GRADIENT = _png(np.tile(np.linspace(30, 220, 96, dtype=np.uint8), (80, 1)))
+# A 16-bit DICOM X-ray (what a hospital's PACS sends).
+DICOM = make_dicom(bright_top(rows=80, columns=64))
 
 
 def _predict_file(url: str, name: str, data: bytes) -> tuple[int, dict]:
@@ -272,15 +275,20 @@ def test_refused_and_failed_files_read_as_words_one_card_per_file(app_url, brows
     try:
         tab.upload([{"name": "notes.txt", "mimeType": "text/plain", "buffer": NOTES},
                     {"name": "gradient.png", "mimeType": "image/png", "buffer": GRADIENT},
+                    {"name": "scan.dcm", "mimeType": "application/dicom", "buffer": DICOM},
                     {"name": MARKUP_NAME, "mimeType": "image/png", "buffer": NOTES}])
         refused = tab.settled("notes.txt")
         assert refused.get_attribute("data-state") in ("refused", "error")
         assert refused.get_by_test_id("error").inner_text() == refusal["error"]
         assert tab.settled("gradient.png").get_attribute("data-state") == "done"
+        # A browser cannot show a DICOM file itself: the card shows the X-ray as the service decoded it.
+        scan = tab.settled("scan.dcm")
+        assert scan.get_attribute("data-state") == "done"
+        assert scan.get_by_test_id("overlay-image").evaluate("(image) => image.naturalWidth") > 0
         # A file name is text wherever it appears (title, the API's message), never markup.
         assert MARKUP_NAME in tab.settled(MARKUP_NAME).get_by_test_id("error").inner_text()
         assert page.locator("img[src='x']").count() == 0
-        assert page.get_by_test_id("result-card").count() == 3
+        assert page.get_by_test_id("result-card").count() == 4
 
         # Dropped files take the same path as picked ones.
         page.get_by_test_id("drop-zone").evaluate(
@@ -306,7 +314,7 @@ def test_refused_and_failed_files_read_as_words_one_card_per_file(app_url, brows
         assert "503" in busy.get_by_test_id("error").inner_text()
         assert "backpressure" in busy.get_by_test_id("error").inner_text()
         assert len(calls) == 2  # retried once, after Retry-After
-        assert page.get_by_test_id("result-card").count() == 5
+        assert page.get_by_test_id("result-card").count() == 6
         assert tab.errors == [], tab.errors
     finally:
         tab.close()
