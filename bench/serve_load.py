@@ -96,7 +96,7 @@ def export_untrained_artifact(root: Path) -> str:
     from pneumonia.config import ExperimentConfig, ModelConfig
     from pneumonia.models import build_model, compile_model
     from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.registry import export_artifact
+    from pneumonia.publish import export_artifact
 
     model = build_model(ModelConfig(name="xraynet", width=32), (150, 150, 1))
     compile_model(model, "adam", 1e-3)
@@ -112,7 +112,8 @@ def export_ensemble_artifact(artifact: str, members: int, root: Path) -> str:
     name, threshold and input spec: what `pneumonia export` makes of a combined checkpoint."""
     from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
     from pneumonia.ensemble import combine_checkpoints
-    from pneumonia.registry import export_artifact, load_artifact
+    from pneumonia.publish import export_artifact
+    from pneumonia.registry import load_artifact
 
     single = load_artifact(artifact)
     training_config = single.metadata.get("training_config") or {}
@@ -134,7 +135,8 @@ def export_guarded_artifact(artifact: str, body: bytes, root: Path) -> str:
     from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
     from pneumonia.ood import features_and_probabilities, fit_guard, model_with_features
     from pneumonia.preprocess import decode_image
-    from pneumonia.registry import export_artifact, load_artifact
+    from pneumonia.publish import export_artifact
+    from pneumonia.registry import load_artifact
 
     single = load_artifact(artifact)
     model = single.keras_model()

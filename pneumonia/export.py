@@ -161,7 +161,7 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
     """Export ``checkpoint`` to the registry. With ``data_root``: the threshold chosen on the
     validation carve, and an out-of-distribution guard fitted on the training carve (its policy
     for what it refuses, ``reject`` or ``flag``, goes into the artifact)."""
-    from pneumonia.registry import data_fingerprint, export_artifact
+    from pneumonia.publish import data_fingerprint, export_artifact
 
     model, info = load_checkpoint(checkpoint)
     config = config_from_dict(info.config, source=f"checkpoint {checkpoint}")

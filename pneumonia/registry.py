@@ -20,9 +20,9 @@ An artifact is one folder ``<registry>/<name>/<version>/`` holding:
   checkpoints]}``; a single model has no such key. The ensemble is one model in both files, so
   loading and serving it is no different.
 
-Versions count up per name (v0001, v0002, ...) and ``<name>/LATEST`` names the newest. A version
-is written in a hidden staging folder and renamed into place in one step, so readers never see a
-half-written version; ``LATEST`` is replaced atomically after that.
+Versions count up per name (v0001, v0002, ...) and ``<name>/LATEST`` names the newest. Writing a
+version is :mod:`pneumonia.publish`'s job (staged, then renamed into place in one step, so readers
+never see a half-written version); this module finds, verifies and loads them.
 
 This module must stay importable by a serving process: no Ray, and TensorFlow only inside the
 functions that need it.
@@ -32,32 +32,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 import os
 import re
-import shutil
-import subprocess
 import threading
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-import pneumonia
-from pneumonia import CLASS_NAMES, __version__
-from pneumonia.checkpoint import MODEL_FILE, load_model_from_directory, read_info
-from pneumonia.ensemble import is_ensemble, member_models
-from pneumonia.errors import CheckpointError, DataError
+from pneumonia import CLASS_NAMES
+from pneumonia.checkpoint import MODEL_FILE, load_model_from_directory
+from pneumonia.errors import CheckpointError
 from pneumonia.ood import SCORE_NAME
 from pneumonia.preprocess import PreprocessSpec
-from pneumonia.storage import is_uri, local_directory
-
-if TYPE_CHECKING:
-    from pneumonia.data import ImageRecord
+from pneumonia.storage import is_uri
 
 FORMAT_VERSION = 1
 DEFAULT_NAME = "pneumonia-cnn"
@@ -68,11 +57,10 @@ SIGNATURE = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 REQUIRED_FILES = (MODEL_FILE, f"{SAVED_MODEL_DIR}/saved_model.pb")
-GIT_TIMEOUT_S = 5
 SYNTHETIC_WARNING = "trained on synthetic data: not for real X-rays"
 
-_VERSION = re.compile(r"^v(\d{4,})$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+VERSION_PATTERN = re.compile(r"^v(\d{4,})$")  # version folders: v0001, v0002, ...
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # model names (a folder name)
 
 
 class ArtifactError(CheckpointError):
@@ -88,250 +76,6 @@ class Artifact:
     metadata: dict  # the parsed metadata.json
 
 
-# ----------------------------------------------------------------------------- export
-
-
-def export_artifact(
-    checkpoint: str,
-    registry: str | Path,
-    *,
-    threshold: float,
-    target_recall: float,
-    validation_metrics: dict,
-    training_config: dict,
-    tuning_config: dict | None = None,
-    data_fingerprint: str | None = None,
-    training_data: dict | None = None,
-    guard: Any = None,
-    ood_policy: str = "reject",
-    name: str = DEFAULT_NAME,
-) -> Artifact:
-    """Export a training checkpoint (path or URI) as the next version of ``name`` in a local registry.
-
-    ``threshold`` is the probability above which an image is called PNEUMONIA, chosen on
-    validation data to reach ``target_recall``; both are stored so serving and audits agree.
-    ``training_data`` (what the model learned from, ``{"synthetic": ...}``) is stored as it is;
-    None records that nobody said (``{"synthetic": null}``).
-    ``guard`` (a :class:`pneumonia.ood.Guard`) is baked into the signature as a second output,
-    ``ood_score``, and recorded with ``ood_policy`` under ``out_of_distribution``.
-    Raises ValueError for impossible settings and ArtifactError for a checkpoint that cannot be
-    read; either way no version appears.
-    """
-    _check_settings(threshold, target_recall, name)
-    if is_uri(str(registry)):
-        raise ArtifactError(f"the registry must be a local folder, not {registry}")
-    # Cleaned and serialised before the slow part, so a bad config fails in the first second.
-    facts = _json_ready({
-        "name": name,
-        "package_version": __version__,
-        "format_version": FORMAT_VERSION,
-        "classes": list(CLASS_NAMES),
-        "threshold": float(threshold),
-        "target_recall": float(target_recall),
-        "validation_metrics": validation_metrics,
-        "training_config": training_config,
-        "tuning_config": tuning_config,
-        "data_fingerprint": data_fingerprint,
-        "training_data": training_data if training_data is not None else {"synthetic": None},
-        "out_of_distribution": guard.metadata(ood_policy) if guard is not None else None,
-        "source_checkpoint": str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).resolve()),
-    })
-    name_dir = Path(registry).expanduser().resolve() / name
-    name_dir.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its folder is private (0700) and a serving user could not read it.
-    staging = name_dir / f".staging-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
-        spec, ensemble = _stage(str(checkpoint), staging, guard)
-        metadata = {
-            **facts,
-            **({"ensemble": _json_ready(ensemble)} if ensemble else {}),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": _git_commit(),
-            "input": {"image_size": spec.image_size, "channels": spec.channels,
-                      "resize": spec.resize, "normalize": spec.normalize, "dtype": "uint8"},
-            "files": _hash_files(staging),
-        }
-        version_dir = _publish(staging, name_dir, metadata)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _write_atomic(name_dir / LATEST_FILE, metadata["version"] + "\n")
-    return Artifact(version_dir, metadata["version"], metadata)
-
-
-def _check_settings(threshold: float, target_recall: float, name: str) -> None:
-    if not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be a probability between 0 and 1, got {threshold!r}")
-    if not isinstance(target_recall, numbers.Real) or not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
-    if not _NAME.match(name):
-        raise ValueError(f"artifact name {name!r} must be letters, digits, '.', '_' or '-'")
-
-
-def _json_ready(value: Any) -> Any:
-    """Plain JSON types: numpy scalars unwrapped, NaN/inf as null (metadata must be strict JSON)."""
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, np.generic):
-        return _json_ready(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise ValueError(f"cannot store a {type(value).__name__} in artifact metadata (not JSON)")
-
-
-def _stage(checkpoint: str, staging: Path, guard: Any = None) -> tuple[PreprocessSpec, dict | None]:
-    """Fill the staging folder with the SavedModel and model.keras; the checkpoint's spec and,
-    for an ensemble, its members' count and sources (None for a single model)."""
-    try:
-        with local_directory(checkpoint) as folder:
-            info = read_info(folder)
-            model = load_model_from_directory(folder)
-            shutil.copy2(folder / MODEL_FILE, staging / MODEL_FILE)
-    except (CheckpointError, DataError) as error:
-        raise ArtifactError(f"cannot export {checkpoint}: {error}") from None
-    spec = info.preprocess
-    if tuple(model.input_shape[1:]) != spec.shape:
-        raise ArtifactError(
-            f"{checkpoint}: the model takes {model.input_shape[1:]} but its preprocessing makes {spec.shape}"
-        )
-    _save_serving_model(model, spec, staging / SAVED_MODEL_DIR, guard)
-    if not is_ensemble(model):
-        return spec, None
-    return spec, {"members": len(member_models(model)), "sources": list(info.members)}
-
-
-def _save_serving_model(model, spec: PreprocessSpec, directory: Path, guard: Any = None) -> None:
-    """Trace inference (training=False: batch-norm statistics, no dropout) into a SavedModel.
-
-    Only the variables are tracked, not the Keras model, so the SavedModel has no Keras layer
-    metadata: saving is quicker and loading needs no Keras code. With a guard the one forward
-    pass also yields the penultimate features, and the signature adds their ``ood_score``.
-    """
-    import tensorflow as tf
-
-    module = tf.Module()
-    module.model_variables = list(model.variables)
-    if guard is None:
-        @tf.function(input_signature=[tf.TensorSpec([None, *spec.shape], tf.uint8, name=INPUT_NAME)])
-        def serve(image):
-            probability = model(tf.cast(image, tf.float32), training=False)
-            return {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1])}
-    else:
-        from pneumonia.ood import model_with_features, tf_scores
-
-        dual = model_with_features(model)
-        module.ood_means = tf.Variable(guard.means.astype("float32"), trainable=False)
-        module.ood_precision = tf.Variable(guard.precision.astype("float32"), trainable=False)
-
-        @tf.function(input_signature=[tf.TensorSpec([None, *spec.shape], tf.uint8, name=INPUT_NAME)])
-        def serve(image):
-            probability, features = dual(tf.cast(image, tf.float32), training=False)
-            return {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1]),
-                    SCORE_NAME: tf_scores(features, module.ood_means, module.ood_precision)}
-
-    tf.saved_model.save(module, str(directory), signatures={SIGNATURE: serve})
-
-
-def _hash_files(folder: Path) -> dict[str, str]:
-    """sha256 of every file under folder except the top-level metadata.json."""
-    return {
-        path.relative_to(folder).as_posix(): _sha256(path)
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.relative_to(folder).as_posix() != METADATA_FILE
-    }
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _publish(staging: Path, name_dir: Path, metadata: dict) -> Path:
-    """Rename the staged folder to the next free version; a concurrent export that took the number
-    first makes us take the one after (a rename onto a non-empty folder fails)."""
-    while True:
-        version = _next_version(name_dir)
-        metadata["version"] = version
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False))
-        target = name_dir / version
-        try:
-            staging.rename(target)
-            return target
-        except OSError:
-            if not target.exists():
-                raise
-
-
-def _next_version(name_dir: Path) -> str:
-    numbers = [int(match.group(1)) for match in map(_VERSION.match, os.listdir(name_dir)) if match]
-    return f"v{max(numbers, default=0) + 1:04d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so readers see the old or the new text, never half."""
-    temporary = path.parent / f".{path.name}-{uuid.uuid4().hex}"
-    try:
-        with open(temporary, "x") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _git_commit() -> str:
-    """HEAD of the git checkout this package's code is tracked in; "unknown" for an installed copy
-    (which may sit inside some other repository) or when git is missing or slow."""
-    package_dir = Path(pneumonia.__file__).resolve().parent
-    try:
-        for command in (["ls-files", "--error-unmatch", "__init__.py"], ["rev-parse", "HEAD"]):
-            result = subprocess.run(["git", "-C", str(package_dir), *command], capture_output=True,
-                                    text=True, timeout=GIT_TIMEOUT_S, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() or "unknown"
-
-
-# ----------------------------------------------------------------------------- data fingerprint
-
-
-def data_fingerprint(records: list[ImageRecord]) -> str:
-    """A short id of the data a model saw: "sha256:" over sorted (relative path, label, size).
-
-    Paths are relative to the records' common folder, so the same files copied elsewhere give the
-    same fingerprint, while an added, removed, relabelled or resized file changes it. Sizes come
-    from a stat of local files (URIs have none): cheap on thousands of images, but an edit that
-    keeps a file's size is not seen.
-    """
-    if not records:
-        raise ValueError("cannot fingerprint an empty list of records")
-    parts = [record.location.split("/") for record in records]
-    root = len(os.path.commonprefix([part[:-1] for part in parts]))
-    rows = sorted(
-        ("/".join(part[root:]), int(record.label), _local_size(record.location))
-        for part, record in zip(parts, records)
-    )
-    return "sha256:" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
-def _local_size(location: str) -> int | None:
-    if is_uri(location):
-        return None
-    try:
-        return os.path.getsize(location)
-    except OSError as error:
-        raise DataError(f"cannot fingerprint {location}: {error}") from None
-
-
 # ----------------------------------------------------------------------------- find
 
 
@@ -345,7 +89,7 @@ def list_versions(registry: str | Path, name: str = DEFAULT_NAME) -> list[Artifa
     if not name_dir.is_dir():
         return []
     found = sorted((int(match.group(1)), match.group(0))
-                   for match in map(_VERSION.match, os.listdir(name_dir))
+                   for match in map(VERSION_PATTERN.match, os.listdir(name_dir))
                    if match and (name_dir / match.group(0)).is_dir())
     return [Artifact(name_dir / version, version, _read_metadata(name_dir / version)) for _, version in found]
 
@@ -381,7 +125,7 @@ def _resolve_folder(path: Path) -> Path:
         return _read_latest(path / names[0])
     if names:
         raise ArtifactError(f"{path} holds several models ({', '.join(names)}); pass one of them")
-    versions = sorted(child.name for child in path.iterdir() if _VERSION.match(child.name))
+    versions = sorted(child.name for child in path.iterdir() if VERSION_PATTERN.match(child.name))
     if versions:
         raise ArtifactError(f"{path} has versions ({', '.join(versions)}) but no {LATEST_FILE}; pass a version folder")
     contents = sorted(child.name for child in path.iterdir()) or ["nothing"]
@@ -391,12 +135,12 @@ def _resolve_folder(path: Path) -> Path:
 
 
 def _is_name_folder(path: Path) -> bool:
-    return path.is_dir() and ((path / LATEST_FILE).is_file() or any(_VERSION.match(c.name) for c in path.iterdir()))
+    return path.is_dir() and ((path / LATEST_FILE).is_file() or any(VERSION_PATTERN.match(c.name) for c in path.iterdir()))
 
 
 def _read_latest(name_dir: Path) -> Path:
     version = (name_dir / LATEST_FILE).read_text().strip()
-    if not _VERSION.match(version):
+    if not VERSION_PATTERN.match(version):
         raise ArtifactError(f"{name_dir / LATEST_FILE} does not name a version: {version!r}")
     if not (name_dir / version / METADATA_FILE).is_file():
         raise ArtifactError(f"{name_dir / LATEST_FILE} names {version}, which is missing or has no {METADATA_FILE}")
@@ -472,14 +216,33 @@ class LoadedArtifact:
             return self._keras
 
 
-def load_artifact(location: str | Path) -> LoadedArtifact:
-    """Resolve, verify (format, classes, every file's sha256, signature) and load an artifact."""
+@dataclass
+class VerifiedArtifact:
+    """An artifact whose metadata this code can use and whose files match their sha256."""
+
+    path: Path  # the version folder
+    metadata: dict
+    preprocess: PreprocessSpec
+    threshold: float
+
+
+def verify_artifact(location: str | Path) -> VerifiedArtifact:
+    """Resolve an artifact and check it without TensorFlow: format, classes, metadata, and every
+    file against its sha256. A serving command calls it before starting Ray, so a corrupt
+    artifact fails in a second with its reason, not after replicas gave up on it."""
     path = resolve_artifact(location)
     metadata = _read_metadata(path)
     spec, threshold = _check_metadata(metadata, path)
     _verify_files(path, metadata["files"])
-    saved_model, signature = _load_signature(path, spec)
-    return LoadedArtifact(path, metadata, spec, threshold, signature, saved_model)
+    return VerifiedArtifact(path, metadata, spec, threshold)
+
+
+def load_artifact(location: str | Path) -> LoadedArtifact:
+    """Resolve, verify (format, classes, every file's sha256, signature) and load an artifact."""
+    verified = verify_artifact(location)
+    saved_model, signature = _load_signature(verified.path, verified.preprocess)
+    return LoadedArtifact(verified.path, verified.metadata, verified.preprocess, verified.threshold,
+                          signature, saved_model)
 
 
 def artifact_warning(metadata: dict) -> str | None:
@@ -552,7 +315,7 @@ def _verify_files(folder: Path, files: Any) -> None:
         path = folder / relative
         if not path.is_file():
             raise ArtifactError(f"{folder} is incomplete: {relative} is missing")
-        if _sha256(path) != expected:
+        if sha256_of(path) != expected:
             raise ArtifactError(f"{folder} is corrupt: {relative} does not match its sha256 in {METADATA_FILE}")
 
 
@@ -577,3 +340,9 @@ def _load_signature(folder: Path, spec: PreprocessSpec):
     if OUTPUT_NAME not in signature.structured_outputs:
         raise ArtifactError(f"{directory}: the signature has no {OUTPUT_NAME!r} output")
     return saved_model, signature
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes (metadata.json records one per file)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -76,7 +76,7 @@ def ensemble(members, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def artifact(ensemble, tmp_path_factory):
-    from pneumonia.registry import export_artifact
+    from pneumonia.publish import export_artifact
 
     return export_artifact(ensemble, tmp_path_factory.mktemp("registry"), threshold=0.45, target_recall=0.95,
                            validation_metrics={}, training_config=config())
@@ -170,7 +170,7 @@ def test_pneumonia_export_takes_an_ensemble_checkpoint(ensemble, members, tmp_pa
 
 
 def test_a_single_model_artifact_has_no_ensemble_key(members, tmp_path):
-    from pneumonia.registry import export_artifact
+    from pneumonia.publish import export_artifact
 
     exported = export_artifact(members[0], tmp_path, threshold=0.5, target_recall=0.95,
                                validation_metrics={}, training_config=config(1))

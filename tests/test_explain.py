@@ -141,7 +141,8 @@ def test_serving_artifact_model(xraynet, tmp_path):
     probability would give a blank map) and agreeing with the artifact's own SavedModel."""
     from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
     from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.registry import export_artifact, load_artifact
+    from pneumonia.publish import export_artifact
+    from pneumonia.registry import load_artifact
 
     spec = PreprocessSpec(image_size=SIZE)
     info = CheckpointInfo(epoch=1, config={}, preprocess=spec, metrics={})

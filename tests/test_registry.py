@@ -15,12 +15,11 @@ import pytest
 
 from pneumonia.data import ImageRecord
 from pneumonia.preprocess import PreprocessSpec
+from pneumonia.publish import data_fingerprint, export_artifact
 from pneumonia.registry import (
     SYNTHETIC_WARNING,
     ArtifactError,
     artifact_warning,
-    data_fingerprint,
-    export_artifact,
     list_versions,
     load_artifact,
     resolve_artifact,
@@ -185,14 +184,14 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused(registry, tmp_path):
 
 
 def test_an_export_that_fails_midway_leaves_no_version(registry, checkpoint, monkeypatch):
-    import pneumonia.registry
+    import pneumonia.publish
 
     def crash(model, spec, directory, guard=None):
         directory.mkdir()
         (directory / "saved_model.pb").write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pneumonia.registry, "_save_serving_model", crash)
+    monkeypatch.setattr(pneumonia.publish, "_save_serving_model", crash)
     root = registry[0]
     with pytest.raises(RuntimeError, match="disk full"):
         export_artifact(str(checkpoint[0]), root, **SETTINGS)

@@ -231,7 +231,7 @@ def guarded_registry(registry, tmp_path_factory) -> Path:
     from pneumonia.config import ExperimentConfig
     from pneumonia.ood import features_and_probabilities, fit_guard, model_with_features
     from pneumonia.preprocess import PreprocessSpec, decode_image
-    from pneumonia.registry import export_artifact
+    from pneumonia.publish import export_artifact
 
     checkpoint = registry.parent / "ckpt-8"  # where tests.test_serving_ops._export saved it
     files = sorted(real_data("chest_xray_val16").rglob("*.jpeg"))

@@ -204,7 +204,8 @@ def test_sigterm_to_the_whole_process_group_stops_cleanly_and_leaves_no_process(
     raylet get the SIGTERM too; HAProxy (in a process group of its own) must not outlive them.
     The artifact says it was trained on synthetic data, and `pneumonia serve` says so at start."""
     from pneumonia.config import ExperimentConfig
-    from pneumonia.registry import SYNTHETIC_WARNING, export_artifact
+    from pneumonia.publish import export_artifact
+    from pneumonia.registry import SYNTHETIC_WARNING
     from tests.test_serving_ops import _export
 
     registry = tmp_path / "registry"

@@ -29,7 +29,7 @@ def artifact(tmp_path_factory):
     from pneumonia.config import ExperimentConfig, ModelConfig
     from pneumonia.models import build_model, compile_model
     from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.registry import export_artifact
+    from pneumonia.publish import export_artifact
 
     root = tmp_path_factory.mktemp("serving")
     model = build_model(ModelConfig(name="xraynet", width=8), (64, 64, 1))
@@ -335,7 +335,8 @@ def test_an_artifact_trained_on_synthetic_data_says_so_in_every_answer(server, a
 
     from ray import serve
 
-    from pneumonia.registry import SYNTHETIC_WARNING, export_artifact
+    from pneumonia.publish import export_artifact
+    from pneumonia.registry import SYNTHETIC_WARNING
     from pneumonia.serving import Classifier
 
     checkpoint = tmp_path / "ckpt"

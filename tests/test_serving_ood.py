@@ -49,7 +49,7 @@ def artifact(tmp_path_factory):
     from pneumonia.models import build_model, compile_model
     from pneumonia.ood import Guard, features_and_probabilities, model_with_features
     from pneumonia.preprocess import PreprocessSpec, decode_image
-    from pneumonia.registry import export_artifact
+    from pneumonia.publish import export_artifact
 
     root = tmp_path_factory.mktemp("serving-ood")
     spec = PreprocessSpec(64, 1)

@@ -28,7 +28,7 @@ def _export(registry, width: int):
     from pneumonia.config import ExperimentConfig, ModelConfig
     from pneumonia.models import build_model, compile_model
     from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.registry import export_artifact
+    from pneumonia.publish import export_artifact
 
     model = build_model(ModelConfig(name="xraynet", width=width), (64, 64, 1))
     compile_model(model, "adam", 1e-3)

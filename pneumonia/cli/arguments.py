@@ -103,9 +103,9 @@ def shift_names(text: str) -> str:
 
 def artifact_name(text: str) -> str:
     """A model name the registry accepts, checked before the checkpoint's model loads."""
-    from pneumonia.registry import _NAME
+    from pneumonia.registry import NAME_PATTERN
 
-    if not _NAME.match(text):
+    if not NAME_PATTERN.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} must be letters, digits, '.', '_' or '-' (a folder name)")
     return text
 

@@ -160,22 +160,12 @@ def _check_export_args(args) -> None:
         check_training_data(args.data)
 
 
-def _verify_artifact(location: str) -> None:
-    """The checks a replica's load_artifact makes, short of loading TensorFlow (metadata, and every
-    file against its sha256), made before Ray starts: a corrupt artifact then fails in a second with
-    its reason, not after Serve has given up on the replicas a minute later."""
-    from pneumonia.registry import _verify_files, read_metadata, resolve_artifact
-
-    metadata = read_metadata(location)
-    _verify_files(resolve_artifact(location), metadata["files"])
-
-
 def cmd_serve(args) -> None:
     """Run the Serve application on a local Ray until Ctrl-C or SIGTERM, then stop it cleanly."""
     import signal
     import time
 
-    from pneumonia.registry import artifact_warning, read_metadata
+    from pneumonia.registry import artifact_warning, verify_artifact
     from pneumonia.service import local_service
 
     def stop(signum, frame):
@@ -183,13 +173,15 @@ def cmd_serve(args) -> None:
 
     signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: the same clean stop as Ctrl-C
     artifact = args.artifact or os.environ.get("PNEUMONIA_ARTIFACT") or "registry"
-    _verify_artifact(artifact)
+    # What a replica checks on load, short of TensorFlow, before Ray starts: a corrupt artifact
+    # fails in a second with its reason, not after Serve has given up on the replicas.
+    metadata = verify_artifact(artifact).metadata
     try:
         with local_service(artifact, host=args.host, port=args.port) as url:
             print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
                   "Ctrl-C stops", flush=True)
             print(f"review page: {url}/ (open it in a browser)", flush=True)
-            warning = artifact_warning(read_metadata(artifact))
+            warning = artifact_warning(metadata)
             if warning:  # also in every answer; said here so that whoever starts it cannot miss it
                 print(f"WARNING: this model was {warning}", flush=True)
             while True:

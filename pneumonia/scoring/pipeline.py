@@ -58,14 +58,11 @@ def pack_artifact(location: str) -> PackedArtifact:
 
 
 def _pack(location: Path) -> PackedArtifact:
-    from pneumonia.registry import METADATA_FILE, _check_metadata, _verify_files, read_metadata, resolve_artifact
+    from pneumonia.registry import METADATA_FILE, verify_artifact
 
-    version_dir = resolve_artifact(location)
-    metadata = read_metadata(version_dir)
-    spec, threshold = _check_metadata(metadata, version_dir)
-    _verify_files(version_dir, metadata["files"])
-    files = {name: (version_dir / name).read_bytes() for name in [*metadata["files"], METADATA_FILE]}
-    return PackedArtifact(metadata, spec, threshold, files)
+    verified = verify_artifact(location)
+    files = {name: (verified.path / name).read_bytes() for name in [*verified.metadata["files"], METADATA_FILE]}
+    return PackedArtifact(verified.metadata, verified.preprocess, verified.threshold, files)
 
 
 def unpack_artifact(files: dict[str, bytes]):
