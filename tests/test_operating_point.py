@@ -13,7 +13,8 @@ import pytest
 
 from pneumonia.compare import ModelScores, compare_at_target_recall
 from pneumonia.metrics import binary_metrics, operating_point, safe_operating_point
-from pneumonia.report import bootstrap_intervals, write_report
+from pneumonia.intervals import bootstrap_intervals
+from pneumonia.report import write_report
 
 TARGET = 0.9
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pneumonia.metrics import METRIC_NAMES, binary_metrics
-from pneumonia.report import INTERVAL_METRICS, PLOTS, _resampled_metrics, bootstrap_intervals, write_report
+from pneumonia.intervals import INTERVAL_METRICS, bootstrap_intervals, resampled_metrics
+from pneumonia.report import PLOTS, write_report
 
 
 def scores(n: int, seed: int = 0, separation: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +35,7 @@ def test_resamples_are_scored_exactly_like_binary_metrics():
     probabilities = np.round(probabilities, 1)
     rng = np.random.default_rng(0)
     weights = rng.multinomial(200, np.full(200, 1 / 200), size=5)
-    vectorised = _resampled_metrics(labels, probabilities, 0.5, weights)
+    vectorised = resampled_metrics(labels, probabilities, 0.5, weights)
     for row, counts in enumerate(weights):
         drawn = np.repeat(np.arange(200), counts)
         expected = binary_metrics(labels[drawn], probabilities[drawn], 0.5)
