@@ -22,7 +22,8 @@ import pneumonia  # noqa: F401  (tf-keras)
 from bench_report import machine_info, write_report
 from pneumonia.config import ExperimentConfig, with_overrides
 from pneumonia.data import shard
-from pneumonia.train import carve_validation, preprocess_spec, train
+from pneumonia.train import carve_validation, train
+from pneumonia.worker import preprocess_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "chest_xray_224"

@@ -53,7 +53,8 @@ def run_member(params: dict[str, Any], *, base: dict[str, Any], storage: str, tr
     """A Tune trial: one member's distributed training run, its epochs forwarded to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pneumonia.train import fit_run, rows_to_records
+    from pneumonia.train import fit_run
+    from pneumonia.worker import rows_to_records
 
     config = member_config(base, int(params["member"]), storage)
     fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
@@ -85,7 +86,8 @@ def train_members(
     member's best checkpoint (qualified path) and that checkpoint's reported metrics."""
     from ray import tune
 
-    from pneumonia.train import check_resources, records_to_rows
+    from pneumonia.train import check_resources
+    from pneumonia.worker import records_to_rows
 
     members = config.ensemble.members
     at_once = concurrent_members(config)
@@ -156,7 +158,7 @@ def score_ensemble(checkpoint: str, config: ExperimentConfig, val_part: list[Ima
     metrics = binary_metrics(validation.labels, probabilities)
     metrics.update(precision_at_recall=point.precision, threshold=point.threshold)
     if config.stress.enabled:
-        from pneumonia.train import stress_inputs
+        from pneumonia.worker import stress_inputs
         from pneumonia.stress import stress_report
 
         images, labels = stress_inputs(config, info.preprocess, validation)

@@ -25,17 +25,8 @@ from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_f
 from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.storage import exists, is_uri, join, qualify, read_bytes, write_bytes, write_text
 from pneumonia.supervision import ResourceWatch, raise_if_interrupted, saved_statuses
-from pneumonia.train import (
-    best_key,
-    carve_validation,
-    check_resources,
-    fit_run,
-    init_ray,
-    latest_run,
-    records_to_rows,
-    resolve_storage,
-    rows_to_records,
-)
+from pneumonia.train import carve_validation, check_resources, fit_run, init_ray, latest_run, resolve_storage
+from pneumonia.worker import best_key, records_to_rows, rows_to_records
 
 OBJECTIVE = "val_precision_at_recall"
 """The default objective (``objective.metric``); a stress metric such as

@@ -74,7 +74,8 @@ def make_real_artifact(root: Path, image_size: int = 64, epochs: int = 4, images
     from pneumonia.export import export
     from pneumonia.models import build_model, compile_model
     from pneumonia.pipeline import load_images
-    from pneumonia.train import carve_validation, preprocess_spec
+    from pneumonia.train import carve_validation
+    from pneumonia.worker import preprocess_spec
 
     data = real_data("chest_xray_224")
     config = with_overrides(ExperimentConfig(), {"data.image_size": image_size, "model.name": "xraynet",

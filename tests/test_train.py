@@ -123,7 +123,8 @@ def _worker_pids() -> list[int]:
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_cluster, synthetic_data, tmp_path):
-    from pneumonia.train import HISTORY_FILE, train
+    from pneumonia.train import train
+    from pneumonia.worker import HISTORY_FILE
 
     config = small_config(tmp_path, **{"train.epochs": 10, "data.image_size": 32, "run.name": "killed", "run.max_failures": 2})
     outcome: dict = {}

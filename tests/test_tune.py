@@ -132,11 +132,11 @@ def test_a_sweep_that_cannot_fit_fails_fast_instead_of_waiting(ray_cluster, imba
 def test_tunes_table_leads_with_the_objective_and_its_best_epoch():
     """Tune's progress table shows the first reported metrics and calls a trial's last value its
     best: lead with the objective and its running best, which is the epoch results.csv keeps."""
-    from pneumonia.train import _objective_first, best_key
+    from pneumonia.worker import best_key, objective_first
 
     metrics = {"loss": 0.4, "accuracy": 0.8, "val_roc_auc": 0.93, "val_precision_at_recall": 0.80, "epoch": 3}
     history = [{"epoch": 1, "val_precision_at_recall": 0.70}, {"epoch": 2, "val_precision_at_recall": 0.86}]
-    ordered = _objective_first(metrics, history, "val_precision_at_recall")
+    ordered = objective_first(metrics, history, "val_precision_at_recall")
     assert list(ordered)[:4] == [best_key("val_precision_at_recall"), "val_precision_at_recall", "val_roc_auc", "epoch"]
     assert ordered[best_key("val_precision_at_recall")] == 0.86 and ordered["val_precision_at_recall"] == 0.80
     assert ordered["loss"] == 0.4  # nothing dropped
