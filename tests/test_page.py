@@ -105,8 +105,12 @@ class Page:
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
         self.page.on("request", lambda request: self.requests.append(request.url))
-        self.page.goto(f"{url}/")
-        self.page.get_by_test_id("model-version").wait_for()
+        try:
+            self.page.goto(f"{url}/")
+            self.page.get_by_test_id("model-version").wait_for()
+        except BaseException:
+            self.context.close()  # a page that never loaded leaves no browser context behind
+            raise
 
     def _console(self, message) -> None:
         # The browser logs every 4xx/5xx answer itself; the API's refusals of a file are expected.
@@ -245,7 +249,7 @@ def test_a_real_xray_gets_the_apis_label_probability_and_an_adjustable_heatmap(r
         assert expected["version"] in card.inner_text()
 
         xray_image, heatmap = card.get_by_test_id("overlay-image"), card.get_by_test_id("heatmap-image")
-        size = "img => img.complete ? [img.naturalWidth, img.naturalHeight] : [0, 0]"
+        size = "img => img.decode().then(() => [img.naturalWidth, img.naturalHeight])"  # data: URLs decode later
         assert xray_image.evaluate(size)[0] > 0 and xray_image.evaluate(size) == heatmap.evaluate(size)
         assert xray_image.bounding_box() == heatmap.bounding_box()  # stacked exactly: one picture
 
@@ -284,7 +288,7 @@ def test_refused_and_failed_files_read_as_words_one_card_per_file(app_url, brows
         # A browser cannot show a DICOM file itself: the card shows the X-ray as the service decoded it.
         scan = tab.settled("scan.dcm")
         assert scan.get_attribute("data-state") == "done"
-        assert scan.get_by_test_id("overlay-image").evaluate("(image) => image.naturalWidth") > 0
+        assert scan.get_by_test_id("overlay-image").evaluate("(image) => image.decode().then(() => image.naturalWidth)") > 0
         # A file name is text wherever it appears (title, the API's message), never markup.
         assert MARKUP_NAME in tab.settled(MARKUP_NAME).get_by_test_id("error").inner_text()
         assert page.locator("img[src='x']").count() == 0

@@ -252,12 +252,13 @@ def test_explain_layers_rebuild_the_overlay_at_any_opacity(server):
     assert answer["label"] == plain["label"] and answer["probability"] == pytest.approx(plain["probability"])
 
 
-def _get(url: str) -> tuple[int, dict[str, str], bytes]:
+def _get(url: str, method: str = "GET"):
+    """(status, headers (case-insensitive), body) of a request without a body."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            return response.status, dict(response.headers), response.read()
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=60) as response:
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+        return error.code, error.headers, error.read()
 
 
 def test_the_review_page_and_its_assets_come_from_the_app_itself(server):
@@ -276,6 +277,8 @@ def test_the_review_page_and_its_assets_come_from_the_app_itself(server):
         assert b"http://" not in body and b"https://" not in body
     status, _, body = _get(f"{server}/static/app.py")  # a file beside the assets: never served
     assert status == 404 and "no such page asset" in json.loads(body)["error"]
+    status, headers, body = _get(f"{server}/", method="HEAD")  # an uptime check's way of asking
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and body == b""
 
 
 @pytest.mark.parametrize("path, method, body, content_type, status, fragment", [

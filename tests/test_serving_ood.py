@@ -113,6 +113,10 @@ def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact,
     import time
 
     url = _deploy(artifact, serve_port, ood_policy="flag")
+    # The model card (/model, the review page's) states the policy in force, not the exported one.
+    assert artifact.metadata["out_of_distribution"]["policy"] == "reject"
+    card = json.loads(urllib.request.urlopen(f"{url}/model", timeout=60).read())
+    assert card["out_of_distribution"]["policy"] == "flag"
     status, answer = _post(f"{url}/predict", OUTSIDE)
     assert status == 200 and answer["out_of_distribution"] is True
     assert "label" not in answer and "probability" not in answer

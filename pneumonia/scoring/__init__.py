@@ -24,7 +24,7 @@ The pipeline, on Ray Data's streaming executor::
   artifact's own :class:`~pneumonia.preprocess.PreprocessSpec`, inference is
   :meth:`LoadedArtifact.predict_scored` (probability and guard score from one pass), judged by
   :class:`pneumonia.ood.Scored`, and the label is ``probability >= threshold`` compared as Python
-  floats: exactly what :class:`pneumonia.serving.Classifier` does per batch.
+  floats: exactly what :class:`pneumonia.serving.ServedModel` (the service's model core) does per batch.
 - **Read and decode in one CPU task.** A full-resolution X-ray is 0.2-2 MB of JPEG and 50 KB of
   model input: decoding where the bytes were read keeps the large bytes out of the object store.
   Unreadable or corrupt files become rows with an error (any exception, per file: one odd file

@@ -12,6 +12,7 @@ out-of-distribution guard's verdict comes from the same forward pass as the prob
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from typing import Any
 
@@ -44,6 +45,7 @@ class ServedModel:
         if self.guard is not None and ood_policy is not None:
             self.guard = {**self.guard, "policy": ood_policy}
         self._explainer = None
+        self._explainer_lock = threading.Lock()  # built once: tracing Grad-CAM takes seconds
 
     # -- load / preprocess / predict
 
@@ -75,8 +77,9 @@ class ServedModel:
         """
         from pneumonia.explain import DEFAULT_ALPHA, DISPLAY_SIDE, GradCam
 
-        if self._explainer is None:
-            self._explainer = GradCam(self.artifact.keras_model())
+        with self._explainer_lock:
+            if self._explainer is None:
+                self._explainer = GradCam(self.artifact.keras_model())
         explanation = self._explainer.explain(image)
         original = open_image(data, PreprocessSpec(DISPLAY_SIDE, self.spec.channels), self.max_pixels)
         answer = {
@@ -110,8 +113,10 @@ class ServedModel:
         return {"warning": self.warning} if self.warning else {}
 
     def card(self) -> dict[str, Any]:
-        """The artifact's metadata as /model serves it (the review page's model card)."""
-        return {**self.metadata, **self.warned()}
+        """The artifact's metadata as /model serves it (the review page's model card), with the
+        out-of-distribution guard these replicas apply: the app's ``ood_policy`` may override the
+        exported one, and a guard the signature cannot score is no guard."""
+        return {**self.metadata, "out_of_distribution": self.guard, **self.warned()}
 
 
 def _b64(png: bytes) -> str:

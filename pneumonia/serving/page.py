@@ -50,11 +50,12 @@ def _response(name: str) -> Response:
 def add_page(api: FastAPI) -> FastAPI:
     """Add `GET /` (the page) and `GET /static/{name}` (its style and script) to ``api``."""
 
-    @api.get("/", include_in_schema=False)
+    # HEAD too: uptime checks and `curl -I` ask that way.
+    @api.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> Response:
         return _response("index.html")
 
-    @api.get("/static/{name}", include_in_schema=False)
+    @api.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def static(name: str) -> Response:
         if name not in ASSETS:
             raise StarletteHTTPException(404, f"no such page asset: {name}; the page has {', '.join(sorted(ASSETS))}")

@@ -126,7 +126,10 @@
     let preview = null;
     if (PREVIEWABLE.test(file.name) || file.type === 'image/jpeg' || file.type === 'image/png') {
       preview = URL.createObjectURL(file);
-      xray.addEventListener('error', () => { xray.hidden = true; placeholder.hidden = false; placeholder.textContent = 'no preview: the browser cannot show this file'; }, { once: true });
+      xray.addEventListener('error', () => {
+        URL.revokeObjectURL(preview); // nothing shown: free the file's copy now
+        xray.hidden = true; placeholder.hidden = false; placeholder.textContent = 'no preview: the browser cannot show this file';
+      }, { once: true });
       xray.src = preview;
       xray.hidden = false;
       placeholder.hidden = true;
