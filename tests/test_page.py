@@ -28,6 +28,7 @@ from PIL import Image
 from tests.helpers import real_data
 from tests.test_dicom import bright_top, make_dicom
 from tests.test_serving import request
+from tests.test_serving_ood import INSIDE, OUTSIDE, export_guarded
 from tests.test_serving_ops import _export, serve_port  # noqa: F401  (Serve on a free port, per module)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -388,3 +389,32 @@ def test_a_phone_sized_window_needs_no_sideways_scrolling(app_url, browser, tmp_
         assert tab.errors == [], tab.errors
     finally:
         tab.close()
+
+
+def test_under_a_route_prefix_a_flagged_image_reads_as_not_classified(app_url, browser, tmp_path):
+    """The page behind a route prefix (/guarded/) with the guard's flag policy: an image that is not
+    an X-ray gets a card that says it was not classified and why (the guard's score), one that
+    passes is classified, and the model card states the policy in force."""
+    from ray import serve
+
+    from pneumonia.serving import build_app
+
+    guarded = export_guarded(tmp_path)
+    serve.run(build_app({"artifact": str(guarded.path), "ood_policy": "flag"}), name="guarded",
+              route_prefix="/guarded")
+    try:
+        tab = Page(browser, f"{app_url}/guarded")
+        try:
+            tab.upload([{"name": "noise.png", "mimeType": "image/png", "buffer": OUTSIDE},
+                        {"name": "dark.png", "mimeType": "image/png", "buffer": INSIDE}])
+            flagged = tab.settled("noise.png")
+            text = flagged.inner_text()
+            assert flagged.get_attribute("data-state") == "refused", text
+            assert "flagged" in text and "not classified" in text and "out-of-distribution score" in text
+            assert tab.settled("dark.png").get_attribute("data-state") == "done"
+            assert "flag (answered, not classified)" in tab.page.get_by_test_id("model-card").inner_text()
+            assert tab.errors == [] and tab.foreign_requests() == [], (tab.errors, tab.foreign_requests())
+        finally:
+            tab.close()
+    finally:
+        serve.delete("guarded")

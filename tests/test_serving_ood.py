@@ -44,6 +44,11 @@ def _post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
+    return export_guarded(tmp_path_factory.mktemp("serving-ood"))
+
+
+def export_guarded(root):
+    """A small model's artifact whose guard passes INSIDE and refuses OUTSIDE (made to order)."""
     from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
     from pneumonia.config import ExperimentConfig, ModelConfig
     from pneumonia.models import build_model, compile_model
@@ -51,7 +56,6 @@ def artifact(tmp_path_factory):
     from pneumonia.preprocess import PreprocessSpec, decode_image
     from pneumonia.publish import export_artifact
 
-    root = tmp_path_factory.mktemp("serving-ood")
     spec = PreprocessSpec(64, 1)
     model = build_model(ModelConfig(name="xraynet", width=8), spec.shape)
     compile_model(model, "adam", 1e-3)
