@@ -96,12 +96,14 @@ class Explanation:
         gray, heatmap = self._on(original, resize, side)
         return _png(_blend(gray, heatmap, alpha))
 
-    def layers_on(self, original: Image.Image, resize: str = "stretch", side: int = DISPLAY_SIDE) -> tuple[bytes, bytes]:
-        """(X-ray in grey, colour-mapped heatmap): two PNGs of the size :meth:`overlay_on` draws,
-        for a viewer with its own opacity control (the heatmap over the X-ray at opacity a is the
-        overlay blended at a)."""
+    def layers_on(self, original: Image.Image, resize: str = "stretch", side: int = DISPLAY_SIDE,
+                  alpha: float = DEFAULT_ALPHA) -> tuple[bytes, bytes, bytes]:
+        """(:meth:`overlay_on`'s PNG, the X-ray in grey, the colour-mapped heatmap): the overlay and
+        the two pictures it is made of, at one size, from one resize of each, for a viewer with its
+        own opacity control (the heatmap over the X-ray at opacity a is the overlay blended at a)."""
         gray, heatmap = self._on(original, resize, side)
-        return _png(np.clip(np.round(gray), 0, 255).astype(np.uint8)), _png(_colorize(heatmap))
+        return (_png(_blend(gray, heatmap, alpha)), _png(np.clip(np.round(gray), 0, 255).astype(np.uint8)),
+                _png(_colorize(heatmap)))
 
     def _on(self, original: Image.Image, resize: str, side: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 (grey X-ray, heatmap), both at the display size of ``original``."""

@@ -151,17 +151,14 @@ def _read_latest(name_dir: Path) -> Path:
 
 
 @dataclass
-class LoadedArtifact:
-    """A verified artifact, ready to score uint8 images; made by :func:`load_artifact`."""
+class VerifiedArtifact:
+    """An artifact whose metadata this code can use and whose files match their sha256; made by
+    :func:`verify_artifact` (no TensorFlow)."""
 
-    path: Path
+    path: Path  # the version folder
     metadata: dict
     preprocess: PreprocessSpec
     threshold: float
-    _signature: Any = field(repr=False)
-    _saved_model: Any = field(repr=False)  # the signature's variables live as long as this object
-    _keras: Any = field(default=None, repr=False)
-    _keras_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def version(self) -> str:
@@ -170,6 +167,16 @@ class LoadedArtifact:
     @property
     def name(self) -> str:
         return self.metadata["name"]
+
+
+@dataclass
+class LoadedArtifact(VerifiedArtifact):
+    """A verified artifact, ready to score uint8 images; made by :func:`load_artifact`."""
+
+    _signature: Any = field(repr=False)
+    _saved_model: Any = field(repr=False)  # the signature's variables live as long as this object
+    _keras: Any = field(default=None, repr=False)
+    _keras_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Probabilities of PNEUMONIA (float32, shape [n]) for uint8 images [n, size, size, channels]."""
@@ -216,16 +223,6 @@ class LoadedArtifact:
             return self._keras
 
 
-@dataclass
-class VerifiedArtifact:
-    """An artifact whose metadata this code can use and whose files match their sha256."""
-
-    path: Path  # the version folder
-    metadata: dict
-    preprocess: PreprocessSpec
-    threshold: float
-
-
 def verify_artifact(location: str | Path) -> VerifiedArtifact:
     """Resolve an artifact and check it without TensorFlow: format, classes, metadata, and every
     file against its sha256. A serving command calls it before starting Ray, so a corrupt
@@ -241,8 +238,7 @@ def load_artifact(location: str | Path) -> LoadedArtifact:
     """Resolve, verify (format, classes, every file's sha256, signature) and load an artifact."""
     verified = verify_artifact(location)
     saved_model, signature = _load_signature(verified.path, verified.preprocess)
-    return LoadedArtifact(verified.path, verified.metadata, verified.preprocess, verified.threshold,
-                          signature, saved_model)
+    return LoadedArtifact(**vars(verified), _signature=signature, _saved_model=saved_model)
 
 
 def artifact_warning(metadata: dict) -> str | None:

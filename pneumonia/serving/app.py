@@ -36,7 +36,7 @@ from ray import serve
 
 from pneumonia import RAY_ENV
 from pneumonia.ood import NOT_AN_XRAY, POLICIES, Scored
-from pneumonia.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError, decode_image
+from pneumonia.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
 from pneumonia.serving.errors import HTTPError, json_error, json_errors
 from pneumonia.serving.model import ServedModel
 from pneumonia.serving.page import add_page
@@ -51,6 +51,12 @@ BATCHES_IN_FLIGHT = 3
 
 
 # ----------------------------------------------------------------------------- the service
+
+# Above the class: Serve captures the deployment class (and what it calls) when it is decorated.
+def _undecodable(name: str, error: ImageDecodeError) -> HTTPError:
+    """413 for an image above the pixel limit, 400 for one that cannot be decoded."""
+    return HTTPError(413 if isinstance(error, ImageTooLargeError) else 400, f"{name}: {error}")
+
 
 api = add_page(json_errors(FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")))
 
@@ -175,26 +181,27 @@ class Classifier:
             raise HTTPError(400, "empty request body")
         return [("body", body)]
 
-    async def _decode(self, name: str, data: bytes) -> np.ndarray:
-        if len(data) > self.max_bytes:
+    def _check_size(self, name: str, data: bytes | np.ndarray) -> None:
+        if isinstance(data, bytes) and len(data) > self.max_bytes:
             raise HTTPError(413, f"{name}: {len(data):,} bytes is above the limit of {self.max_bytes:,}")
-        try:
-            return await asyncio.to_thread(decode_image, data, self.model.spec, self.model.max_pixels)
-        except ImageTooLargeError as error:
-            raise HTTPError(413, f"{name}: {error}") from None
-        except ImageDecodeError as error:
-            raise HTTPError(400, f"{name}: {error}") from None
+
+    async def _decode(self, name: str, data: bytes) -> np.ndarray:
+        """One image's model input, decoded outside the batch queue (/explain needs the pixels)."""
+        self._check_size(name, data)
+        image = await asyncio.to_thread(self.model.decode, data)
+        if isinstance(image, ImageDecodeError):
+            raise _undecodable(name, image)
+        return image
 
     async def _classify(self, items: list[tuple[str, bytes | np.ndarray]]) -> list[Scored]:
         """Probabilities for named images (encoded bytes or decoded pixels), via the batch queue;
         the first image that cannot be decoded answers for the request."""
         for name, data in items:
-            if isinstance(data, bytes) and len(data) > self.max_bytes:
-                raise HTTPError(413, f"{name}: {len(data):,} bytes is above the limit of {self.max_bytes:,}")
+            self._check_size(name, data)
         results = await asyncio.gather(*(self.predict_batch(data) for _, data in items))
         for (name, _), result in zip(items, results):
             if isinstance(result, ImageDecodeError):
-                raise HTTPError(413 if isinstance(result, ImageTooLargeError) else 400, f"{name}: {result}")
+                raise _undecodable(name, result)
             if result.out_of_distribution and result.refused:
                 raise HTTPError(422, f"{name}: {NOT_AN_XRAY}; it was not classified", out_of_distribution=True,
                                 **result.guard_fields())

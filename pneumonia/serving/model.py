@@ -35,7 +35,7 @@ class ServedModel:
 
         self.artifact = load_artifact(artifact)
         self.metadata = self.artifact.metadata
-        self.name, self.version = self.metadata["name"], self.metadata["version"]
+        self.name, self.version = self.artifact.name, self.artifact.version
         self.warning = artifact_warning(self.metadata)  # in every answer when set
         self.spec = self.artifact.preprocess
         self.threshold = float(self.artifact.threshold)
@@ -82,16 +82,14 @@ class ServedModel:
                 self._explainer = GradCam(self.artifact.keras_model())
         explanation = self._explainer.explain(image)
         original = open_image(data, PreprocessSpec(DISPLAY_SIDE, self.spec.channels), self.max_pixels)
-        answer = {
-            "layer": explanation.layer,
-            "overlay_png": _b64(explanation.overlay_on(original, self.spec.resize)),
-            "overlay_alpha": DEFAULT_ALPHA,
-            "heatmap": np.round(explanation.heatmap, 3).tolist(),
-        }
+        answer = {"layer": explanation.layer, "overlay_alpha": DEFAULT_ALPHA,
+                  "heatmap": np.round(explanation.heatmap, 3).tolist()}
         if layers:
-            gray_png, heatmap_png = explanation.layers_on(original, self.spec.resize)
+            overlay_png, gray_png, heatmap_png = explanation.layers_on(original, self.spec.resize)
             answer.update(image_png=_b64(gray_png), heatmap_png=_b64(heatmap_png))
-        return answer
+        else:
+            overlay_png = explanation.overlay_on(original, self.spec.resize)
+        return {**answer, "overlay_png": _b64(overlay_png)}
 
     # -- answers
 
