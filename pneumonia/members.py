@@ -87,7 +87,7 @@ def train_members(
     from ray import tune
 
     from pneumonia.train import check_resources
-    from pneumonia.worker import records_to_rows
+    from pneumonia.worker import HISTORY_FILE, records_to_rows
 
     members = config.ensemble.members
     at_once = concurrent_members(config)
@@ -118,7 +118,9 @@ def train_members(
         )
     with ResourceWatch(config, what=f"ensemble run {config.run.name}"):
         grid = tuner.fit()
-    raise_if_interrupted(saved_statuses(tuner_path), members, f"ensemble run {config.run.name}", "members",
+    statuses = saved_statuses(tuner_path, history_of=lambda trial: join(
+        storage, f"member_{trial.config['member']}", HISTORY_FILE))
+    raise_if_interrupted(statuses, members, f"ensemble run {config.run.name}", "members",
                          f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`")
     metric, mode = config.run.checkpoint_metric, config.run.checkpoint_mode
     chosen: list[tuple[int, str, dict[str, float]]] = []

@@ -308,12 +308,15 @@ INTERRUPTED = "INTERRUPTED"  # ran some epochs, stopped before its end; `--resum
 NOT_STARTED = "NOT_STARTED"  # never ran an epoch; `--resume` starts it
 
 
-def saved_statuses(experiment_path: str) -> dict[str, str]:
+def saved_statuses(experiment_path: str, history_of: Callable[[Any], str] | None = None) -> dict[str, str]:
     """Each trial's outcome as Tune saved it (by trial id): TERMINATED, ERROR, INTERRUPTED or NOT_STARTED.
 
     Read from the experiment state Tune writes before it stops its trials: after a Ctrl-C the
     in-memory trials all read TERMINATED, and a trial that was running is saved as PENDING (to be
     restarted on resume), told apart from one that never ran by whether it reported an epoch.
+    Tune may not have received the epoch a worker just finished when the stop comes, so
+    ``history_of`` (a trial -> the location of its run's history file) is asked too: a trial whose
+    workers wrote an epoch there ran, whatever Tune's saved state lags behind.
     """
     from ray.tune import ExperimentAnalysis
 
@@ -325,9 +328,20 @@ def saved_statuses(experiment_path: str) -> dict[str, str]:
     for trial in trials:
         if trial.status in FINISHED:
             statuses[trial.trial_id] = trial.status
+        elif (trial.last_result or {}).get("training_iteration") or (history_of and _read_rows(history_of(trial))):
+            statuses[trial.trial_id] = INTERRUPTED
         else:
-            statuses[trial.trial_id] = INTERRUPTED if (trial.last_result or {}).get("training_iteration") else NOT_STARTED
+            statuses[trial.trial_id] = NOT_STARTED
     return statuses
+
+
+def _read_rows(location: str) -> list:
+    from pneumonia.worker import read_history
+
+    try:
+        return read_history(location)
+    except (OSError, ValueError):  # half-written when the stop came: no whole epoch recorded there
+        return []
 
 
 def outcome_counts(statuses: list[str], noun: str = "") -> str:

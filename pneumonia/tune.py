@@ -26,7 +26,7 @@ from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.storage import exists, is_uri, join, qualify, read_bytes, write_bytes, write_text
 from pneumonia.supervision import ResourceWatch, raise_if_interrupted, saved_statuses
 from pneumonia.train import carve_validation, check_resources, fit_run, init_ray, latest_run, resolve_storage
-from pneumonia.worker import best_key, records_to_rows, rows_to_records
+from pneumonia.worker import HISTORY_FILE, best_key, records_to_rows, rows_to_records
 
 OBJECTIVE = "val_precision_at_recall"
 """The default objective (``objective.metric``); a stress metric such as
@@ -182,7 +182,8 @@ def tune(
                 metric=best_key(config.objective.metric),  # the trial's best epoch, as the table below keeps
                 mode="max",
                 num_samples=sweep.num_samples,
-                max_concurrent_trials=sweep.max_concurrent_trials,
+                # random search's generator carries the cap itself (Tune would warn it ignores this)
+                max_concurrent_trials=None if sweep.search == "random" else sweep.max_concurrent_trials,
                 scheduler=scheduler,
                 search_alg=_searcher(sweep),
                 trial_dirname_creator=lambda trial: trial.trial_id,
@@ -196,7 +197,8 @@ def tune(
         )
     with ResourceWatch(config, what=f"sweep {name}"):
         grid = tuner.fit()
-    statuses = saved_statuses(sweep_path)
+    statuses = saved_statuses(sweep_path, history_of=lambda trial: join(
+        sweep_path, TRIALS_FOLDER, trial.trial_id, HISTORY_FILE))
     resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"
     try:
         return summarize_sweep(grid, config, sweep_path, statuses)  # the table first, even of an interrupted sweep

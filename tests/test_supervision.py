@@ -30,6 +30,33 @@ def test_a_sweep_with_unfinished_trials_is_an_interruption_and_says_how_to_resum
     assert caught.value.exit_code == 130
 
 
+def test_a_trial_whose_workers_wrote_an_epoch_ran_even_when_tunes_saved_state_lags(monkeypatch, tmp_path):
+    """Ctrl-C can come after a worker finished an epoch but before Tune received that report: the
+    trial's own history says it ran (stopped mid-run, `--resume` continues it), not 'never started'."""
+    import json
+    from types import SimpleNamespace
+
+    import ray.tune
+
+    from pneumonia.supervision import saved_statuses
+
+    trials = [SimpleNamespace(trial_id="done", status="TERMINATED", last_result={"training_iteration": 6}),
+              SimpleNamespace(trial_id="reported", status="PENDING", last_result={"training_iteration": 2}),
+              SimpleNamespace(trial_id="lagging", status="PENDING", last_result={}),
+              SimpleNamespace(trial_id="torn", status="PENDING", last_result={}),
+              SimpleNamespace(trial_id="waiting", status="PENDING", last_result={})]
+    monkeypatch.setattr(ray.tune, "ExperimentAnalysis", lambda path: SimpleNamespace(trials=trials))
+    for trial_id, text in {"lagging": json.dumps([{"epoch": 1}, {"epoch": 2}]), "torn": '[{"epo'}.items():
+        (tmp_path / trial_id).mkdir()
+        (tmp_path / trial_id / "history.json").write_text(text)
+
+    history_of = lambda trial: str(tmp_path / trial.trial_id / "history.json")  # noqa: E731
+    assert saved_statuses("/sweep", history_of) == {
+        "done": "TERMINATED", "reported": "INTERRUPTED", "lagging": "INTERRUPTED",
+        "torn": "NOT_STARTED", "waiting": "NOT_STARTED"}
+    assert saved_statuses("/sweep")["lagging"] == "NOT_STARTED"  # Tune's state alone cannot tell
+
+
 def test_a_sweep_where_nothing_ran_says_so():
     from pneumonia.tune import summarize_sweep
 
