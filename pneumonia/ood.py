@@ -59,6 +59,13 @@ class Guard:
         distances = [np.einsum("ij,jk,ik->i", features - mean, self.precision, features - mean) for mean in self.means]
         return np.min(distances, axis=0).astype(np.float32)
 
+    def serving_arrays(self) -> dict[str, np.ndarray]:
+        """What the serving signature's :func:`tf_scores` reads (float32): the precision matrix and
+        the per-class terms that do not depend on the image, computed once here in float64."""
+        projected = self.precision @ self.means.T  # [d, classes]
+        return {"precision": self.precision.astype(np.float32), "projected_means": projected.astype(np.float32),
+                "offsets": np.einsum("cd,dc->c", self.means, projected).astype(np.float32)}
+
     def metadata(self, policy: str = DEFAULT_POLICY) -> dict[str, Any]:
         """What metadata.json records (the arrays live in the SavedModel's variables)."""
         info = {key: value for key, value in asdict(self).items() if key not in ("means", "precision")}
@@ -123,12 +130,17 @@ def model_with_features(model):
 def _taps(member) -> list:
     """The feature vectors of one model: the spatial mean of every ReLU activation map (texture and
     contrast at each depth: what tells a blank frame or a photo from an X-ray early on) and the
-    penultimate features (what the classifier itself sees)."""
+    penultimate features (what the classifier itself sees). A map whose mean already is the
+    penultimate vector (the one global average pooling reads) is not taken twice: it would only
+    enlarge the [d, d] product every served image pays for."""
     import tensorflow as tf
 
+    pooled_globally = {id(layer.input) for layer in member.layers
+                       if isinstance(layer, tf.keras.layers.GlobalAveragePooling2D)}
     maps = [layer.output for layer in member.layers
-            if len(layer.output.shape) == 4 and (isinstance(layer, tf.keras.layers.ReLU)
-                                                 or getattr(getattr(layer, "activation", None), "__name__", "") == "relu")]
+            if len(layer.output.shape) == 4 and id(layer.output) not in pooled_globally
+            and (isinstance(layer, tf.keras.layers.ReLU)
+                 or getattr(getattr(layer, "activation", None), "__name__", "") == "relu")]
     pooled = [tf.reduce_mean(output, axis=[1, 2]) for output in maps]
     return [*pooled, member.get_layer(FEATURE_LAYER).input]
 
@@ -148,16 +160,16 @@ def features_and_probabilities(dual, images: np.ndarray, batch_size: int = 64) -
     return np.concatenate(features), np.concatenate(probabilities)
 
 
-def tf_scores(features, means, precision):
+def tf_scores(features, precision, projected_means, offsets):
     """:meth:`Guard.scores` in TensorFlow, for the serving signature, with one [d, d] product for
-    all classes: (f - m)' P (f - m) = f'Pf - 2 f'(Pm) + m'Pm (P symmetric)."""
+    all classes: (f - m)' P (f - m) = f'Pf - 2 f'(Pm) + m'Pm (P symmetric). ``projected_means``
+    (Pm, [d, classes]) and ``offsets`` (m'Pm, [classes]) are :meth:`Guard.serving_arrays`, fixed
+    at export: a served batch reads the [d, d] matrix once."""
     import tensorflow as tf
 
     features = tf.cast(features, tf.float32)
-    projected = tf.matmul(features, precision)  # [n, d]
-    quadratic = tf.reduce_sum(projected * features, axis=1, keepdims=True)  # [n, 1]
-    cross = tf.matmul(projected, means, transpose_b=True)  # [n, classes]: f'P m_c
-    offsets = tf.reduce_sum(tf.matmul(means, precision) * means, axis=1)  # [classes]: m_c'P m_c
+    quadratic = tf.reduce_sum(tf.matmul(features, precision) * features, axis=1, keepdims=True)  # [n, 1]
+    cross = tf.matmul(features, projected_means)  # [n, classes]: f'P m_c
     return tf.maximum(tf.reduce_min(quadratic - 2.0 * cross + offsets, axis=1), 0.0)
 
 

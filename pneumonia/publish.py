@@ -187,8 +187,8 @@ def _save_serving_model(model, spec: PreprocessSpec, directory: Path, guard: Any
         from pneumonia.ood import model_with_features, tf_scores
 
         forward = model_with_features(model)  # (probability, features) from one pass
-        module.ood_means = tf.Variable(guard.means.astype("float32"), trainable=False)
-        module.ood_precision = tf.Variable(guard.precision.astype("float32"), trainable=False)
+        module.ood_arrays = {name: tf.Variable(array, trainable=False, name=f"ood_{name}")
+                             for name, array in guard.serving_arrays().items()}
 
     @tf.function(input_signature=[tf.TensorSpec([None, *spec.shape], tf.uint8, name=INPUT_NAME)])
     def serve(image):
@@ -196,7 +196,7 @@ def _save_serving_model(model, spec: PreprocessSpec, directory: Path, guard: Any
         probability = outputs[0] if guard is not None else outputs
         answer = {OUTPUT_NAME: tf.reshape(tf.cast(probability, tf.float32), [-1])}
         if guard is not None:
-            answer[SCORE_NAME] = tf_scores(outputs[1], module.ood_means, module.ood_precision)
+            answer[SCORE_NAME] = tf_scores(outputs[1], **module.ood_arrays)
         return answer
 
     tf.saved_model.save(module, str(directory), signatures={SIGNATURE: serve})

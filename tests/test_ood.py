@@ -45,8 +45,8 @@ def test_the_tensorflow_scores_equal_the_numpy_ones():
     rng = np.random.default_rng(2)
     features, labels = _clusters(rng, 500)
     guard = fit_guard(features, labels, features[:100])
-    scores = tf_scores(tf.constant(features[:20], tf.float32), tf.constant(guard.means, tf.float32),
-                       tf.constant(guard.precision, tf.float32)).numpy()
+    arrays = {name: tf.constant(array) for name, array in guard.serving_arrays().items()}
+    scores = tf_scores(tf.constant(features[:20], tf.float32), **arrays).numpy()
     np.testing.assert_allclose(scores, guard.scores(features[:20]), rtol=1e-3, atol=1e-2)
 
 
@@ -66,6 +66,7 @@ def test_features_come_with_the_same_probabilities_from_one_forward_pass(ensembl
     features, probabilities = features_and_probabilities(model_with_features(model), images)
     expected = model(tf.cast(images, tf.float32), training=False).numpy().reshape(-1)
     np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
-    # Per member: the spatial mean of each of xraynet's 6 ReLU maps (4+8+16+32+32+64 channels at
-    # width 8) and the 64 penultimate features.
-    assert features.shape == (5, (4 + 8 + 16 + 32 + 32 + 64 + 64) * len(members))
+    # Per member: the spatial mean of xraynet's ReLU maps (4+8+16+32+32 channels at width 8) and the
+    # 64 penultimate features; the last map's mean is the penultimate vector (global average
+    # pooling) and is not taken twice.
+    assert features.shape == (5, (4 + 8 + 16 + 32 + 32 + 64) * len(members))
