@@ -168,6 +168,32 @@ def test_a_manifest_lists_its_paths_relative_to_itself_once_each(tmp_path, kind)
     found = list_input(str(manifest))
     assert found.paths == paths[:3]  # as the manifest names them (the output's join key), duplicates once
     assert found.locations == [str(images[0]), str(images[1]), str(images[2])]
+    # its other columns travel to the output, one row per path (a duplicate keeps its first row)
+    assert found.columns.to_pylist() == [{"accession": i + 1, "path": path} for i, path in enumerate(paths[:3])]
+
+
+def test_a_manifests_columns_are_carried_beside_the_scores_by_path(tmp_path):
+    """A worklist's accession numbers and its own ground-truth ``label`` come out beside the scores,
+    the latter as ``manifest_label``; a path an earlier run scored that this worklist does not name
+    keeps its row with empty manifest columns."""
+    from pneumonia.scoring.outputs import merge, output_schema
+
+    scores = pa.table({"path": ["b.png", "a.png", "old.png"], "label": ["PNEUMONIA", "NORMAL", "NORMAL"],
+                       "probability": [0.9, 0.1, 0.2], "threshold": [0.5] * 3, "ood_score": [1.0] * 3,
+                       "out_of_distribution": [False] * 3, "model": ["m"] * 3, "version": ["v0001"] * 3,
+                       "error": [None] * 3}, schema=output_schema())
+    worklist = tmp_path / "worklist.csv"
+    worklist.write_text("accession,path,label,note\nA-1,a.png,PNEUMONIA,\nA-2,b.png,NORMAL,\n")
+    columns = list_input(str(worklist)).columns
+    for kind in ("csv", "parquet"):
+        output = tmp_path / f"scores.{kind}"
+        assert merge(str(output), [scores], columns) == 3
+        table = pacsv.read_csv(output) if kind == "csv" else pq.read_table(output)
+        assert table.column_names == COLUMNS + ["accession", "manifest_label", "note"]
+        rows = {row["path"]: row for row in table.to_pylist()}
+        assert (rows["a.png"]["label"], rows["a.png"]["manifest_label"], rows["a.png"]["accession"]) == \
+            ("NORMAL", "PNEUMONIA", "A-1")
+        assert rows["b.png"]["accession"] == "A-2" and not rows["old.png"]["accession"]  # CSV reads it as ""
 
 
 def test_a_folder_is_listed_recursively_images_only(tmp_path):
@@ -330,7 +356,8 @@ def test_a_csv_manifest_scored_through_the_command_into_a_csv_uri(ray_cluster, r
     xrays = sorted(real_data("chest_xray_val16").rglob("*.jpeg"))[:3]
     for xray in xrays:
         shutil.copy(xray, tmp_path / xray.name)
-    (tmp_path / "worklist.csv").write_text("path\n" + "\n".join(x.name for x in xrays) + "\nmissing.jpeg\n")
+    (tmp_path / "worklist.csv").write_text(
+        "path,accession\n" + "".join(f"{x.name},ACC{i}\n" for i, x in enumerate(xrays)) + "missing.jpeg,ACC9\n")
     output = tmp_path / "out" / "worklist.csv"
     args = _parser().parse_args(["score", "--artifact", str(registry), "--input", str(tmp_path / "worklist.csv"),
                                  "--output", output.as_uri(), "--concurrency", "1", "--json"])
@@ -340,9 +367,10 @@ def test_a_csv_manifest_scored_through_the_command_into_a_csv_uri(ray_cluster, r
     assert (payload["scored"], payload["failed"], payload["rows"]) == (4, 1, 4)
     assert payload["output"] == output.as_uri() and payload["images_per_s"] > 0
     table = _read(output)
-    assert table.column_names == COLUMNS
+    assert table.column_names == [*COLUMNS, "accession"]  # the worklist's own column, carried
     rows = {row["path"]: row for row in table.to_pylist()}
     assert set(rows) == {x.name for x in xrays} | {"missing.jpeg"}  # as the manifest names them
+    assert [rows[x.name]["accession"] for x in xrays] == ["ACC0", "ACC1", "ACC2"]
     assert rows["missing.jpeg"]["error"].startswith("cannot read")
     assert all(rows[x.name]["label"] in ("NORMAL", "PNEUMONIA") for x in xrays)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from pneumonia import IMAGE_EXTENSIONS
 from pneumonia.errors import DataError
@@ -21,12 +22,15 @@ PATH_COLUMN = "path"
 @dataclass
 class ScoreInput:
     """The files to score: ``paths`` as the input named them (they go to the output) and the
-    ``locations`` to read them from (a manifest's relative paths resolved against its folder)."""
+    ``locations`` to read them from (a manifest's relative paths resolved against its folder).
+    ``columns``: a manifest's other columns (accession number, ward, ground truth...) as a pyarrow
+    Table with ``path`` and one row per path, carried into the output beside the scores."""
 
     source: str
     paths: list[str]
     locations: list[str]
     ignored: int = 0
+    columns: Any = None
 
 
 def list_input(location: str) -> ScoreInput:
@@ -69,7 +73,7 @@ def _read_manifest(location: str, kind: str) -> ScoreInput:
         raise DataError(f"cannot read manifest {location}: {first_line(error)}") from None
     if PATH_COLUMN not in table.column_names:
         raise DataError(f"manifest {location} has no '{PATH_COLUMN}' column (it has: {', '.join(table.column_names)})")
-    paths, seen = [], set()
+    paths, first_rows, seen = [], [], set()
     for row, value in enumerate(table.column(PATH_COLUMN).to_pylist(), start=1):
         text = "" if value is None else str(value).strip()
         if not text:
@@ -77,9 +81,24 @@ def _read_manifest(location: str, kind: str) -> ScoreInput:
         if text not in seen:
             seen.add(text)
             paths.append(text)
+            first_rows.append(row - 1)
     base = location.rsplit("/", 1)[0] if is_uri(location) else str(Path(location).parent)
     locations = [path if is_uri(path) or os.path.isabs(path) else join(base, path) for path in paths]
-    return ScoreInput(location, paths, locations)
+    return ScoreInput(location, paths, locations, columns=_other_columns(table, first_rows, paths))
+
+
+def _other_columns(table, first_rows: list[int], paths: list[str]):
+    """The manifest's columns besides ``path`` (a duplicated path keeps its first row), keyed by
+    the path as cleaned above; None when there are none. Flat columns only: a list or struct
+    column (possible in Parquet) cannot go into a CSV output and is left out."""
+    import pyarrow as pa
+
+    keep = [name for name in table.column_names
+            if name != PATH_COLUMN and not pa.types.is_nested(table.schema.field(name).type)]
+    if not keep:
+        return None
+    others = table.select(keep).take(pa.array(first_rows, pa.int64()))
+    return others.append_column(PATH_COLUMN, pa.array(paths, pa.string()))
 
 
 def read_table(location: str, kind: str, schema=None):

@@ -156,9 +156,14 @@ def already_scored(tables: list, model: str, version: str) -> set[str]:
     return done
 
 
-def merge(output: str, tables: list) -> int:
+def merge(output: str, tables: list, columns=None) -> int:
     """Write every table into ``output``, the newest row per (path, model, version), sorted by path;
-    then remove the parts folder. Returns the output's row count."""
+    then remove the parts folder. Returns the output's row count.
+
+    ``columns`` (a manifest's other columns with ``path``, :class:`ScoreInput`) are joined on by
+    path after the scores; one whose name the scores already use gets a ``manifest_`` prefix (a
+    worklist's ground-truth ``label`` stays beside the model's). Rows of earlier runs for paths
+    this manifest does not name get empty values there."""
     import pyarrow as pa
 
     combined = pa.concat_tables(tables) if tables else output_schema().empty_table()
@@ -166,10 +171,25 @@ def merge(output: str, tables: list) -> int:
     combined = combined.append_column("_order", order)
     newest = combined.group_by(list(KEY)).aggregate([("_order", "max")])["_order_max"]
     merged = combined.take(newest).drop_columns(["_order"])
+    if columns is not None:
+        merged = _with_columns(merged, columns)
     merged = merged.sort_by([(column, "ascending") for column in KEY])
     _write_atomic(output, _serialise(merged, output_format(output)))
     _remove_tree(parts_location(output))
     return len(merged)
+
+
+def _with_columns(scores, columns):
+    """``scores`` with ``columns`` joined on by path (left join: every score row stays, once)."""
+    import pyarrow as pa
+
+    taken = set(scores.column_names)
+    renamed = [name if name == "path" or name not in taken else f"manifest_{name}" for name in columns.column_names]
+    columns = columns.rename_columns(renamed)
+    # A column with no value at all reads as Arrow's null type, which a join cannot carry.
+    columns = pa.table({name: (column.cast(pa.string()) if pa.types.is_null(column.type) else column)
+                        for name, column in zip(columns.column_names, columns.columns)})
+    return scores.join(columns, keys="path", join_type="left outer")
 
 
 def _remove_tree(location: str) -> None:

@@ -117,7 +117,7 @@ def score(
     else:
         progress(f"nothing to score: all {len(found.paths):,} files already scored by {packed.name} "
                  f"{packed.version} in {output}")
-    result.rows = merge(output, previous)
+    result.rows = merge(output, previous, found.columns)
     result.wall_s = time.perf_counter() - started
     return result
 
