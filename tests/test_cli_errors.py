@@ -118,6 +118,7 @@ def paths(tmp_path) -> dict[str, Path]:
     (tmp_path / "existing" / "keep.txt").write_text("mine")
     (tmp_path / "two_bad_keys.yaml").write_text("train:\n  learning_rat: 0.1\n  epoks: 3\n")
     (tmp_path / "bad.yaml").write_text("train: [\n  epochs: 3\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
     return {
         "junk": junk, "half": half, "good": good, "splits": splits, "empty": tmp_path / "empty", "file": tmp_path / "a_file.txt",
         "existing": tmp_path / "existing", "missing": tmp_path / "no-such-folder",
@@ -126,6 +127,7 @@ def paths(tmp_path) -> dict[str, Path]:
         "intact": _fake_artifact(tmp_path / "intact"),
         "checkpoint": _fake_checkpoint(tmp_path / "checkpoint"),
         "two_bad_keys": tmp_path / "two_bad_keys.yaml", "bad_yaml": tmp_path / "bad.yaml",
+        "binary_yaml": tmp_path / "binary.yaml",
         "quick": Path(__file__).resolve().parents[1] / "tune_configs" / "quick.yaml",
     }
 
@@ -226,8 +228,9 @@ def test_out_of_range_flags_are_usage_errors_at_parse_time(capsys, argv, fragmen
         (["train", "--data", "{good}", "--config", "{two_bad_keys}"],
          ["train.learning_rat: unknown key; train.epoks: unknown key"]),
         (["train", "--data", "{good}", "--name", "a/b"], ["run.name"]),
-        (["train", "--data", "{good}", "--config", "{bad_yaml}"], ["not valid YAML"]),
-        (["train", "--data", "{good}", "--config", "{empty}"], ["config file not found"]),
+        (["train", "--data", "{good}", "--config", "{bad_yaml}"], ["not valid YAML", "at line 3, column 1"]),
+        (["tune", "--config", "{binary_yaml}", "--data", "{good}"], ["{binary_yaml}: not a text file"]),
+        (["train", "--data", "{good}", "--config", "{empty}"], ["config {empty} is a folder"]),
         (["train", "--resume", "--storage", "{empty}", "--name", "nosuch"], ["run 'nosuch' not found"]),
         (["train", "--data", "{good}", "--set", "scaling.cpus_per_worker=0"], ["scaling.cpus_per_worker"]),
         # tune

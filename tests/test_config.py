@@ -110,6 +110,20 @@ def test_invalid_yaml(tmp_path, text):
         load_config(write(tmp_path, text))
 
 
+def test_invalid_yaml_is_one_line_with_where(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, "train:\n  epochs: [3\n"))
+    message = str(raised.value)
+    assert "\n" not in message and "not valid YAML: expected ',' or ']'" in message and "line 3, column 1" in message
+
+
+def test_a_config_that_is_not_text_says_so(tmp_path):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_config(binary)
+
+
 @pytest.mark.parametrize("text", ["- train\n- model\n", "just a string\n"])
 def test_yaml_that_is_not_a_mapping(tmp_path, text):
     with pytest.raises(ConfigError, match="mapping"):
@@ -119,7 +133,7 @@ def test_yaml_that_is_not_a_mapping(tmp_path, text):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)  # a folder is not a config file
 
 
