@@ -18,6 +18,7 @@ inherits the environment) starts its own cluster instead of joining this one, an
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from typing import Any
 ADDRESS_VARIABLE = "RAY_ADDRESS"
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 EMBEDDED_MARK = "PNEUMONIA_EMBEDDED_RAY"
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def user_cluster_address() -> str | None:
@@ -55,18 +57,28 @@ def start_ray(env_vars: dict[str, str], **init_kwargs: Any):
     own = f"{host}:{port}"
     saved = {name: os.environ.get(name) for name in (ADDRESS_VARIABLE, GCS_PORT_VARIABLE, EMBEDDED_MARK)}
     os.environ.update({ADDRESS_VARIABLE: own, GCS_PORT_VARIABLE: str(port), EMBEDDED_MARK: own})
+    # Ray 2.60 enables token authentication for a new local cluster (kept) and says so with a
+    # warning before every command's own output; that one line is dropped, nothing else.
+    quiet = logging.getLogger(AUTH_LOGGER)
+    quiet.addFilter(_not_the_token_notice)
     try:
         # "local": start a new cluster whatever RAY_ADDRESS says (it names the one being started).
         context = ray.init(address="local", runtime_env={"env_vars": env_vars}, **init_kwargs)
     except BaseException:
         _restore(saved)
         raise
+    finally:
+        quiet.removeFilter(_not_the_token_notice)
     os.environ.pop(GCS_PORT_VARIABLE, None)  # only the start needed it
     _restore_sigterm(sigterm)
     actual = context.address_info.get("gcs_address")
     if actual and actual != own:  # the port was taken between choosing and binding: say where we are
         os.environ[ADDRESS_VARIABLE] = os.environ[EMBEDDED_MARK] = actual
     return context
+
+
+def _not_the_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def stop_ray() -> None:

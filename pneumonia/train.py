@@ -124,13 +124,17 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
             f"{what}{config.scaling.workers} workers x {config.scaling.cpus_per_worker} CPUs{extra} = "
             f"{wanted_cpus:g} CPUs, but the cluster has {available.get('CPU', 0):g}"
         )
+    if problems:
+        problems[-1] += f" ({hint})"
     wanted_gpus = copies * config.scaling.workers
     if config.scaling.gpu and available.get("GPU", 0) < wanted_gpus:
-        problems.append(f"{what}{config.scaling.workers} workers x 1 GPU, but the cluster has "
-                        f"{available.get('GPU', 0):g} GPUs")
+        gpus = available.get("GPU", 0)
+        problems.append(f"{what}{config.scaling.workers} workers x 1 GPU, but the cluster has {gpus:g} GPUs ("
+                        + ("drop --gpu (scaling.gpu), or set RAY_ADDRESS to a cluster with GPU nodes)" if not gpus
+                           else "lower --workers to the GPUs there are)"))
     if not problems:
         return
-    message = "not enough resources: " + "; ".join(problems) + f" ({hint})"
+    message = "not enough resources: " + "; ".join(problems)
     from pneumonia.local_ray import user_cluster_address
 
     if user_cluster_address():

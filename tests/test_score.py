@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import pneumonia.scoring.run as scoring_run
-from pneumonia.errors import DataError, Interrupted, OutputError, PneumoniaError
+from pneumonia.errors import ConfigError, DataError, Interrupted, OutputError, PneumoniaError
 from pneumonia.registry import ArtifactError
 from pneumonia.scoring import ScoreResult, cmd_score, score
 from pneumonia.scoring.inputs import list_input
@@ -420,3 +420,18 @@ def test_the_result_reads_as_a_summary_and_as_json():
     text = result.summary()
     assert "NORMAL 3, PNEUMONIA 4, failed 1; 2 already scored, skipped" in text
     assert "2.0 images/s over 4.0 s (first results after 2.0 s" in text
+
+
+@pytest.mark.parametrize("gpus, concurrency, advice", [
+    (0, 1, "1 GPU actors, but the cluster has 0 GPUs (drop --gpu, or set RAY_ADDRESS to a cluster with GPU nodes)"),
+    (1, 2, "2 GPU actors, but the cluster has 1 GPUs (lower --concurrency)")])
+def test_gpu_scoring_on_a_cluster_without_enough_gpus_says_what_to_change(monkeypatch, gpus, concurrency, advice):
+    import ray
+
+    from pneumonia.scoring.run import _check_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a fixed local cluster: fail, do not wait
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
+    with pytest.raises(ConfigError) as raised:
+        _check_resources(gpu=True, concurrency=concurrency)
+    assert str(raised.value) == f"not enough resources: {advice}"

@@ -203,6 +203,24 @@ def test_more_workers_than_cpus_fails_fast_instead_of_waiting(ray_cluster, synth
         train(small_config(tmp_path, **{"scaling.workers": 64}), str(synthetic_data), progress=lambda _: None)
 
 
+@pytest.mark.parametrize("gpus, advice", [(0, "drop --gpu (scaling.gpu), or set RAY_ADDRESS to a cluster with GPU nodes"),
+                                           (1, "lower --workers to the GPUs there are")])
+def test_asking_for_gpus_the_cluster_lacks_says_what_to_change(monkeypatch, gpus, advice):
+    import ray
+
+    from pneumonia.config import ExperimentConfig, with_overrides
+    from pneumonia.errors import ConfigError
+    from pneumonia.train import check_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a fixed local cluster: fail, do not wait
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": float(gpus)})
+    config = with_overrides(ExperimentConfig(), {"scaling.workers": 2, "scaling.gpu": True,
+                                                 "scaling.cpus_per_worker": 0.9})
+    with pytest.raises(ConfigError) as raised:
+        check_resources(config)
+    assert str(raised.value) == f"not enough resources: 2 workers x 1 GPU, but the cluster has {gpus} GPUs ({advice})"
+
+
 def test_checkpoints_go_to_a_uri_storage(ray_cluster, synthetic_data, tmp_path):
     """Any pyarrow URI works as storage (file:// here; s3:// and gs:// use the same code path)."""
     from pneumonia.checkpoint import load_checkpoint

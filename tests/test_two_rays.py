@@ -67,6 +67,19 @@ def test_embedded_ray_processes_know_their_own_cluster(ray_cluster):
     assert user_cluster_address() is None, "our own address is not a user's cluster (no autoscaler)"
 
 
+def test_an_embedded_ray_keeps_token_authentication_without_a_warning_line():
+    """Every command that starts a local Ray printed Ray's "Token authentication is enabled ...
+    set RAY_AUTH_MODE=disabled to opt out" first; the cluster still uses a token, silently."""
+    code = ("import os; from pneumonia.local_ray import start_ray, stop_ray; "
+            "start_ray({}, num_cpus=1, include_dashboard=False); print(os.environ.get('RAY_AUTH_MODE')); stop_ray()")
+    # (Ray itself puts RAY_AUTH_MODE=token into the environment when it enables it.)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_") and key != "PNEUMONIA_EMBEDDED_RAY"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "token"
+    assert "Token authentication is" not in done.stderr, done.stderr[-2000:]
+
+
 def test_a_sweep_beside_another_ray_finishes_and_gives_every_cpu_back(ray_cluster, other_ray, synthetic_data,
                                                                       tmp_path):
     import ray

@@ -177,15 +177,18 @@ def _check_resources(gpu: bool, concurrency: int) -> None:
 
     available = ray.cluster_resources()
     problems = []
-    if gpu and available.get("GPU", 0) < concurrency:
-        problems.append(f"{concurrency} GPU actors, but the cluster has {available.get('GPU', 0):g} GPUs")
+    gpus = available.get("GPU", 0)
+    if gpu and gpus < concurrency:
+        problems.append(f"{concurrency} GPU actors, but the cluster has {gpus:g} GPUs ("
+                        + ("drop --gpu, or set RAY_ADDRESS to a cluster with GPU nodes)" if not gpus
+                           else "lower --concurrency)"))
     wanted = concurrency * SCORER_CPUS + (DECODE_CPUS if gpu else 0)  # GPU runs decode in tasks of their own
     if available.get("CPU", 0) < wanted:
         problems.append(f"{concurrency} actors x {SCORER_CPUS:g} CPU" + (f" + {DECODE_CPUS:g} CPU to decode" if gpu else "")
-                        + f", but the cluster has {available.get('CPU', 0):g} CPUs")
+                        + f", but the cluster has {available.get('CPU', 0):g} CPUs (lower --concurrency)")
     if not problems:
         return
-    message = "not enough resources: " + "; ".join(problems) + " (lower --concurrency)"
+    message = "not enough resources: " + "; ".join(problems)
     if user_cluster_address():
         print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)
         return
