@@ -320,6 +320,16 @@ def test_refused_and_failed_files_read_as_words_one_card_per_file(app_url, brows
         assert "backpressure" in busy.get_by_test_id("error").inner_text()
         assert len(calls) == 2  # retried once, after Retry-After
         assert page.get_by_test_id("result-card").count() == 6
+
+        # "Clear answers" empties the page (and frees its pictures); new files work as before.
+        page.unroute("**/explain*")
+        page.get_by_test_id("clear-results").click()
+        assert page.get_by_test_id("result-card").count() == 0
+        assert page.locator("#empty").is_visible() and not page.get_by_test_id("clear-results").is_visible()
+        assert "6 answers cleared" in page.get_by_test_id("announcer").inner_text()
+        tab.upload([{"name": "again.png", "mimeType": "image/png", "buffer": GRADIENT}])
+        assert tab.settled("again.png").get_attribute("data-state") == "done"
+        assert page.get_by_test_id("result-card").count() == 1 and page.get_by_test_id("clear-results").is_visible()
         assert tab.errors == [], tab.errors
     finally:
         tab.close()

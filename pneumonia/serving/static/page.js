@@ -23,6 +23,8 @@
   const dropZone = document.querySelector('[data-testid="drop-zone"]');
   const results = document.getElementById('results');
   const empty = document.getElementById('empty');
+  const resultsBar = document.getElementById('results-bar');
+  const clearButton = document.getElementById('clear-results');
   const announcer = document.getElementById('announcer');
   const modelBody = document.getElementById('model-body');
   const servedModel = document.getElementById('served-model');
@@ -30,6 +32,7 @@
 
   let servedVersion = null; // the version the model card shows, to flag answers from another one
   let cardCount = 0;
+  const cards = new Set(); // every card on the page, to free their pictures on "Clear answers"
   const queue = [];
   let running = 0;
 
@@ -74,9 +77,27 @@
     }
     results.prepend(batch); // newest first, next to the picker
     empty.hidden = true;
+    resultsBar.hidden = false;
     announce(`${files.length} file${files.length === 1 ? '' : 's'} sent for an answer`);
     pump();
   }
+
+  // Clear: the cards go, with their pictures (object URLs freed); files not yet sent are not sent.
+  // An answer still in flight lands in its removed card and is dropped with it.
+  clearButton.addEventListener('click', () => {
+    queue.length = 0;
+    for (const card of cards) {
+      if (card.preview) URL.revokeObjectURL(card.preview);
+      card.preview = null;
+      card.root.remove();
+    }
+    const count = cards.size;
+    cards.clear();
+    empty.hidden = false;
+    resultsBar.hidden = true;
+    announce(`${count} answer${count === 1 ? '' : 's'} cleared`);
+    input.focus(); // the bar is gone: keep keyboard users on the picker
+  });
 
   input.addEventListener('change', () => {
     addFiles(input.files);
@@ -142,7 +163,9 @@
       class: 'card', 'data-testid': 'result-card', 'data-file': file.name, 'data-state': 'pending',
       'aria-labelledby': title.id, 'aria-busy': 'true',
     }, title, details, figure, status);
-    return { id, file, root, title, figure, xray, heatmap, placeholder, status, preview };
+    const card = { id, file, root, title, figure, xray, heatmap, placeholder, status, preview };
+    cards.add(card);
+    return card;
   }
 
   function finish(card, state) {
