@@ -183,16 +183,16 @@ def test_a_manifests_columns_are_carried_beside_the_scores_by_path(tmp_path):
                        "out_of_distribution": [False] * 3, "model": ["m"] * 3, "version": ["v0001"] * 3,
                        "error": [None] * 3}, schema=output_schema())
     worklist = tmp_path / "worklist.csv"
-    worklist.write_text("accession,path,label,note\nA-1,a.png,PNEUMONIA,\nA-2,b.png,NORMAL,\n")
+    worklist.write_text("accession,path,label,note,manifest_label\nA-1,a.png,PNEUMONIA,,x\nA-2,b.png,NORMAL,,y\n")
     columns = list_input(str(worklist)).columns
     for kind in ("csv", "parquet"):
         output = tmp_path / f"scores.{kind}"
         assert merge(str(output), [scores], columns) == 3
         table = pacsv.read_csv(output) if kind == "csv" else pq.read_table(output)
-        assert table.column_names == COLUMNS + ["accession", "manifest_label", "note"]
+        assert table.column_names == COLUMNS + ["accession", "manifest_manifest_label", "note", "manifest_label"]
         rows = {row["path"]: row for row in table.to_pylist()}
-        assert (rows["a.png"]["label"], rows["a.png"]["manifest_label"], rows["a.png"]["accession"]) == \
-            ("NORMAL", "PNEUMONIA", "A-1")
+        assert (rows["a.png"]["label"], rows["a.png"]["manifest_manifest_label"], rows["a.png"]["accession"],
+                rows["a.png"]["manifest_label"]) == ("NORMAL", "PNEUMONIA", "A-1", "x")
         assert rows["b.png"]["accession"] == "A-2" and not rows["old.png"]["accession"]  # CSV reads it as ""
 
 

@@ -183,8 +183,14 @@ def _with_columns(scores, columns):
     """``scores`` with ``columns`` joined on by path (left join: every score row stays, once)."""
     import pyarrow as pa
 
-    taken = set(scores.column_names)
-    renamed = [name if name == "path" or name not in taken else f"manifest_{name}" for name in columns.column_names]
+    taken = set(scores.column_names) | set(columns.column_names)
+    renamed = []
+    for name in columns.column_names:
+        if name != "path" and name in scores.column_names:
+            while name in taken:  # a worklist with both `label` and `manifest_label` keeps both
+                name = f"manifest_{name}"
+            taken.add(name)
+        renamed.append(name)
     columns = columns.rename_columns(renamed)
     # A column with no value at all reads as Arrow's null type, which a join cannot carry.
     columns = pa.table({name: (column.cast(pa.string()) if pa.types.is_null(column.type) else column)
