@@ -39,12 +39,17 @@ MEMBER_DRIVER_CPU = 0.1
 """CPU reserved for each member's trial function, which only waits on its Train run."""
 
 
+def member_name(index: int) -> str:
+    """Member ``index``'s run name (its training run's folder) and its Tune trial's folder."""
+    return f"member_{index}"
+
+
 def member_config(base: dict[str, Any], index: int, storage: str) -> ExperimentConfig:
     """The config member ``index`` trains with: its own seed, its own run folder, no ensemble."""
     config = config_from_dict(base, source=f"ensemble member {index}")
     return config.model_copy(update={
         "train": config.train.model_copy(update={"seed": config.train.seed + index}),
-        "run": config.run.model_copy(update={"storage": storage, "name": f"member_{index}"}),
+        "run": config.run.model_copy(update={"storage": storage, "name": member_name(index)}),
         "ensemble": config.ensemble.model_copy(update={"members": 1}),
     })
 
@@ -87,7 +92,7 @@ def train_members(
     from ray import tune
 
     from pneumonia.train import check_resources
-    from pneumonia.worker import HISTORY_FILE, records_to_rows
+    from pneumonia.worker import history_location, records_to_rows
 
     members = config.ensemble.members
     at_once = concurrent_members(config)
@@ -112,14 +117,14 @@ def train_members(
             trainable,
             param_space={"member": tune.grid_search(list(range(members)))},
             tune_config=tune.TuneConfig(max_concurrent_trials=at_once,
-                                        trial_dirname_creator=lambda trial: f"member_{trial.config['member']}"),
+                                        trial_dirname_creator=lambda trial: member_name(trial.config["member"])),
             run_config=tune.RunConfig(name="tuner", storage_path=run_dir, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     with ResourceWatch(config, what=f"ensemble run {config.run.name}"):
         grid = tuner.fit()
-    statuses = saved_statuses(tuner_path, history_of=lambda trial: join(
-        storage, f"member_{trial.config['member']}", HISTORY_FILE))
+    statuses = saved_statuses(tuner_path, history_of=lambda trial: history_location(
+        storage, member_name(trial.config["member"])))
     raise_if_interrupted(statuses, members, f"ensemble run {config.run.name}", "members",
                          f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`")
     metric, mode = config.run.checkpoint_metric, config.run.checkpoint_mode

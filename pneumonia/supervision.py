@@ -31,7 +31,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from pneumonia.config import ExperimentConfig
-from pneumonia.errors import Interrupted, PneumoniaError
+from pneumonia.errors import ConfigError, Interrupted, PneumoniaError
 
 START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # read by Ray Train's controller
 POLL_S = 2.0
@@ -40,6 +40,27 @@ FINISHED = ("TERMINATED", "ERROR")
 
 
 # ----------------------------------------------------------------------------- start-up
+
+
+def gpu_advice(gpus: float, flag: str, fewer: str) -> str:
+    """What to change when a run asks for more GPUs than the cluster has: with none at all, drop
+    ``flag`` or join a GPU cluster; with some, ``fewer`` (fewer workers or actors)."""
+    return f"drop {flag}, or set RAY_ADDRESS to a cluster with GPU nodes" if not gpus else fewer
+
+
+def refuse_or_wait(problems: list[str]) -> None:
+    """A cluster that can never fit the work: on an embedded (fixed-size) Ray a ConfigError listing
+    ``problems`` (Ray would wait forever); on the user's cluster a warning, as the autoscaler may
+    still add nodes. Nothing when ``problems`` is empty."""
+    from pneumonia.local_ray import user_cluster_address
+
+    if not problems:
+        return
+    message = "not enough resources: " + "; ".join(problems)
+    if user_cluster_address():
+        print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)
+        return
+    raise ConfigError(message)
 
 
 def has_autoscaler() -> bool:

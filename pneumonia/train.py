@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,9 +29,9 @@ from pneumonia.data import (
     split_by_patient,
     training_records,
 )
-from pneumonia.errors import ConfigError, Interrupted, PneumoniaError
+from pneumonia.errors import Interrupted, PneumoniaError
 from pneumonia.storage import exists, is_uri, join, list_files, qualify, read_bytes, write_text
-from pneumonia.worker import HISTORY_FILE, read_history, records_to_rows, train_worker
+from pneumonia.worker import history_location, read_history, records_to_rows, train_worker
 
 RUN_MANIFEST = "pneumonia_run.json"
 RESULT_FILE = "pneumonia_result.json"
@@ -114,6 +113,8 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
     needing ``extra_cpus`` besides its workers (a Tune trial's driver); Ray would wait forever."""
     import ray
 
+    from pneumonia.supervision import gpu_advice, refuse_or_wait
+
     available = ray.cluster_resources()
     what = f"{copies} concurrent runs of " if copies > 1 else ""
     wanted_cpus = copies * (config.scaling.workers * config.scaling.cpus_per_worker + extra_cpus)
@@ -122,26 +123,13 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
         extra = f" + {extra_cpus:g}" if extra_cpus else ""
         problems.append(
             f"{what}{config.scaling.workers} workers x {config.scaling.cpus_per_worker} CPUs{extra} = "
-            f"{wanted_cpus:g} CPUs, but the cluster has {available.get('CPU', 0):g}"
+            f"{wanted_cpus:g} CPUs, but the cluster has {available.get('CPU', 0):g} ({hint})"
         )
-    if problems:
-        problems[-1] += f" ({hint})"
-    wanted_gpus = copies * config.scaling.workers
-    if config.scaling.gpu and available.get("GPU", 0) < wanted_gpus:
-        gpus = available.get("GPU", 0)
-        problems.append(f"{what}{config.scaling.workers} workers x 1 GPU, but the cluster has {gpus:g} GPUs ("
-                        + ("drop --gpu (scaling.gpu), or set RAY_ADDRESS to a cluster with GPU nodes)" if not gpus
-                           else "lower --workers to the GPUs there are)"))
-    if not problems:
-        return
-    message = "not enough resources: " + "; ".join(problems)
-    from pneumonia.local_ray import user_cluster_address
-
-    if user_cluster_address():
-        # An autoscaling cluster may still add nodes: warn, do not fail.
-        print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)
-        return
-    raise ConfigError(message)
+    gpus = available.get("GPU", 0)
+    if config.scaling.gpu and gpus < copies * config.scaling.workers:
+        advice = gpu_advice(gpus, "--gpu (scaling.gpu)", "lower --workers to the GPUs there are")
+        problems.append(f"{what}{config.scaling.workers} workers x 1 GPU, but the cluster has {gpus:g} GPUs ({advice})")
+    refuse_or_wait(problems)
 
 
 def resolve_storage(storage: str) -> str:
@@ -317,7 +305,7 @@ def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> Tra
         raise PneumoniaError("training finished without a checkpoint")
     sign = 1 if config.run.checkpoint_mode == "max" else -1
     checkpoint, metrics = max(best, key=lambda item: sign * item[1].get(config.run.checkpoint_metric, -math.inf))
-    history = read_history(join(storage, name, HISTORY_FILE))
+    history = read_history(history_location(storage, name))
     summary = TrainResult(
         run_dir=join(storage, name),
         best_checkpoint=qualify(checkpoint.path, storage),

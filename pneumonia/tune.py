@@ -26,7 +26,7 @@ from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.storage import exists, is_uri, join, qualify, read_bytes, write_bytes, write_text
 from pneumonia.supervision import ResourceWatch, raise_if_interrupted, saved_statuses
 from pneumonia.train import carve_validation, check_resources, fit_run, init_ray, latest_run, resolve_storage
-from pneumonia.worker import HISTORY_FILE, best_key, records_to_rows, rows_to_records
+from pneumonia.worker import best_key, history_location, records_to_rows, rows_to_records
 
 OBJECTIVE = "val_precision_at_recall"
 """The default objective (``objective.metric``); a stress metric such as
@@ -148,10 +148,11 @@ def tune(
     check_resources(config, copies=sweep.max_concurrent_trials, extra_cpus=TRIAL_DRIVER_CPU,
                     hint="lower tune.max_concurrent_trials, scaling.workers or scaling.cpus_per_worker (e.g. 0.9)")
     base = config.model_dump(exclude={"tune"})
+    trials_storage = join(storage, name, TRIALS_FOLDER)  # each trial's training run, named by its trial id
     trainable = ray_tune.with_parameters(
         ray_tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
         base=base,
-        trials_storage=join(storage, name, TRIALS_FOLDER),
+        trials_storage=trials_storage,
         train_rows=records_to_rows(train_part),
         val_rows=records_to_rows(val_part),
     )
@@ -197,8 +198,7 @@ def tune(
         )
     with ResourceWatch(config, what=f"sweep {name}"):
         grid = tuner.fit()
-    statuses = saved_statuses(sweep_path, history_of=lambda trial: join(
-        sweep_path, TRIALS_FOLDER, trial.trial_id, HISTORY_FILE))
+    statuses = saved_statuses(sweep_path, history_of=lambda trial: history_location(trials_storage, trial.trial_id))
     resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"
     try:
         return summarize_sweep(grid, config, sweep_path, statuses)  # the table first, even of an interrupted sweep

@@ -131,8 +131,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     # Every epoch's metrics, kept in storage (Ray keeps only those of the best K checkpoints).
     # After a restart, epochs past the checkpoint we resumed from are dropped: they are redone.
-    history_location = join(config.run.storage, config.run.name, HISTORY_FILE)
-    history = [row for row in read_history(history_location) if row["epoch"] <= start_epoch]
+    history_file = history_location(config.run.storage, config.run.name)
+    history = [row for row in read_history(history_file) if row["epoch"] <= start_epoch]
 
     class ReportEpoch(tf.keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -171,7 +171,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     print("[pneumonia] " + (f"{label}: " if label else "")
                           + format_epoch_line(metrics, config.train.epochs), flush=True)
                     history.append(metrics)
-                    write_text(history_location, json.dumps(history, indent=1))
+                    write_text(history_file, json.dumps(history, indent=1))
                 reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
                 ray.train.report(metrics, checkpoint=reported)
 
@@ -218,6 +218,11 @@ def stress_inputs(config: ExperimentConfig, spec: PreprocessSpec, validation):
     sources = load_sources([validation.records[index].location for index in chosen])
     images = shifted_images(sources, spec, config.stress.shifts, seed=config.data.seed, threads=decode_threads())
     return images, validation.labels[chosen]
+
+
+def history_location(storage: str, name: str) -> str:
+    """Where run ``name`` in ``storage`` keeps its history (what the run's workers write)."""
+    return join(storage, name, HISTORY_FILE)
 
 
 def read_history(location: str) -> list[dict[str, Any]]:

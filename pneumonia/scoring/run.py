@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -10,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pneumonia import CLASS_NAMES
-from pneumonia.errors import ConfigError, Interrupted, PneumoniaError
+from pneumonia.errors import Interrupted, PneumoniaError
 from pneumonia.preprocess import DEFAULT_MAX_PIXELS
 from pneumonia.scoring.inputs import ScoreInput, first_line, list_input
 from pneumonia.scoring.outputs import (
@@ -173,23 +172,16 @@ def _check_resources(gpu: bool, concurrency: int) -> None:
     on the user's cluster the autoscaler may still add nodes, so it is a warning."""
     import ray
 
-    from pneumonia.local_ray import user_cluster_address
+    from pneumonia.supervision import gpu_advice, refuse_or_wait
 
     available = ray.cluster_resources()
     problems = []
     gpus = available.get("GPU", 0)
     if gpu and gpus < concurrency:
-        problems.append(f"{concurrency} GPU actors, but the cluster has {gpus:g} GPUs ("
-                        + ("drop --gpu, or set RAY_ADDRESS to a cluster with GPU nodes)" if not gpus
-                           else "lower --concurrency)"))
+        advice = gpu_advice(gpus, "--gpu", "lower --concurrency")
+        problems.append(f"{concurrency} GPU actors, but the cluster has {gpus:g} GPUs ({advice})")
     wanted = concurrency * SCORER_CPUS + (DECODE_CPUS if gpu else 0)  # GPU runs decode in tasks of their own
     if available.get("CPU", 0) < wanted:
         problems.append(f"{concurrency} actors x {SCORER_CPUS:g} CPU" + (f" + {DECODE_CPUS:g} CPU to decode" if gpu else "")
                         + f", but the cluster has {available.get('CPU', 0):g} CPUs (lower --concurrency)")
-    if not problems:
-        return
-    message = "not enough resources: " + "; ".join(problems)
-    if user_cluster_address():
-        print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)
-        return
-    raise ConfigError(message)
+    refuse_or_wait(problems)
