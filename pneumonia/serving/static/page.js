@@ -372,7 +372,7 @@
     const point = object(metrics.operating_point);
     const input = object(card.input);
     const training = object(card.training_data);
-    const guard = card.out_of_distribution && typeof card.out_of_distribution === 'object' ? card.out_of_distribution : object(card.ood);
+    const guard = object(card.out_of_distribution); // the guard these replicas apply (null: none)
 
     servedVersion = typeof card.version === 'string' ? card.version : null;
     servedModel.textContent = `${card.name || 'unnamed model'} ${card.version || '(version not recorded)'}`;
