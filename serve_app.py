@@ -4,10 +4,13 @@ The artifact comes from $PNEUMONIA_ARTIFACT (a version folder or a registry; def
 whose LATEST version is served). With arguments: `serve run serve_app:build_app artifact=PATH`.
 """
 
-import pneumonia  # noqa: F401  (tf-keras for every process that imports the app)
-from pneumonia.serving import build_app
+from pneumonia import runtime
 
-__all__ = ["app", "build_app"]
+runtime.activate()  # every process that imports the app: legacy Keras before TensorFlow loads
+
+from pneumonia.serving import build_app  # noqa: E402
+
+__all__ = ["app", "build_app"]  # noqa: F822 - `app` comes from the module's __getattr__
 
 
 def __getattr__(name: str):

@@ -1,6 +1,6 @@
 """Input pipeline throughput: tf.data over each worker's own files vs Ray Data, same decode.
 
-Why: ``pneumonia.pipeline`` feeds training from tf.data over per-worker file shards (decoded in a
+Why: ``pneumonia.data.pipeline`` feeds training from tf.data over per-worker file shards (decoded in a
 thread pool and cached in memory) and not from Ray Data. This measures whether that choice holds,
 in images/s of decoded uint8 (150, 150, 1) batches delivered to a consumer loop:
 
@@ -31,17 +31,22 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
-import pneumonia  # noqa: F401  (tf-keras)
+from pneumonia import runtime
+
+runtime.activate()  # an entry point: legacy Keras and quiet logs before anything imports TensorFlow
+
 from bench_report import machine_info, write_report
+
 from pneumonia.config import AugmentConfig
-from pneumonia.data import ImageRecord, discover, training_records
-from pneumonia.pipeline import load_images, training_dataset
-from pneumonia.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+from pneumonia.data.pipeline import load_images, training_dataset
+from pneumonia.data.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+from pneumonia.data.records import ImageRecord, discover, training_records
 from pneumonia.storage import read_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +65,7 @@ def pick_records(data: str | None, images: int, scratch: Path) -> tuple[str, lis
     elif REAL_DATA.is_dir():
         source = str(REAL_DATA)
     else:
-        from pneumonia.synth import make_synthetic_dataset
+        from pneumonia.data.synth import make_synthetic_dataset
 
         source = str(scratch / "synthetic")
         # 80% of the images land in train; a few spare ones cover rounding.

@@ -41,7 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-import pneumonia  # noqa: F401  (selects tf-keras before TensorFlow loads)
+from pneumonia import runtime
+
+runtime.activate()  # an entry point: legacy Keras and quiet logs before anything imports TensorFlow
+
 from bench_report import machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +99,7 @@ def prepare_inputs(args, scratch: Path) -> dict[str, Path]:
 
 def plain_loop(artifact, folder: Path, batch_size: int) -> dict:
     """What a user would write: decode a batch, predict it, next batch; one process."""
-    from pneumonia.preprocess import decode_image
+    from pneumonia.data.preprocess import decode_image
 
     files = sorted(folder.iterdir())
     started = time.perf_counter()
@@ -116,8 +119,7 @@ def ray_score(artifact_path: str, folder: Path, cpus: int, batch_size: int, scra
     import ray.data
 
     import pneumonia.scoring.run as run
-    from pneumonia.local_ray import start_ray, stop_ray
-    from pneumonia.train import driver_env_vars
+    from pneumonia.local_ray import driver_env_vars, start_ray, stop_ray
 
     output = scratch / f"scores-{folder.name}-{cpus}cpu-{time.time_ns()}.parquet"
     blocks: list[tuple[float, int]] = []  # (when, rows) of every result block, as the driver wrote it
@@ -183,7 +185,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.registry import load_artifact
 
     cpus = [int(value) for value in args.cpus.split(",")]
     scratch = Path(tempfile.mkdtemp(prefix="score-bench-"))

@@ -24,13 +24,13 @@ environment when it starts). Non-200 answers and failed requests count as errors
 compare e with b. Prints a table and writes JSON.
 
 With `--ensemble K` every chosen mode also runs against a K-member ensemble artifact
-(pneumonia.ensemble: K copies of the benchmarked model averaged in one Keras model, exported the
+(pneumonia.models.ensemble: K copies of the benchmarked model averaged in one Keras model, exported the
 way `pneumonia export` does; the weights do not change the cost), right after the same mode on the
 single model, so both see the same background load. The table's `model` column tells them apart,
 and `ensemble_cost` in the JSON gives the ensemble's req/s and p50 relative to the single model's.
 
 With `--guard` every chosen mode also runs against the same model exported with an
-out-of-distribution guard (pneumonia.ood: the signature adds `ood_score`, computed from the same
+out-of-distribution guard (pneumonia.models.ood: the signature adds `ood_score`, computed from the same
 forward pass; the guard's numbers do not change its cost), labelled `guard on`; `ensemble_cost`
 then also gives the guard's req/s and p50 relative to the model without it (`single`).
 
@@ -50,14 +50,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from pneumonia import RAY_ENV  # (importing the package selects tf-keras before TensorFlow loads)
-from pneumonia.service import free_port
+from pneumonia import runtime
+
+runtime.activate()  # an entry point: legacy Keras and quiet logs before anything imports TensorFlow
+
+
 from bench_report import machine_info, write_report
+
+from pneumonia.local_ray import free_port
+from pneumonia.runtime import RAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_XRAY = ROOT.parent / "shared" / "data" / "chest_xray_val16" / "NORMAL" / "NORMAL2-IM-1427-0001.jpeg"
@@ -92,11 +98,11 @@ def load_payload(path: str | None) -> tuple[bytes, str]:
 def export_untrained_artifact(root: Path) -> str:
     """A registry holding an untrained xraynet (width 32, 150 px, 1 channel), as the serving tests
     build theirs: the weights do not change the cost of a forward pass."""
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.artifacts.publish import export_artifact
     from pneumonia.config import ExperimentConfig, ModelConfig
-    from pneumonia.models import build_model, compile_model
-    from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.publish import export_artifact
+    from pneumonia.data.preprocess import PreprocessSpec
+    from pneumonia.models.architectures import build_model, compile_model
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
 
     model = build_model(ModelConfig(name="xraynet", width=32), (150, 150, 1))
     compile_model(model, "adam", 1e-3)
@@ -110,10 +116,10 @@ def export_untrained_artifact(root: Path) -> str:
 def export_ensemble_artifact(artifact: str, members: int, root: Path) -> str:
     """A registry holding a `members`-member ensemble of the artifact's Keras model, with the same
     name, threshold and input spec: what `pneumonia export` makes of a combined checkpoint."""
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
-    from pneumonia.ensemble import combine_checkpoints
-    from pneumonia.publish import export_artifact
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.publish import export_artifact
+    from pneumonia.artifacts.registry import load_artifact
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.models.ensemble import combine_checkpoints
 
     single = load_artifact(artifact)
     training_config = single.metadata.get("training_config") or {}
@@ -132,11 +138,11 @@ def export_guarded_artifact(artifact: str, body: bytes, root: Path) -> str:
     threshold that lets the payload through (every request is then answered, as without it)."""
     import numpy as np
 
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
-    from pneumonia.ood import features_and_probabilities, fit_guard, model_with_features
-    from pneumonia.preprocess import decode_image
-    from pneumonia.publish import export_artifact
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.publish import export_artifact
+    from pneumonia.artifacts.registry import load_artifact
+    from pneumonia.data.preprocess import decode_image
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.models.ood import features_and_probabilities, fit_guard, model_with_features
 
     single = load_artifact(artifact)
     model = single.keras_model()
@@ -224,7 +230,7 @@ def http_sender(port: int, body: bytes) -> Callable[[], Callable[[], bool]]:
 
 def in_process_sender(artifact, body: bytes) -> Callable[[], Callable[[], bool]]:
     """Senders that decode and predict in this process: the floor under any server's cost."""
-    from pneumonia.preprocess import decode_image
+    from pneumonia.data.preprocess import decode_image
 
     def send() -> bool:
         image = decode_image(body, artifact.preprocess)
@@ -263,9 +269,9 @@ def plain_fastapi_app(artifact_path: str, our_decode: bool):
     from fastapi import FastAPI, Request
     from starlette.concurrency import run_in_threadpool
 
-    from pneumonia import CLASS_NAMES
-    from pneumonia.preprocess import decode_image
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.registry import load_artifact
+    from pneumonia.data.labels import CLASS_NAMES
+    from pneumonia.data.preprocess import decode_image
 
     artifact = load_artifact(artifact_path)
     decode = (lambda data: decode_image(data, artifact.preprocess)) if our_decode \
@@ -300,7 +306,8 @@ def serve_with_ray(port: int, artifact: str, max_batch_size: int, throughput_mod
     import signal
 
     import ray
-    from pneumonia.service import enable_throughput_mode
+
+    from pneumonia.serving.local_service import enable_throughput_mode
 
     os.environ.setdefault("RAY_worker_niceness", "0")
     if throughput_mode:
@@ -484,7 +491,7 @@ def run_modes(args, artifacts: dict[str, str], body: bytes, levels: list[int], s
         for index, (model, artifact) in enumerate(artifacts.items()):
             print(f"running: {mode} ({model})", flush=True)
             if letter == "a":
-                from pneumonia.registry import load_artifact
+                from pneumonia.artifacts.registry import load_artifact
 
                 rows += run_levels(mode, model, in_process_sender(load_artifact(artifact), body), levels, args)
                 continue

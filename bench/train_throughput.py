@@ -1,6 +1,6 @@
 """Training throughput: plain single-process tf.keras fit vs Ray Train with 1 and 2 workers.
 
-Same model, same data, same per-worker batch, same input pipeline (pneumonia.pipeline). Each mode
+Same model, same data, same per-worker batch, same input pipeline (pneumonia.data.pipeline). Each mode
 trains a few epochs; the first epoch (graph tracing, cache fill) is dropped and the median of the
 rest is reported in images/s. Ray Train with 1 worker gets all the machine's CPUs, like the plain
 fit; with N workers, the CPUs are split between them. Prints a table and writes JSON.
@@ -18,12 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import pneumonia  # noqa: F401  (tf-keras)
+from pneumonia import runtime
+
+runtime.activate()  # an entry point: legacy Keras and quiet logs before anything imports TensorFlow
+
 from bench_report import machine_info, write_report
+
 from pneumonia.config import ExperimentConfig, with_overrides
-from pneumonia.data import shard
-from pneumonia.train import carve_validation, train
-from pneumonia.worker import preprocess_spec
+from pneumonia.data.records import carve_validation, shard
+from pneumonia.training.driver import train
+from pneumonia.training.worker import preprocess_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "chest_xray_224"
@@ -33,8 +37,8 @@ def plain_fit(config: ExperimentConfig, records, epochs: int) -> list[float]:
     """images/s per epoch of model.fit in this process, no Ray, no strategy."""
     import tensorflow as tf
 
-    from pneumonia.models import build_model, compile_model
-    from pneumonia.pipeline import training_dataset
+    from pneumonia.data.pipeline import training_dataset
+    from pneumonia.models.architectures import build_model, compile_model
 
     spec = preprocess_spec(config)
     dataset, _, _ = training_dataset(records, spec, config.train.batch_size, config.data.augment,
@@ -67,7 +71,7 @@ def ray_fit(config: ExperimentConfig, data: str, workers: int, epochs: int, stor
 
 def subsample(data: str, images: int, out: Path) -> str:
     """A smaller copy (symlinks) of a dataset's train split, class-balanced like the original."""
-    from pneumonia.data import discover, training_records
+    from pneumonia.data.records import discover, training_records
 
     records = training_records(discover(data))
     chosen = shard(records, 0, max(1, len(records) // images))
@@ -95,7 +99,7 @@ def main() -> int:
     elif REAL_DATA.is_dir():
         source = str(REAL_DATA)
     else:
-        from pneumonia.synth import make_synthetic_dataset
+        from pneumonia.data.synth import make_synthetic_dataset
 
         source = str(scratch / "synthetic")
         make_synthetic_dataset(source, n=int(args.images * 1.3), seed=0, image_size=224)

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from bench_report import machine_info, write_report
+
 from pneumonia.config import load_config, with_overrides
-from pneumonia.synth import make_synthetic_dataset
-from pneumonia.tune import tune
+from pneumonia.data.synth import make_synthetic_dataset
+from pneumonia.training.sweep import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -122,17 +122,32 @@ class RunSection(_Section):
         return value
 
 
+SHIFT_NAMES = (
+    "new_site", "darker", "brighter", "gamma_0.7", "gamma_1.4", "low_contrast", "high_contrast", "blur",
+    "sharpen", "noise", "jpeg_q25", "zoom_in", "zoom_out", "shifted", "rotated", "narrower", "low_res",
+)
+"""The stress shifts a config may name, in report order (each made by pneumonia.data.shifts.SHIFTS)."""
+
+
+def check_shift_names(names: list[str] | None) -> list[str]:
+    """``names`` if every one is a known shift (all of them for None); ValueError naming the unknown."""
+    if names is None:
+        return list(SHIFT_NAMES)
+    unknown = [name for name in names if name not in SHIFT_NAMES]
+    if unknown:
+        raise ValueError(f"unknown stress shift(s) {', '.join(unknown)}; choose from {', '.join(SHIFT_NAMES)}")
+    return list(names)
+
+
 class StressConfig(_Section):
     """Shift stress validation: the validation split re-scored under the changes a new site brings."""
 
     enabled: bool = Field(False, description="score the stress shifts after every epoch (costs time)")
-    shifts: list[str] | None = Field(None, description="names from pneumonia.stress.SHIFTS; default all")
+    shifts: list[str] | None = Field(None, description="names from SHIFT_NAMES; default all")
 
     @field_validator("shifts")
     @classmethod
     def _known_shifts(cls, value: list[str] | None) -> list[str] | None:
-        from pneumonia.stress import check_shift_names
-
         if value is not None:
             check_shift_names(value)
         return value
@@ -172,7 +187,7 @@ class ParamSpec(_Section):
     values: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _complete(self) -> "ParamSpec":
+    def _complete(self) -> ParamSpec:
         if self.type == "choice":
             if not self.values or self.low is not None or self.high is not None:
                 raise ValueError("choice needs a non-empty 'values' list (and no low/high)")
@@ -225,7 +240,7 @@ class ExperimentConfig(_Section):
     tune: TuneSection | None = None
 
     @model_validator(mode="after")
-    def _stress_metrics_need_stress(self) -> "ExperimentConfig":
+    def _stress_metrics_need_stress(self) -> ExperimentConfig:
         for where, metric in (("run.checkpoint_metric", self.run.checkpoint_metric),
                               ("objective.metric", self.objective.metric)):
             if metric.startswith("val_stress_") and not self.stress.enabled:
@@ -233,7 +248,7 @@ class ExperimentConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _space_matches_config(self) -> "ExperimentConfig":
+    def _space_matches_config(self) -> ExperimentConfig:
         """Every searched key must exist, and the edges of its range must be valid values."""
         if self.tune is None:
             return self

@@ -13,7 +13,7 @@ port) into the environment the Ray processes inherit: every process of this clus
 of this cluster, then knows where it belongs. ``PNEUMONIA_EMBEDDED_RAY`` marks such an address
 as ours, so that a later embedded start in the same process (or in a child process, which
 inherits the environment) starts its own cluster instead of joining this one, and so that
-:func:`pneumonia.train.check_resources` still treats the cluster as a fixed-size local one.
+:func:`pneumonia.training.fit.check_resources` still treats the cluster as a fixed-size local one.
 """
 
 from __future__ import annotations
@@ -22,12 +22,26 @@ import logging
 import os
 import signal
 import socket
+import sys
 from typing import Any
+
+from pneumonia.errors import ConfigError
+from pneumonia.runtime import RAY_ENV
 
 ADDRESS_VARIABLE = "RAY_ADDRESS"
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 EMBEDDED_MARK = "PNEUMONIA_EMBEDDED_RAY"
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+WORKER_ENV = {
+    **RAY_ENV,
+    # Ray Train v2 re-logs worker prints; ours are already one line per epoch.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # ... and logs every report at INFO level to the console; the log files are enough.
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    # Starting a worker imports TensorFlow: on a small, busy node that alone can take a minute.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+}
+"""Set in every Ray process before TensorFlow loads (Keras 3 cannot train multi-worker)."""
 
 
 def user_cluster_address() -> str | None:
@@ -52,7 +66,7 @@ def start_ray(env_vars: dict[str, str], **init_kwargs: Any):
         context = ray.init(address=address, runtime_env={"env_vars": env}, **init_kwargs)
         _restore_sigterm(sigterm)
         return context
-    port = _free_port()
+    port = free_port("")
     host = _node_ip()
     own = f"{host}:{port}"
     saved = {name: os.environ.get(name) for name in (ADDRESS_VARIABLE, GCS_PORT_VARIABLE, EMBEDDED_MARK)}
@@ -75,6 +89,32 @@ def start_ray(env_vars: dict[str, str], **init_kwargs: Any):
     if actual and actual != own:  # the port was taken between choosing and binding: say where we are
         os.environ[ADDRESS_VARIABLE] = os.environ[EMBEDDED_MARK] = actual
     return context
+
+
+def driver_env_vars() -> dict[str, str]:
+    """WORKER_ENV less the variables a Ray Job's own runtime env already sets: Ray refuses to
+    merge a job's runtime env with a driver's that sets the same variable, and the job's value
+    (what the user submitted) should win anyway."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        taken = set()
+    return {name: value for name, value in WORKER_ENV.items() if name not in taken}
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray that knows its own
+    address (pneumonia.local_ray: another Ray on the machine must not confuse Ray's own processes)."""
+    import ray
+
+    from pneumonia.local_ray import start_ray
+
+    if ray.is_initialized():
+        return
+    start_ray(driver_env_vars(), log_to_driver=True, logging_level="WARNING")
 
 
 def _not_the_token_notice(record: logging.LogRecord) -> bool:
@@ -133,9 +173,10 @@ def _restore(saved: dict[str, str | None]) -> None:
             os.environ[name] = value
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for Ray's GCS, a service, a test or a benchmark server)."""
     with socket.socket() as sock:
-        sock.bind(("", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -144,3 +185,37 @@ def _node_ip() -> str:
     from ray._private.services import get_node_ip_address
 
     return get_node_ip_address()
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def gpu_advice(gpus: float, flag: str, fewer: str) -> str:
+    """What to change when a run asks for more GPUs than the cluster has: with none at all, drop
+    ``flag`` or join a GPU cluster; with some, ``fewer`` (fewer workers or actors)."""
+    return f"drop {flag}, or set RAY_ADDRESS to a cluster with GPU nodes" if not gpus else fewer
+
+
+def refuse_or_wait(problems: list[str]) -> None:
+    """A cluster that can never fit the work: on an embedded (fixed-size) Ray a ConfigError listing
+    ``problems`` (Ray would wait forever); on the user's cluster a warning, as the autoscaler may
+    still add nodes. Nothing when ``problems`` is empty."""
+    from pneumonia.local_ray import user_cluster_address
+
+    if not problems:
+        return
+    message = "not enough resources: " + "; ".join(problems)
+    if user_cluster_address():
+        print(f"warning: {message}; waiting for the autoscaler", file=sys.stderr)
+        return
+    raise ConfigError(message)
+
+
+def has_autoscaler() -> bool:
+    """True on a cluster launched with an autoscaler (``ray up``, KubeRay with autoscaling)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_cluster_config() is not None
+    except Exception:  # an older or partial Ray: assume a fixed-size cluster
+        return False

@@ -11,10 +11,10 @@ import functools
 import shutil
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from pneumonia.errors import DataError
 

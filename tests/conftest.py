@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
-import pneumonia  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from pneumonia.service import enable_throughput_mode
-from tests.helpers import SHARED_DATA
+from pneumonia import runtime
+
+runtime.activate()  # the suite is an entry point: legacy Keras before anything imports TensorFlow
+
+from pneumonia.serving.local_service import enable_throughput_mode  # noqa: E402
+from tests.helpers import SHARED_DATA  # noqa: E402
 
 # Serve runs in the tests as it runs in production (HAProxy in front), set before Ray starts;
 # replicas drain for 2 s instead of 30 when they stop, to keep rollouts and teardown quick.
@@ -28,7 +31,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """A 1,000-image synthetic dataset at 64 px (train/val/test), made once per test session."""
-    from pneumonia.synth import make_synthetic_dataset
+    from pneumonia.data.synth import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic") / "chest_xray"
     make_synthetic_dataset(root, n=1000, seed=7, image_size=64)
@@ -44,8 +47,7 @@ def ray_cluster():
     """
     import ray
 
-    from pneumonia.local_ray import start_ray, stop_ray
-    from pneumonia.train import WORKER_ENV
+    from pneumonia.local_ray import WORKER_ENV, start_ray, stop_ray
 
     context = start_ray(WORKER_ENV, num_cpus=4, logging_level="WARNING")
     ray.dashboard_url = context.dashboard_url  # for tests that use Ray's REST APIs (`serve deploy`)

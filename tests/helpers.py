@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumonia.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+from pneumonia.data.preprocess import ImageDecodeError, PreprocessSpec, decode_image
 
 
 def assert_byte_corruptions_fail_cleanly(data: bytes, offsets, values, spec: PreprocessSpec, label: str = "") -> None:

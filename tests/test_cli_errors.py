@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pneumonia
 from pneumonia.cli import main
-from pneumonia.service import local_service as _real_local_service  # kept before the fixture below patches it
+from pneumonia.serving.local_service import (
+    local_service as _real_local_service,  # kept before the fixture below patches it
+)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -94,8 +95,8 @@ def _fake_artifact(registry: Path, corrupt: str | None = None, missing: str | No
 
 def _fake_checkpoint(folder: Path) -> Path:
     """A checkpoint folder with a valid pneumonia.json (and no model: it must not be loaded)."""
-    from pneumonia.checkpoint import CheckpointInfo
-    from pneumonia.preprocess import PreprocessSpec
+    from pneumonia.data.preprocess import PreprocessSpec
+    from pneumonia.models.checkpoint import CheckpointInfo
 
     folder.mkdir(parents=True)
     info = CheckpointInfo(epoch=1, config={}, preprocess=PreprocessSpec(32), metrics={"val_threshold": 0.5})
@@ -136,18 +137,18 @@ def paths(tmp_path) -> dict[str, Path]:
 def nothing_slow_starts(monkeypatch, tmp_path):
     """Ray, Serve and model loading fail the test if reached: every case below must stop earlier.
     (In a scratch working directory: the default run storage, ./runs, is checked there.)"""
-    import pneumonia.checkpoint
-    import pneumonia.registry
-    import pneumonia.service
-    import pneumonia.train
-    import pneumonia.tune
+    import pneumonia.artifacts.registry
+    import pneumonia.models.checkpoint
+    import pneumonia.serving.local_service
+    import pneumonia.training.driver
+    import pneumonia.training.sweep
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pneumonia.train, "init_ray", must_not_run("Ray"))
-    monkeypatch.setattr(pneumonia.tune, "init_ray", must_not_run("Ray"))
-    monkeypatch.setattr(pneumonia.service, "local_service", must_not_run("Ray Serve"))
-    monkeypatch.setattr(pneumonia.checkpoint, "load_model_from_directory", must_not_run("a model load"))
-    monkeypatch.setattr(pneumonia.registry, "_load_signature", must_not_run("a SavedModel load"))
+    monkeypatch.setattr(pneumonia.training.driver, "init_ray", must_not_run("Ray"))
+    monkeypatch.setattr(pneumonia.training.sweep, "init_ray", must_not_run("Ray"))
+    monkeypatch.setattr(pneumonia.serving.local_service, "local_service", must_not_run("Ray Serve"))
+    monkeypatch.setattr(pneumonia.models.checkpoint, "load_model_from_directory", must_not_run("a model load"))
+    monkeypatch.setattr(pneumonia.artifacts.registry, "_load_signature", must_not_run("a SavedModel load"))
 
 
 # ----------------------------------------------------------------------------- usage (exit 2)
@@ -311,9 +312,9 @@ def test_a_folder_with_some_unreadable_files_still_trains(paths, capsys, monkeyp
     def stop_at_ray():
         raise Reached
 
-    import pneumonia.train
+    import pneumonia.training.driver
 
-    monkeypatch.setattr(pneumonia.train, "init_ray", stop_at_ray)
+    monkeypatch.setattr(pneumonia.training.driver, "init_ray", stop_at_ray)
     with pytest.raises(Reached):
         main(["train", "--data", str(paths["good"]), "--storage", str(paths["empty"])])
 
@@ -340,9 +341,9 @@ def test_serve_on_a_taken_port_or_an_unknown_host_stops_before_ray(paths, capsys
     import socket
 
     import pneumonia.local_ray
-    import pneumonia.service
+    import pneumonia.serving.local_service
 
-    monkeypatch.setattr(pneumonia.service, "local_service", _real_local_service)
+    monkeypatch.setattr(pneumonia.serving.local_service, "local_service", _real_local_service)
     monkeypatch.setattr(pneumonia.local_ray, "start_ray", must_not_run("Ray"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -446,7 +447,7 @@ def test_predict_checks_every_file_before_sending_any(paths, capsys):
 
 
 def test_predict_to_a_closed_port_says_connection_refused(paths, capsys):
-    from pneumonia.service import free_port
+    from pneumonia.local_ray import free_port
 
     image = paths["good"] / "NORMAL" / "IM-0000-0001.jpeg"
     code, _, err = run_cli(capsys, "predict", "--url", f"http://127.0.0.1:{free_port()}", image, "--timeout", "5")
@@ -489,7 +490,7 @@ def test_predict_reports_refused_files_in_the_table_and_exits_1(paths, capsys):
 
 
 def test_native_log_filter_drops_records_below_the_level_and_keeps_everything_else():
-    from pneumonia import filter_native_log
+    from pneumonia.runtime import filter_native_log
 
     text = (
         "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
@@ -509,7 +510,7 @@ def test_native_log_filter_drops_records_below_the_level_and_keeps_everything_el
 
 
 def test_lines_ray_forwards_from_workers_are_filtered_per_worker():
-    from pneumonia import QuietNativeLogStream
+    from pneumonia.runtime import QuietNativeLogStream
 
     sink = io.StringIO()
     stream = QuietNativeLogStream(sink, min_level=3)
@@ -539,11 +540,11 @@ def test_the_tensorflow_log_level_of_the_driver_and_of_ray_workers(extra, expect
 def test_a_command_that_runs_tensorflow_prints_no_start_up_noise(tmp_path):
     """In a fresh process (TensorFlow loads once per process), `evaluate` loads a model and runs it:
     stderr stays empty (no oneDNN, CUDA driver, absl or cuInit lines), the answer is on stdout."""
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
     from pneumonia.config import ExperimentConfig, ModelConfig
-    from pneumonia.models import build_model
-    from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.synth import make_synthetic_dataset
+    from pneumonia.data.preprocess import PreprocessSpec
+    from pneumonia.data.synth import make_synthetic_dataset
+    from pneumonia.models.architectures import build_model
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
 
     data = make_synthetic_dataset(tmp_path / "data", n=24, image_size=32).root
     save_checkpoint(tmp_path / "ckpt", build_model(ModelConfig(name="xraynet", width=4), (32, 32, 1)),

@@ -401,8 +401,8 @@ def test_rayjobs_run_on_the_raycluster_spec(name):
 @pytest.mark.parametrize("name", ["rayjob-train", "rayjob-tune", "rayjob-score"])
 def test_rayjob_runtime_env_does_not_clash_with_the_drivers(name):
     """ray.init refuses a job whose runtime_env sets an env var that the driver's ray.init also
-    sets (pneumonia.train.WORKER_ENV): the job fails at once (the integration test found this)."""
-    from pneumonia.train import WORKER_ENV
+    sets (pneumonia.local_ray.WORKER_ENV): the job fails at once (the integration test found this)."""
+    from pneumonia.local_ray import WORKER_ENV
 
     runtime_env = job_runtime_env(manifest(name)["spec"]) or {}
     assert not set(runtime_env.get("env_vars", {})) & set(WORKER_ENV)
@@ -452,7 +452,7 @@ def _gpu_capacity(cluster: str) -> tuple[float, int, int]:
 def test_the_job_fits_the_gpu_workers(cluster, name):
     """Ray waits forever for resources no node type can offer: every worker (and a trial's driver)
     must fit one GPU node, and the sweep's concurrent trials must fit the maximum node count."""
-    from pneumonia.tune import TRIAL_DRIVER_CPU
+    from pneumonia.training.sweep import TRIAL_DRIVER_CPU
 
     config = entrypoint_config(parse_entrypoint(manifest(name)["spec"]["entrypoint"]))
     cpus, gpus, max_nodes = _gpu_capacity(cluster)
@@ -526,7 +526,7 @@ def test_rayservice_artifact_is_synced_into_every_pod():
 def test_rayservice_pods_run_serve_in_throughput_mode():
     """HAProxy in front of the replicas, as `pneumonia serve` runs it: set on every Ray pod,
     since Ray reads it when its processes start."""
-    from pneumonia.service import THROUGHPUT_MODE
+    from pneumonia.serving.local_service import THROUGHPUT_MODE
 
     for group, pod in pod_specs(cluster_spec("rayservice")):
         for container in pod["containers"]:
@@ -535,7 +535,7 @@ def test_rayservice_pods_run_serve_in_throughput_mode():
 
 
 def test_the_launcher_sets_serve_throughput_mode_for_every_node():
-    from pneumonia.service import THROUGHPUT_MODE
+    from pneumonia.serving.local_service import THROUGHPUT_MODE
 
     text = _launcher_text()
     for name, value in THROUGHPUT_MODE.items():

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from pneumonia import storage
-from pneumonia.data import (
+from pneumonia.data.pipeline import load_images
+from pneumonia.data.preprocess import PreprocessSpec
+from pneumonia.data.records import (
     ImageRecord,
     class_counts,
     discover,
@@ -23,14 +25,9 @@ from pneumonia.data import (
     split_by_patient,
     training_records,
 )
+from pneumonia.data.synth import make_synthetic_dataset
 from pneumonia.errors import DataError
-from pneumonia.pipeline import load_images
-from pneumonia.preprocess import PreprocessSpec
-from pneumonia.synth import make_synthetic_dataset
 from tests.helpers import real_data
-
-
-
 
 
 def jpeg(value: int = 128, size: int = 20) -> bytes:
@@ -336,7 +333,7 @@ def test_load_images_skips_bad_files_with_warnings(tmp_path, caplog):
     make_tree(tmp_path, {**good, **bad})
     names = ["good0.jpeg", "corrupt.jpeg", "good1.jpeg", "truncated.jpeg", "empty.jpeg", "good2.jpeg", "missing.jpeg"]
     records = [ImageRecord(str(tmp_path / name), k % 2, name, "unknown", "train") for k, name in enumerate(names)]
-    with caplog.at_level(logging.WARNING, logger="pneumonia.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="pneumonia.data.pipeline"):
         decoded = load_images(records, PreprocessSpec(32, 1), threads=3)
     assert decoded.images.shape == (3, 32, 32, 1) and decoded.images.dtype == np.uint8
     assert [Path(r.location).name for r in decoded.records] == ["good0.jpeg", "good1.jpeg", "good2.jpeg"]

@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.helpers import assert_byte_corruptions_fail_cleanly
-from PIL import Image
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
@@ -29,7 +29,7 @@ from pydicom.uid import (  # noqa: E402
     generate_uid,
 )
 
-from pneumonia.preprocess import (  # noqa: E402
+from pneumonia.data.preprocess import (  # noqa: E402
     SUPPORTED_FORMATS,
     ImageDecodeError,
     ImageTooLargeError,
@@ -415,6 +415,6 @@ def test_dicom_is_listed_as_supported():
 
 
 def test_importing_preprocess_does_not_import_pydicom():
-    code = "import sys, pneumonia.preprocess; print('pydicom' in sys.modules)"
+    code = "import sys, pneumonia.data.preprocess; print('pydicom' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"

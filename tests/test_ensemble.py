@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pneumonia.checkpoint import CheckpointInfo, load_checkpoint, read_info, save_checkpoint
+from pneumonia.data.preprocess import PreprocessSpec
 from pneumonia.errors import CheckpointError
-from pneumonia.preprocess import PreprocessSpec
+from pneumonia.models.checkpoint import CheckpointInfo, load_checkpoint, read_info, save_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,7 +30,7 @@ def tiny_model(seed: int, size: int = SIZE, bias: float = 0.0):
     import tensorflow as tf
 
     from pneumonia.config import ModelConfig
-    from pneumonia.models import build_model
+    from pneumonia.models.architectures import build_model
 
     tf.keras.utils.set_random_seed(seed)
     model = build_model(ModelConfig(name="xraynet", width=4), (size, size, 1))
@@ -59,7 +59,7 @@ def members(tmp_path_factory) -> list[str]:
 def member_mean(members) -> np.ndarray:
     """The mean of the members' probabilities for images(), after checking that they disagree
     (so that a wrong mean, or one member's output, would fail the comparisons)."""
-    from pneumonia.pipeline import predict_probabilities
+    from pneumonia.data.pipeline import predict_probabilities
 
     probabilities = np.array([predict_probabilities(load_checkpoint(member)[0], images()) for member in members])
     assert (np.ptp(probabilities, axis=0) > 0.3).all()
@@ -68,7 +68,7 @@ def member_mean(members) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ensemble(members, tmp_path_factory) -> str:
-    from pneumonia.ensemble import combine_checkpoints
+    from pneumonia.models.ensemble import combine_checkpoints
 
     out = tmp_path_factory.mktemp("ensemble") / "checkpoint"
     return combine_checkpoints(members, str(out), metrics={"val_threshold": 0.45, "val_roc_auc": 0.9})
@@ -76,7 +76,7 @@ def ensemble(members, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def artifact(ensemble, tmp_path_factory):
-    from pneumonia.publish import export_artifact
+    from pneumonia.artifacts.publish import export_artifact
 
     return export_artifact(ensemble, tmp_path_factory.mktemp("registry"), threshold=0.45, target_recall=0.95,
                            validation_metrics={}, training_config=config())
@@ -86,9 +86,9 @@ def artifact(ensemble, tmp_path_factory):
 
 
 def test_combined_checkpoint_is_the_mean_of_its_members(members, ensemble, member_mean):
-    from pneumonia.checkpoint import load_model_from_directory
-    from pneumonia.ensemble import is_ensemble, member_models
-    from pneumonia.pipeline import predict_probabilities
+    from pneumonia.data.pipeline import predict_probabilities
+    from pneumonia.models.checkpoint import load_model_from_directory
+    from pneumonia.models.ensemble import is_ensemble, member_models
 
     model = load_model_from_directory(ensemble)  # plain tf.keras load_model, no custom objects
     assert model.name == "ensemble" and model.output_names == ["probability"]
@@ -106,8 +106,8 @@ def test_combined_checkpoint_is_the_mean_of_its_members(members, ensemble, membe
 
 
 def test_one_member_ensemble_is_the_member(members, tmp_path):
-    from pneumonia.ensemble import combine_checkpoints
-    from pneumonia.pipeline import predict_probabilities
+    from pneumonia.data.pipeline import predict_probabilities
+    from pneumonia.models.ensemble import combine_checkpoints
 
     out = combine_checkpoints([members[1]], str(tmp_path / "one"))
     model, info = load_checkpoint(out)
@@ -117,7 +117,7 @@ def test_one_member_ensemble_is_the_member(members, tmp_path):
 
 
 def test_members_must_share_the_preprocessing_and_input(members, ensemble, tmp_path):
-    from pneumonia.ensemble import combine_checkpoints
+    from pneumonia.models.ensemble import combine_checkpoints
 
     with pytest.raises(CheckpointError, match="at least one member"):
         combine_checkpoints([], str(tmp_path / "none"))
@@ -149,7 +149,7 @@ def test_checkpoints_without_a_members_field_still_read(tmp_path):
 
 
 def test_exported_ensemble_loads_and_predicts_the_mean(artifact, members, member_mean):
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.registry import load_artifact
 
     loaded = load_artifact(artifact.path)
     assert loaded.metadata["ensemble"] == {"members": 3, "sources": members}
@@ -158,8 +158,8 @@ def test_exported_ensemble_loads_and_predicts_the_mean(artifact, members, member
 
 def test_pneumonia_export_takes_an_ensemble_checkpoint(ensemble, members, tmp_path, capsys):
     """The CLI path: config from the first member, threshold from the metrics combine_checkpoints got."""
+    from pneumonia.artifacts.registry import read_metadata
     from pneumonia.cli import main
-    from pneumonia.registry import read_metadata
 
     assert main(["export", "--checkpoint", ensemble, "--registry", str(tmp_path), "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
@@ -170,7 +170,7 @@ def test_pneumonia_export_takes_an_ensemble_checkpoint(ensemble, members, tmp_pa
 
 
 def test_a_single_model_artifact_has_no_ensemble_key(members, tmp_path):
-    from pneumonia.publish import export_artifact
+    from pneumonia.artifacts.publish import export_artifact
 
     exported = export_artifact(members[0], tmp_path, threshold=0.5, target_recall=0.95,
                                validation_metrics={}, training_config=config(1))
@@ -181,8 +181,8 @@ def test_a_single_model_artifact_has_no_ensemble_key(members, tmp_path):
 
 
 def test_grad_cam_of_the_mean(artifact, member_mean):
-    from pneumonia.explain import GradCam
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.registry import load_artifact
+    from pneumonia.models.explain import GradCam
 
     loaded = load_artifact(artifact.path)
     cam = GradCam(loaded.keras_model())
@@ -201,8 +201,8 @@ def test_grad_cam_of_the_mean(artifact, member_mean):
 def test_grad_cam_of_identical_members_is_the_members_map(members, tmp_path):
     """K copies of one model: the mean logit's gradient is the member's own, so the ensemble's map
     is that member's map (checks the per-member wiring and the averaging)."""
-    from pneumonia.ensemble import combine_checkpoints
-    from pneumonia.explain import GradCam
+    from pneumonia.models.ensemble import combine_checkpoints
+    from pneumonia.models.explain import GradCam
 
     out = combine_checkpoints([members[2]] * 2, str(tmp_path / "twins"))
     model, _ = load_checkpoint(out)
@@ -236,8 +236,8 @@ def server(ray_cluster, artifact):
 
 @pytest.mark.ray
 def test_serve_predicts_and_explains_the_ensemble(server, artifact, members):
-    from pneumonia.preprocess import decode_image
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.registry import load_artifact
+    from pneumonia.data.preprocess import decode_image
     from tests.test_serving import _png, request
 
     body = _png(images(1, seed=5)[0, :, :, 0])

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pneumonia.config import ModelConfig
-from pneumonia.explain import Explanation, GradCam
+from pneumonia.models.explain import Explanation, GradCam
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,7 +20,7 @@ SIZE = 64
 def build(name: str, size: int = SIZE, **config):
     import tensorflow as tf
 
-    from pneumonia.models import build_model
+    from pneumonia.models.architectures import build_model
 
     tf.keras.utils.set_random_seed(0)
     return build_model(ModelConfig(name=name, **config), (size, size, 1))
@@ -139,10 +139,10 @@ def test_probability_is_the_models_output(name):
 def test_serving_artifact_model(xraynet, tmp_path):
     """The serving path: an exported artifact's Keras model, explained with the logit (its saturated
     probability would give a blank map) and agreeing with the artifact's own SavedModel."""
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
-    from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.publish import export_artifact
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.publish import export_artifact
+    from pneumonia.artifacts.registry import load_artifact
+    from pneumonia.data.preprocess import PreprocessSpec
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
 
     spec = PreprocessSpec(image_size=SIZE)
     info = CheckpointInfo(epoch=1, config={}, preprocess=spec, metrics={})
@@ -283,7 +283,7 @@ def test_overlay_rejects_a_mismatched_image(xraynet_cam):
 def test_overlay_on_the_original_keeps_its_aspect_with_a_512_px_longest_side(xraynet_cam, size, expected):
     """What a person sees: the X-ray they sent, not the 64 px square the model saw; a small one
     is enlarged so that the map can be read."""
-    from pneumonia.explain import display_size
+    from pneumonia.models.explain import display_size
 
     original = Image.fromarray(np.random.default_rng(2).integers(0, 256, size[::-1], dtype=np.uint8))
     explanation = xraynet_cam.explain(random_images(1)[0])
@@ -297,7 +297,7 @@ def test_overlay_on_the_original_keeps_its_aspect_with_a_512_px_longest_side(xra
 def test_the_map_lands_where_the_model_saw_the_evidence(resize):
     """A hot spot in the model's square is drawn over the same spot of the original, whichever
     way preprocessing fitted the original into the square (stretched, or letterboxed by pad)."""
-    from pneumonia.explain import Explanation
+    from pneumonia.models.explain import Explanation
 
     width, height = 400, 200  # a 2:1 X-ray; pad puts it in the middle half of the square
     heatmap = np.zeros((SIZE, SIZE), np.float32)
@@ -344,7 +344,7 @@ def test_heatmap_localises_the_evidence():
     a 2x2 map whose receptive field (109 px) covers the whole image, so no method could localise
     there; the code path is the same for every layer.
     """
-    from pneumonia.models import compile_model
+    from pneumonia.models.architectures import compile_model
 
     model = build("xraynet", size=TINY, width=8)
     compile_model(model, "adam", 3e-3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pneumonia.cli import main
-from pneumonia.preprocess import PreprocessSpec
+from pneumonia.data.preprocess import PreprocessSpec
 
 SPEC = PreprocessSpec(image_size=32)
 CONFIG = {
@@ -21,10 +21,10 @@ CONFIG = {
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(checkpoint folder, dataset root): a tiny untrained xraynet and 160 synthetic 32 px X-rays."""
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
     from pneumonia.config import ModelConfig
-    from pneumonia.models import build_model, compile_model
-    from pneumonia.synth import make_synthetic_dataset
+    from pneumonia.data.synth import make_synthetic_dataset
+    from pneumonia.models.architectures import build_model, compile_model
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
 
     root = tmp_path_factory.mktemp("export")
     make_synthetic_dataset(root / "data", n=160, seed=3, image_size=32)
@@ -42,11 +42,11 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_export_records_how_the_threshold_was_chosen(setup, tmp_path, capsys):
+    from pneumonia.artifacts.registry import load_artifact
     from pneumonia.config import config_from_dict
-    from pneumonia.metrics import safe_operating_point
-    from pneumonia.pipeline import load_images
-    from pneumonia.registry import load_artifact
-    from pneumonia.train import carve_validation
+    from pneumonia.data.pipeline import load_images
+    from pneumonia.data.records import carve_validation
+    from pneumonia.metrics.binary import safe_operating_point
 
     checkpoint, data = setup
     registry = tmp_path / "registry"
@@ -96,7 +96,7 @@ def test_export_records_how_the_threshold_was_chosen(setup, tmp_path, capsys):
 
 
 def test_export_without_data_keeps_the_checkpoints_threshold(setup, tmp_path, capsys):
-    from pneumonia.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+    from pneumonia.models.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 
     checkpoint, _ = setup
     model, info = load_checkpoint(str(checkpoint))
@@ -115,8 +115,8 @@ def test_export_without_data_keeps_the_checkpoints_threshold(setup, tmp_path, ca
 def test_the_artifact_says_it_learned_from_synthetic_images(setup, tmp_path, capsys):
     """The run's manifest names the data the checkpoint was trained on; the synthetic dataset's
     marker makes the artifact say so (and the service then warns in every answer)."""
-    from pneumonia.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-    from pneumonia.registry import SYNTHETIC_WARNING, artifact_warning
+    from pneumonia.artifacts.registry import SYNTHETIC_WARNING, artifact_warning
+    from pneumonia.models.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 
     checkpoint, data = setup
     model, _ = load_checkpoint(str(checkpoint))
@@ -130,15 +130,15 @@ def test_the_artifact_says_it_learned_from_synthetic_images(setup, tmp_path, cap
     metadata = json.loads((tmp_path / "r" / "pneumonia-cnn" / "v0001" / "metadata.json").read_text())
     facts = metadata["training_data"]
     assert facts["synthetic"] is True and facts["roots"] == [str(data)]
-    assert facts["dataset"]["generator"] == "pneumonia.synth" and facts["dataset"]["seed"] == 3
+    assert facts["dataset"]["generator"] == "pneumonia.data.synth" and facts["dataset"]["seed"] == 3
     assert artifact_warning(metadata) == SYNTHETIC_WARNING
 
 
 def test_training_data_is_found_from_every_checkpoint_layout(tmp_path):
     """A training run's checkpoint_*, a sweep trial's trials/<trial>/<ckpt>, an ensemble combined
     from members of other runs, --data alone, and nothing at all."""
-    from pneumonia.export import training_data
-    from pneumonia.synth import write_marker
+    from pneumonia.artifacts.export import training_data
+    from pneumonia.data.synth import write_marker
 
     real, synthetic = tmp_path / "real", tmp_path / "synthetic"
     real.mkdir()
@@ -164,8 +164,8 @@ def test_training_data_is_found_from_every_checkpoint_layout(tmp_path):
 
 
 def test_an_unreadable_marker_makes_the_training_data_unknown_not_real(tmp_path):
-    from pneumonia.export import training_data
-    from pneumonia.synth import MARKER_FILE
+    from pneumonia.artifacts.export import training_data
+    from pneumonia.data.synth import MARKER_FILE
 
     (tmp_path / MARKER_FILE).write_text("{not json")
     facts = training_data(str(tmp_path / "loose" / "ckpt"), [], str(tmp_path))

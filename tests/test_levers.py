@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import pneumonia  # noqa: F401
 import tensorflow as tf
 
-from pneumonia.config import AugmentConfig
-from pneumonia.models import build_model, compile_model, learning_rate_schedule
-from pneumonia.config import ModelConfig
+from pneumonia.config import AugmentConfig, ModelConfig
+from pneumonia.models.architectures import build_model, compile_model, learning_rate_schedule
 
 
 def test_cosine_schedule_warms_up_then_decays_to_one_percent():
@@ -23,7 +20,7 @@ def test_cosine_schedule_warms_up_then_decays_to_one_percent():
 
 
 def test_weight_average_is_applied_inside_the_block_and_training_weights_come_back():
-    from pneumonia.averaging import WeightAverage
+    from pneumonia.training.ema import WeightAverage
 
     model = build_model(ModelConfig(width=4), (32, 32, 1))
     compile_model(model, "adam", 1e-2)
@@ -44,7 +41,7 @@ def test_weight_average_is_applied_inside_the_block_and_training_weights_come_ba
 
 
 def test_intensity_augmentation_changes_exposure_but_stays_an_image():
-    from pneumonia.pipeline import intensity_augmentation
+    from pneumonia.data.pipeline import intensity_augmentation
 
     tf.random.set_seed(1)
     images = tf.fill([16, 24, 24, 1], 100.0)
@@ -58,7 +55,7 @@ def test_intensity_augmentation_changes_exposure_but_stays_an_image():
 
 
 def test_mixup_blends_images_and_labels_with_the_same_weight():
-    from pneumonia.pipeline import mix_up
+    from pneumonia.data.pipeline import mix_up
 
     tf.random.set_seed(2)
     images = tf.concat([tf.zeros([8, 4, 4, 1]), tf.fill([8, 4, 4, 1], 200.0)], axis=0)

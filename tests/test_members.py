@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def ensemble_run(ray_cluster, synthetic_data, tmp_path_factory):
-    from pneumonia.train import train
+    from pneumonia.training.driver import train
 
     storage = tmp_path_factory.mktemp("ensemble-runs")
     config = with_overrides(ExperimentConfig(), {
@@ -48,8 +48,8 @@ def ensemble_run(ray_cluster, synthetic_data, tmp_path_factory):
 
 
 def test_members_train_in_parallel_and_combine_into_one_checkpoint(ensemble_run):
-    from pneumonia.checkpoint import load_checkpoint, read_info
-    from pneumonia.ensemble import is_ensemble
+    from pneumonia.models.checkpoint import load_checkpoint, read_info
+    from pneumonia.models.ensemble import is_ensemble
 
     result, lines, storage = ensemble_run
     assert result.best_checkpoint.endswith("/ensemble")

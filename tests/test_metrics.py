@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
-from pneumonia.metrics import METRIC_NAMES, binary_metrics, format_table
+from pneumonia.metrics.binary import METRIC_NAMES, binary_metrics, format_table
 
 # 8 children, 4 with pneumonia. At threshold 0.5 (p >= 0.5 means PNEUMONIA):
 # index      0    1    2    3    4    5    6    7

@@ -1,11 +1,11 @@
-"""The out-of-distribution guard: what is not a pediatric chest X-ray is recognised (pneumonia.ood)."""
+"""The out-of-distribution guard: what is not a pediatric chest X-ray is recognised (pneumonia.models.ood)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pneumonia.ood import fit_guard
+from pneumonia.models.ood import fit_guard
 
 
 def _clusters(rng, n: int, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +40,7 @@ def test_more_features_than_images_still_fit():
 def test_the_tensorflow_scores_equal_the_numpy_ones():
     import tensorflow as tf
 
-    from pneumonia.ood import tf_scores
+    from pneumonia.models.ood import tf_scores
 
     rng = np.random.default_rng(2)
     features, labels = _clusters(rng, 500)
@@ -55,9 +55,9 @@ def test_features_come_with_the_same_probabilities_from_one_forward_pass(ensembl
     import tensorflow as tf
 
     from pneumonia.config import ModelConfig
-    from pneumonia.ensemble import build_ensemble
-    from pneumonia.models import build_model
-    from pneumonia.ood import features_and_probabilities, model_with_features
+    from pneumonia.models.architectures import build_model
+    from pneumonia.models.ensemble import build_ensemble
+    from pneumonia.models.ood import features_and_probabilities, model_with_features
 
     tf.keras.utils.set_random_seed(0)
     members = [build_model(ModelConfig(name="xraynet", width=8), (32, 32, 1)) for _ in range(2 if ensemble else 1)]

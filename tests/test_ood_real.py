@@ -69,13 +69,13 @@ def make_real_artifact(root: Path, image_size: int = 64, epochs: int = 4, images
     the data: the artifact's guard is fitted and calibrated as `pneumonia export --data` does."""
     import tensorflow as tf
 
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.artifacts.export import export
     from pneumonia.config import ExperimentConfig, with_overrides
-    from pneumonia.export import export
-    from pneumonia.models import build_model, compile_model
-    from pneumonia.pipeline import load_images
-    from pneumonia.train import carve_validation
-    from pneumonia.worker import preprocess_spec
+    from pneumonia.data.pipeline import load_images
+    from pneumonia.data.records import carve_validation
+    from pneumonia.models.architectures import build_model, compile_model
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.training.worker import preprocess_spec
 
     data = real_data("chest_xray_224")
     config = with_overrides(ExperimentConfig(), {"data.image_size": image_size, "model.name": "xraynet",
@@ -98,8 +98,8 @@ def make_real_artifact(root: Path, image_size: int = 64, epochs: int = 4, images
 
 def refusal_rates(exported) -> dict[str, float]:
     """Share of each kind the guard refuses, plus the 16 originals (which should pass)."""
-    from pneumonia.preprocess import decode_image
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.registry import load_artifact
+    from pneumonia.data.preprocess import decode_image
 
     artifact = load_artifact(exported.artifact)
     threshold = artifact.ood["threshold"]
@@ -133,7 +133,7 @@ def test_real_xrays_pass_and_what_is_not_one_is_refused(exported):
 
 @pytest.mark.timeout(900)
 def test_the_guard_is_recorded_and_passes_99_percent_of_the_validation_carve(exported):
-    from pneumonia.evaluate import VALIDATION, evaluate_artifact
+    from pneumonia.evaluation.evaluate import VALIDATION, evaluate_artifact
 
     guard = exported.ood
     assert guard["method"] == "mahalanobis-features" and guard["policy"] == "reject"

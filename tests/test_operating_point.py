@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from pneumonia.compare import ModelScores, compare_at_target_recall
-from pneumonia.metrics import binary_metrics, operating_point, safe_operating_point
-from pneumonia.intervals import bootstrap_intervals
-from pneumonia.report import write_report
+from pneumonia.evaluation.compare import ModelScores, compare_at_target_recall
+from pneumonia.evaluation.report import write_report
+from pneumonia.metrics.binary import binary_metrics, operating_point, safe_operating_point
+from pneumonia.metrics.intervals import bootstrap_intervals
 
 TARGET = 0.9
 
@@ -76,7 +76,7 @@ def test_the_choice_matches_a_brute_force_search_over_thresholds():
 
 
 def test_intervals_are_the_reports_at_the_same_threshold():
-    # One resampling scheme (pneumonia.bootstrap): what export records is what the report shows.
+    # One resampling scheme (pneumonia.metrics.bootstrap): what export records is what the report shows.
     labels, probabilities, patients = children(200, seed=3, images_each=2)
     safe = safe_operating_point(labels, probabilities, patients, TARGET, samples=400, seed=11)
     report = bootstrap_intervals(labels, probabilities, safe.threshold, n_boot=400, seed=11, groups=patients)

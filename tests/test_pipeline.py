@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from pneumonia.config import AugmentConfig, ModelConfig
-from pneumonia.data import discover, training_records
-from pneumonia.preprocess import PreprocessSpec
+from pneumonia.data.preprocess import PreprocessSpec
+from pneumonia.data.records import discover, training_records
 
 SPEC = PreprocessSpec(image_size=32)
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    from pneumonia.synth import make_synthetic_dataset
+    from pneumonia.data.synth import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("pipe") / "data"
     make_synthetic_dataset(root, n=60, seed=1, image_size=48)
@@ -33,7 +33,7 @@ def _one_epoch(dataset, images: int, batch_size: int):
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_batches_carry_uint8_images_labels_and_class_weights(records, cache):
-    from pneumonia.pipeline import training_dataset
+    from pneumonia.data.pipeline import training_dataset
 
     found, _ = records
     dataset, count, _ = training_dataset(found, SPEC, batch_size=8, augment=AugmentConfig(), seed=0,
@@ -47,7 +47,7 @@ def test_batches_carry_uint8_images_labels_and_class_weights(records, cache):
 
 def test_the_dataset_is_endless_and_reshuffled(records):
     """Workers must be able to run a fixed number of steps, whatever their shard size."""
-    from pneumonia.pipeline import training_dataset
+    from pneumonia.data.pipeline import training_dataset
 
     found, _ = records
     dataset, _, _ = training_dataset(found, SPEC, batch_size=len(found), augment=AugmentConfig(), seed=0)
@@ -58,8 +58,8 @@ def test_the_dataset_is_endless_and_reshuffled(records):
 
 
 def test_corrupt_files_are_skipped_in_both_modes(records, caplog):
-    from pneumonia.data import ImageRecord
-    from pneumonia.pipeline import training_dataset
+    from pneumonia.data.pipeline import training_dataset
+    from pneumonia.data.records import ImageRecord
 
     found, bad = records
     with_bad = [*found, ImageRecord(str(bad), 0, "IM-9998", "normal", "train")]
@@ -74,7 +74,7 @@ def test_corrupt_files_are_skipped_in_both_modes(records, caplog):
 
 
 def test_augmentation_changes_pixels_but_not_shape_or_range(records):
-    from pneumonia.pipeline import training_dataset
+    from pneumonia.data.pipeline import training_dataset
 
     found, _ = records
     plain, _, _ = training_dataset(found, SPEC, batch_size=len(found), augment=AugmentConfig(), seed=3)
@@ -97,8 +97,8 @@ def test_augmentation_changes_pixels_but_not_shape_or_range(records):
 @pytest.mark.parametrize("name", ["seed", "xraynet"])
 @pytest.mark.parametrize("size, channels", [(150, 1), (64, 3)])
 def test_models_output_one_probability_per_image(name, size, channels):
-    from pneumonia.models import build_model
-    from pneumonia.pipeline import predict_probabilities
+    from pneumonia.data.pipeline import predict_probabilities
+    from pneumonia.models.architectures import build_model
 
     model = build_model(ModelConfig(name=name), (size, size, channels))
     images = np.random.default_rng(0).integers(0, 256, (3, size, size, channels), dtype=np.uint8)
@@ -108,7 +108,7 @@ def test_models_output_one_probability_per_image(name, size, channels):
 
 
 def test_xraynet_is_cheaper_than_the_seed_network():
-    from pneumonia.models import build_model, multiply_adds
+    from pneumonia.models.architectures import build_model, multiply_adds
 
     seed = build_model(ModelConfig(name="seed"), (150, 150, 1))
     xraynet = build_model(ModelConfig(name="xraynet"), (150, 150, 1))
@@ -119,7 +119,7 @@ def test_xraynet_is_cheaper_than_the_seed_network():
 def test_mixed_precision_keeps_the_output_in_float32():
     import tensorflow as tf
 
-    from pneumonia.models import build_model
+    from pneumonia.models.architectures import build_model
 
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
     try:

@@ -9,18 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.helpers import assert_byte_corruptions_fail_cleanly, real_data
 from PIL import Image
 
-from pneumonia.preprocess import (
+from pneumonia.data.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     ImageTooLargeError,
     PreprocessSpec,
     decode_image,
 )
-
+from tests.helpers import assert_byte_corruptions_fail_cleanly, real_data
 
 DARK, BRIGHT = 30, 220
 

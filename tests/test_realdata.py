@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pneumonia.config import ModelConfig
-from pneumonia.preprocess import PreprocessSpec, decode_image
+from pneumonia.data.preprocess import PreprocessSpec, decode_image
 
 
 def _as_png(pixels: np.ndarray) -> bytes:
@@ -24,9 +24,9 @@ def test_short_training_on_pneumoniamnist_reaches_auc_095(shared_data):
     preprocessing, train the default model briefly, and score the official val split."""
     import tensorflow as tf
 
-    from pneumonia.metrics import binary_metrics
-    from pneumonia.models import build_model, compile_model
-    from pneumonia.pipeline import predict_probabilities
+    from pneumonia.data.pipeline import predict_probabilities
+    from pneumonia.metrics.binary import binary_metrics
+    from pneumonia.models.architectures import build_model, compile_model
 
     arrays = np.load(shared_data / "pneumoniamnist_trainval.npz")
     spec = PreprocessSpec(image_size=28, channels=1)

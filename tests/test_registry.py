@@ -7,16 +7,14 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pneumonia.data import ImageRecord
-from pneumonia.preprocess import PreprocessSpec
-from pneumonia.publish import data_fingerprint, export_artifact
-from pneumonia.registry import (
+from pneumonia.artifacts.publish import data_fingerprint, export_artifact
+from pneumonia.artifacts.registry import (
     SYNTHETIC_WARNING,
     ArtifactError,
     artifact_warning,
@@ -24,6 +22,8 @@ from pneumonia.registry import (
     load_artifact,
     resolve_artifact,
 )
+from pneumonia.data.preprocess import PreprocessSpec
+from pneumonia.data.records import ImageRecord
 
 SPEC = PreprocessSpec(image_size=32)
 SETTINGS = dict(threshold=0.37, target_recall=np.float32(0.75),  # numpy numbers are fine
@@ -41,9 +41,9 @@ METADATA_KEYS = {
 def checkpoint(tmp_path_factory):
     """(checkpoint folder, Keras model): a tiny untrained xraynet with non-trivial batch-norm
     statistics, so serving in training mode (batch statistics) would give different numbers."""
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
     from pneumonia.config import ModelConfig
-    from pneumonia.models import build_model, compile_model
+    from pneumonia.models.architectures import build_model, compile_model
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
 
     model = build_model(ModelConfig(name="xraynet", width=8), SPEC.shape)
     compile_model(model, "adam", 1e-3)
@@ -132,7 +132,7 @@ def test_metadata_records_provenance_and_usage(registry, checkpoint):
     assert set(metadata) == METADATA_KEYS
     assert metadata == json.loads((registry[2].path / "metadata.json").read_text())
     assert re.fullmatch(r"[0-9a-f]{40}", metadata["git_commit"]) or metadata["git_commit"] == "unknown"
-    assert datetime.fromisoformat(metadata["created"]).utcoffset() == timezone.utc.utcoffset(None)
+    assert datetime.fromisoformat(metadata["created"]).utcoffset() == UTC.utcoffset(None)
     assert metadata["format_version"] == 1 and metadata["classes"] == ["NORMAL", "PNEUMONIA"]
     assert metadata["input"] == {"image_size": 32, "channels": 1, "resize": "stretch", "normalize": "none",
                                  "dtype": "uint8"}
@@ -184,14 +184,14 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused(registry, tmp_path):
 
 
 def test_an_export_that_fails_midway_leaves_no_version(registry, checkpoint, monkeypatch):
-    import pneumonia.publish
+    import pneumonia.artifacts.publish
 
     def crash(model, spec, directory, guard=None):
         directory.mkdir()
         (directory / "saved_model.pb").write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pneumonia.publish, "_save_serving_model", crash)
+    monkeypatch.setattr(pneumonia.artifacts.publish, "_save_serving_model", crash)
     root = registry[0]
     with pytest.raises(RuntimeError, match="disk full"):
         export_artifact(str(checkpoint[0]), root, **SETTINGS)
@@ -284,8 +284,8 @@ def test_unreadable_metadata_is_refused(copy_of_latest):
 
 def test_importing_the_registry_loads_neither_tensorflow_nor_ray():
     """The serving process imports this module; TensorFlow must load only when a model does."""
-    code = ("import sys, pneumonia.registry; "
-            "print(sorted(m for m in ('tensorflow', 'ray', 'pneumonia.train', 'pneumonia.tune') if m in sys.modules))")
+    code = ("import sys, pneumonia.artifacts.registry; "
+            "print(sorted(m for m in ('tensorflow', 'ray', 'pneumonia.training.driver', 'pneumonia.training.sweep') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"
 

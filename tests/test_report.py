@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia.metrics import METRIC_NAMES, binary_metrics
-from pneumonia.intervals import INTERVAL_METRICS, bootstrap_intervals, resampled_metrics
-from pneumonia.report import PLOTS, write_report
+from pneumonia.evaluation.report import PLOTS, write_report
+from pneumonia.metrics.binary import METRIC_NAMES, binary_metrics
+from pneumonia.metrics.intervals import INTERVAL_METRICS, bootstrap_intervals, resampled_metrics
 
 
 def scores(n: int, seed: int = 0, separation: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +199,7 @@ def test_one_class_labels_give_a_report_with_undefined_aucs(tmp_path):
 
 
 def test_stress_table_appears_in_the_page_and_the_json(tmp_path):
-    from pneumonia.stress import stress_report
+    from pneumonia.metrics.stress import stress_report
 
     rng = np.random.default_rng(4)
     labels = np.array([0] * 20 + [1] * 40)

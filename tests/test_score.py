@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 
 import pneumonia.scoring.run as scoring_run
+from pneumonia.artifacts.registry import ArtifactError
+from pneumonia.cli.score import cmd_score
 from pneumonia.errors import ConfigError, DataError, Interrupted, OutputError, PneumoniaError
-from pneumonia.registry import ArtifactError
-from pneumonia.scoring import ScoreResult, cmd_score, score
+from pneumonia.scoring import ScoreResult, score
 from pneumonia.scoring.inputs import list_input
 from pneumonia.scoring.outputs import default_output, output_schema
 from tests.helpers import real_data
@@ -73,7 +74,7 @@ def no_ray(monkeypatch):
     def refuse():
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr("pneumonia.train.init_ray", refuse)
+    monkeypatch.setattr("pneumonia.local_ray.init_ray", refuse)
 
 
 # ----------------------------------------------------------------------------- errors before Ray
@@ -232,7 +233,7 @@ def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_pa
 def _serve(registry: Path) -> dict[str, object]:
     """What the Serve app's model core answers for each real X-ray sent alone: ServedModel.decode
     (decode_image), then one pass through the artifact's signature: a Scored (or the decode error)."""
-    from pneumonia.registry import resolve_artifact
+    from pneumonia.artifacts.registry import resolve_artifact
     from pneumonia.serving import ServedModel
 
     model = ServedModel(str(resolve_artifact(registry)))
@@ -253,11 +254,11 @@ def served(registry) -> dict[str, float]:
 def guarded_registry(registry, tmp_path_factory) -> Path:
     """The same model exported with an out-of-distribution guard (policy ``flag``) whose threshold
     passes half of the real X-rays, so that both kinds of answer occur."""
-    from pneumonia.checkpoint import load_model_from_directory
+    from pneumonia.artifacts.publish import export_artifact
     from pneumonia.config import ExperimentConfig
-    from pneumonia.ood import features_and_probabilities, fit_guard, model_with_features
-    from pneumonia.preprocess import PreprocessSpec, decode_image
-    from pneumonia.publish import export_artifact
+    from pneumonia.data.preprocess import PreprocessSpec, decode_image
+    from pneumonia.models.checkpoint import load_model_from_directory
+    from pneumonia.models.ood import features_and_probabilities, fit_guard, model_with_features
 
     checkpoint = registry.parent / "ckpt-8"  # where tests.test_serving_ops._export saved it
     files = sorted(real_data("chest_xray_val16").rglob("*.jpeg"))

@@ -15,8 +15,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pneumonia import service
 from pneumonia.cli import main
+from pneumonia.serving import local_service as service
 from tests.test_serving import _free_port, _png
 
 
@@ -203,9 +203,9 @@ def test_sigterm_to_the_whole_process_group_stops_cleanly_and_leaves_no_process(
     """systemd and container runtimes signal the service's whole process group, so Ray's GCS and
     raylet get the SIGTERM too; HAProxy (in a process group of its own) must not outlive them.
     The artifact says it was trained on synthetic data, and `pneumonia serve` says so at start."""
+    from pneumonia.artifacts.publish import export_artifact
+    from pneumonia.artifacts.registry import SYNTHETIC_WARNING
     from pneumonia.config import ExperimentConfig
-    from pneumonia.publish import export_artifact
-    from pneumonia.registry import SYNTHETIC_WARNING
     from tests.test_serving_ops import _export
 
     registry = tmp_path / "registry"

@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia.service import free_port as _free_port  # the name the serving test modules share
+from pneumonia.local_ray import free_port as _free_port  # the name the serving test modules share
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.artifacts.publish import export_artifact
     from pneumonia.config import ExperimentConfig, ModelConfig
-    from pneumonia.models import build_model, compile_model
-    from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.publish import export_artifact
+    from pneumonia.data.preprocess import PreprocessSpec
+    from pneumonia.models.architectures import build_model, compile_model
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
 
     root = tmp_path_factory.mktemp("serving")
     model = build_model(ModelConfig(name="xraynet", width=8), (64, 64, 1))
@@ -112,8 +112,8 @@ def test_real_xrays_get_a_label_probability_threshold_and_version(server, shared
 
 
 def test_predictions_match_the_artifact_run_in_process(server, artifact):
-    from pneumonia.preprocess import decode_image
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.registry import load_artifact
+    from pneumonia.data.preprocess import decode_image
 
     pixels = np.random.default_rng(0).integers(0, 256, (90, 70), dtype=np.uint8)
     body = _png(pixels)
@@ -338,8 +338,8 @@ def test_an_artifact_trained_on_synthetic_data_says_so_in_every_answer(server, a
 
     from ray import serve
 
-    from pneumonia.publish import export_artifact
-    from pneumonia.registry import SYNTHETIC_WARNING
+    from pneumonia.artifacts.publish import export_artifact
+    from pneumonia.artifacts.registry import SYNTHETIC_WARNING
     from pneumonia.serving import Classifier
 
     checkpoint = tmp_path / "ckpt"

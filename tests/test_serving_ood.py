@@ -49,12 +49,12 @@ def artifact(tmp_path_factory):
 
 def export_guarded(root):
     """A small model's artifact whose guard passes INSIDE and refuses OUTSIDE (made to order)."""
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.artifacts.publish import export_artifact
     from pneumonia.config import ExperimentConfig, ModelConfig
-    from pneumonia.models import build_model, compile_model
-    from pneumonia.ood import Guard, features_and_probabilities, model_with_features
-    from pneumonia.preprocess import PreprocessSpec, decode_image
-    from pneumonia.publish import export_artifact
+    from pneumonia.data.preprocess import PreprocessSpec, decode_image
+    from pneumonia.models.architectures import build_model, compile_model
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.models.ood import Guard, features_and_probabilities, model_with_features
 
     spec = PreprocessSpec(64, 1)
     model = build_model(ModelConfig(name="xraynet", width=8), spec.shape)
@@ -143,7 +143,7 @@ def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact,
 
 
 def test_pneumonia_predict_shows_a_flagged_image_as_not_a_chest_xray():
-    from pneumonia.client import format_predictions
+    from pneumonia.serving.client import format_predictions
 
     table = format_predictions([{"file": "holiday.jpeg", "out_of_distribution": True, "ood_score": 812.4,
                                  "ood_threshold": 301.2, "model": "m", "version": "v0001"}])

@@ -24,11 +24,11 @@ PATIENCE_S = 300
 
 
 def _export(registry, width: int):
-    from pneumonia.checkpoint import CheckpointInfo, save_checkpoint
+    from pneumonia.artifacts.publish import export_artifact
     from pneumonia.config import ExperimentConfig, ModelConfig
-    from pneumonia.models import build_model, compile_model
-    from pneumonia.preprocess import PreprocessSpec
-    from pneumonia.publish import export_artifact
+    from pneumonia.data.preprocess import PreprocessSpec
+    from pneumonia.models.architectures import build_model, compile_model
+    from pneumonia.models.checkpoint import CheckpointInfo, save_checkpoint
 
     model = build_model(ModelConfig(name="xraynet", width=width), (64, 64, 1))
     compile_model(model, "adam", 1e-3)
@@ -203,7 +203,6 @@ def test_serve_deploy_of_serve_config_rolls_out_a_new_version_without_failed_req
     from pathlib import Path
 
     import yaml
-
     from ray import serve
 
     if not ray_cluster.dashboard_url:

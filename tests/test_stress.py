@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia.preprocess import PreprocessSpec, decode_image, normalize_intensity
-from pneumonia.stress import CLEAN, SHIFTS, check_shift_names, shifted_images, stratified_subset, stress_report
+from pneumonia.config import check_shift_names
+from pneumonia.data.preprocess import PreprocessSpec, decode_image, normalize_intensity
+from pneumonia.data.shifts import CLEAN, SHIFTS, shifted_images, stratified_subset
+from pneumonia.metrics.stress import stress_report
 
 SIZE = 96
 SPEC = PreprocessSpec(SIZE, 1, "stretch")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pneumonia.data import parse_patient
-from pneumonia.summary import summarize
-from pneumonia.synth import make_synthetic_dataset
+from pneumonia.data.records import parse_patient
+from pneumonia.data.summary import summarize
+from pneumonia.data.synth import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Nothing waits in silence and nothing interrupted is reported as finished (pneumonia.supervision)."""
+"""Nothing waits in silence and nothing interrupted is reported as finished (pneumonia.training.supervision)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pneumonia.errors import Interrupted, PneumoniaError
 
 
 def test_outcome_counts_say_what_finished_stopped_and_never_started():
-    from pneumonia.supervision import outcome_counts
+    from pneumonia.training.supervision import outcome_counts
 
     assert outcome_counts(["TERMINATED", "INTERRUPTED", "NOT_STARTED", "NOT_STARTED"], "trials") == \
         "1 of 4 trials finished, 1 stopped mid-run, 2 never started"
@@ -19,7 +19,7 @@ def test_outcome_counts_say_what_finished_stopped_and_never_started():
 
 
 def test_a_sweep_with_unfinished_trials_is_an_interruption_and_says_how_to_resume():
-    from pneumonia.supervision import raise_if_interrupted
+    from pneumonia.training.supervision import raise_if_interrupted
 
     raise_if_interrupted({"a": "TERMINATED", "b": "ERROR"}, 2, "sweep s", "trials", "`resume`")  # complete: silent
     with pytest.raises(Interrupted) as caught:
@@ -38,7 +38,7 @@ def test_a_trial_whose_workers_wrote_an_epoch_ran_even_when_tunes_saved_state_la
 
     import ray.tune
 
-    from pneumonia.supervision import saved_statuses
+    from pneumonia.training.supervision import saved_statuses
 
     trials = [SimpleNamespace(trial_id="done", status="TERMINATED", last_result={"training_iteration": 6}),
               SimpleNamespace(trial_id="reported", status="PENDING", last_result={"training_iteration": 2}),
@@ -58,7 +58,7 @@ def test_a_trial_whose_workers_wrote_an_epoch_ran_even_when_tunes_saved_state_la
 
 
 def test_a_sweep_where_nothing_ran_says_so():
-    from pneumonia.tune import summarize_sweep
+    from pneumonia.training.sweep import summarize_sweep
 
     class Result:
         def __init__(self, trial_id):
@@ -74,7 +74,7 @@ def test_a_sweep_where_nothing_ran_says_so():
 
 
 def test_worker_bundles_are_recognised_by_their_shape():
-    from pneumonia.supervision import _bundles, _same_shape
+    from pneumonia.training.supervision import _bundles, _same_shape
 
     assert _same_shape([{"CPU": 0.9}, {"CPU": 0.9}], [{"CPU": 0.9}] * 2)
     assert not _same_shape([{"CPU": 0.1}], [{"CPU": 0.9}] * 2)  # a Tune trial's own driver
@@ -83,7 +83,7 @@ def test_worker_bundles_are_recognised_by_their_shape():
 
 
 def test_start_retries_are_bounded_on_a_fixed_cluster(monkeypatch):
-    from pneumonia import supervision
+    from pneumonia.training import supervision
 
     config = with_overrides(ExperimentConfig(), {"run.start_retries": 1, "run.resource_timeout_s": 30})
     monkeypatch.setattr(supervision, "has_autoscaler", lambda: False)
@@ -140,7 +140,7 @@ def test_a_starved_sweep_stops_with_the_reason_instead_of_waiting(ray_cluster, s
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from pneumonia.config import load_config
-    from pneumonia.tune import tune
+    from pneumonia.training.sweep import tune
     from tests.test_tune import ROOT
 
     config = with_overrides(load_config(ROOT / "tune_configs" / "quick.yaml"), {

@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia.synth import (
-    LUNG_AXES,
-    LUNG_CENTERS,
-    SynthSummary,
-    make_synthetic_dataset,
-    render_xray,
-)
+from pneumonia.data.synth import LUNG_AXES, LUNG_CENTERS, SynthSummary, make_synthetic_dataset, render_xray
 
 SPLITS = ("train", "val", "test")
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -124,14 +118,14 @@ def test_images_are_grayscale_jpegs_of_requested_size(dataset):
 
 def test_the_dataset_says_it_is_synthetic_and_discovery_ignores_the_marker(dataset):
     """A model trained here must not pass for one trained on X-rays: the root carries a marker
-    (pneumonia.export copies what it says into the artifact), and the dataset reads as before."""
+    (pneumonia.artifacts.export copies what it says into the artifact), and the dataset reads as before."""
     import json
 
-    from pneumonia.data import discover
-    from pneumonia.synth import MARKER_FILE
+    from pneumonia.data.records import discover
+    from pneumonia.data.synth import MARKER_FILE
 
     marker = json.loads((dataset.root / MARKER_FILE).read_text())
-    assert marker["synthetic"] is True and marker["generator"] == "pneumonia.synth"
+    assert marker["synthetic"] is True and marker["generator"] == "pneumonia.data.synth"
     assert marker["n"] == N_IMAGES and marker["seed"] == 0 and marker["image_size"] == SIZE
     found = discover(str(dataset.root))
     assert len(found.records) == N_IMAGES and found.skipped == []

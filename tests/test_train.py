@@ -34,7 +34,7 @@ def small_config(storage: Path, **overrides) -> ExperimentConfig:
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, synthetic_data, tmp_path_factory):
-    from pneumonia.train import train
+    from pneumonia.training.driver import train
 
     storage = tmp_path_factory.mktemp("runs")
     # Two workers under MultiWorkerMirroredStrategy, with the cosine schedule and weight averaging
@@ -67,9 +67,9 @@ def test_keeps_only_the_best_k_checkpoints(trained):
 
 
 def test_checkpoint_loads_in_a_fresh_process_with_identical_predictions(trained, synthetic_data, tmp_path):
-    from pneumonia.checkpoint import load_checkpoint
-    from pneumonia.data import discover, evaluation_records
-    from pneumonia.pipeline import load_images, predict_probabilities
+    from pneumonia.data.pipeline import load_images, predict_probabilities
+    from pneumonia.data.records import discover, evaluation_records
+    from pneumonia.models.checkpoint import load_checkpoint
 
     model, info = load_checkpoint(trained.best_checkpoint)
     records = evaluation_records(discover(str(synthetic_data)))[:40]
@@ -79,8 +79,8 @@ def test_checkpoint_loads_in_a_fresh_process_with_identical_predictions(trained,
     np.save(tmp_path / "images.npy", images)
     script = (
         "import sys, numpy as np\n"
-        "from pneumonia.checkpoint import load_checkpoint\n"
-        "from pneumonia.pipeline import predict_probabilities\n"
+        "from pneumonia.models.checkpoint import load_checkpoint\n"
+        "from pneumonia.data.pipeline import predict_probabilities\n"
         "model, _ = load_checkpoint(sys.argv[1])\n"
         "np.save(sys.argv[3], predict_probabilities(model, np.load(sys.argv[2])))\n"
     )
@@ -94,7 +94,7 @@ def test_checkpoint_loads_in_a_fresh_process_with_identical_predictions(trained,
 
 
 def test_evaluate_cli_prints_metrics_as_json(trained, synthetic_data):
-    from pneumonia.data import discover, evaluation_records
+    from pneumonia.data.records import discover, evaluation_records
 
     test_images = len(evaluation_records(discover(str(synthetic_data))))
     completed = subprocess.run(
@@ -123,8 +123,8 @@ def _worker_pids() -> list[int]:
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_cluster, synthetic_data, tmp_path):
-    from pneumonia.train import train
-    from pneumonia.worker import HISTORY_FILE
+    from pneumonia.artifacts.runs import HISTORY_FILE
+    from pneumonia.training.driver import train
 
     config = small_config(tmp_path, **{"train.epochs": 10, "data.image_size": 32, "run.name": "killed", "run.max_failures": 2})
     outcome: dict = {}
@@ -167,7 +167,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_
 
 def test_resume_continues_an_interrupted_run(ray_cluster, synthetic_data, tmp_path):
     from pneumonia.config import with_overrides
-    from pneumonia.train import train
+    from pneumonia.training.driver import train
 
     # A relative data path must work too: Ray workers run in another working directory.
     first = train(small_config(tmp_path, **{"train.epochs": 2, "run.name": "resumable"}),
@@ -186,8 +186,9 @@ def test_resume_continues_an_interrupted_run(ray_cluster, synthetic_data, tmp_pa
 
 
 def test_a_new_run_refuses_to_overwrite_an_existing_one(ray_cluster, synthetic_data, tmp_path):
+    from pneumonia.artifacts.runs import RUN_MANIFEST
     from pneumonia.errors import PneumoniaError
-    from pneumonia.train import RUN_MANIFEST, train
+    from pneumonia.training.driver import train
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / RUN_MANIFEST).write_text("{}")
@@ -197,7 +198,7 @@ def test_a_new_run_refuses_to_overwrite_an_existing_one(ray_cluster, synthetic_d
 
 def test_more_workers_than_cpus_fails_fast_instead_of_waiting(ray_cluster, synthetic_data, tmp_path):
     from pneumonia.errors import ConfigError
-    from pneumonia.train import train
+    from pneumonia.training.driver import train
 
     with pytest.raises(ConfigError, match="not enough resources"):
         train(small_config(tmp_path, **{"scaling.workers": 64}), str(synthetic_data), progress=lambda _: None)
@@ -210,7 +211,7 @@ def test_asking_for_gpus_the_cluster_lacks_says_what_to_change(monkeypatch, gpus
 
     from pneumonia.config import ExperimentConfig, with_overrides
     from pneumonia.errors import ConfigError
-    from pneumonia.train import check_resources
+    from pneumonia.training.fit import check_resources
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a fixed local cluster: fail, do not wait
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": float(gpus)})
@@ -223,8 +224,8 @@ def test_asking_for_gpus_the_cluster_lacks_says_what_to_change(monkeypatch, gpus
 
 def test_checkpoints_go_to_a_uri_storage(ray_cluster, synthetic_data, tmp_path):
     """Any pyarrow URI works as storage (file:// here; s3:// and gs:// use the same code path)."""
-    from pneumonia.checkpoint import load_checkpoint
-    from pneumonia.train import train
+    from pneumonia.models.checkpoint import load_checkpoint
+    from pneumonia.training.driver import train
 
     storage = f"file://{tmp_path}/remote"
     result = train(small_config(tmp_path, **{"train.epochs": 2, "run.storage": storage, "run.name": "uri"}),

@@ -48,7 +48,7 @@ def test_unknown_tune_key_is_rejected():
 
 
 def test_operating_point_is_the_most_precise_threshold_reaching_the_recall():
-    from pneumonia.metrics import binary_metrics, operating_point
+    from pneumonia.metrics.binary import binary_metrics, operating_point
 
     labels = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
     probabilities = [0.1, 0.2, 0.6, 0.7, 0.3, 0.65, 0.8, 0.85, 0.9, 0.95]
@@ -72,7 +72,7 @@ def _sweep_config(storage: Path, **overrides) -> ExperimentConfig:
 
 @pytest.fixture(scope="module")
 def imbalanced_data(tmp_path_factory):
-    from pneumonia.synth import make_synthetic_dataset
+    from pneumonia.data.synth import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("imbalanced") / "data"
     make_synthetic_dataset(root, n=900, seed=11, image_size=64, pneumonia_fraction=0.8)
@@ -85,10 +85,10 @@ def test_tuning_and_thresholding_raise_precision_at_the_target_recall(ray_cluste
     """The untuned baseline (class weights 1:1, threshold 0.5) flags too many healthy children;
     the sweep's best model at its validation-chosen threshold is more precise on held-out test
     data while keeping recall near the target."""
-    from pneumonia.evaluate import evaluate_artifact, evaluate_checkpoint
-    from pneumonia.export import export
-    from pneumonia.train import train
-    from pneumonia.tune import tune
+    from pneumonia.artifacts.export import export
+    from pneumonia.evaluation.evaluate import evaluate_artifact, evaluate_checkpoint
+    from pneumonia.training.driver import train
+    from pneumonia.training.sweep import tune
 
     baseline_config = with_overrides(_sweep_config(tmp_path), {"tune.num_samples": 1, "run.name": "baseline"})
     baseline_config = baseline_config.model_copy(update={"tune": None})
@@ -111,7 +111,7 @@ def test_tuning_and_thresholding_raise_precision_at_the_target_recall(ray_cluste
     assert after["threshold"] == pytest.approx(exported.threshold)
     # Compare precision at the same recall (the honest headline): the baseline's best threshold for
     # the tuned model's test recall, chosen on the test itself, against the tuned validation threshold.
-    from pneumonia.metrics import operating_point
+    from pneumonia.metrics.binary import operating_point
 
     matched = operating_point(untuned.labels, untuned.probabilities, target_recall=after["recall"])
     assert after["precision"] >= matched.precision - 0.02, (before, after, matched)
@@ -122,7 +122,7 @@ def test_tuning_and_thresholding_raise_precision_at_the_target_recall(ray_cluste
 
 @pytest.mark.ray
 def test_a_sweep_that_cannot_fit_fails_fast_instead_of_waiting(ray_cluster, imbalanced_data, tmp_path):
-    from pneumonia.tune import tune
+    from pneumonia.training.sweep import tune
 
     config = _sweep_config(tmp_path, **{"tune.max_concurrent_trials": 3})  # 3 x (2 x 0.9 + 0.1) CPUs > 4
     with pytest.raises(ConfigError, match="3 concurrent runs .* tune.max_concurrent_trials"):
@@ -132,7 +132,7 @@ def test_a_sweep_that_cannot_fit_fails_fast_instead_of_waiting(ray_cluster, imba
 def test_tunes_table_leads_with_the_objective_and_its_best_epoch():
     """Tune's progress table shows the first reported metrics and calls a trial's last value its
     best: lead with the objective and its running best, which is the epoch results.csv keeps."""
-    from pneumonia.worker import best_key, objective_first
+    from pneumonia.training.worker import best_key, objective_first
 
     metrics = {"loss": 0.4, "accuracy": 0.8, "val_roc_auc": 0.93, "val_precision_at_recall": 0.80, "epoch": 3}
     history = [{"epoch": 1, "val_precision_at_recall": 0.70}, {"epoch": 2, "val_precision_at_recall": 0.86}]

@@ -84,7 +84,7 @@ def test_a_sweep_beside_another_ray_finishes_and_gives_every_cpu_back(ray_cluste
                                                                       tmp_path):
     import ray
 
-    from pneumonia.tune import tune
+    from pneumonia.training.sweep import tune
 
     # Two trials that each need most of the CPUs: the second starts only once the first's worker
     # placement group is removed, which is what never happened beside another Ray.

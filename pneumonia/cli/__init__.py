@@ -16,7 +16,11 @@ The package: :mod:`~pneumonia.cli.entry` (entry point and exit statuses), :mod:`
 (`pneumonia score` lives with batch scoring, :mod:`pneumonia.scoring`).
 """
 
-from pneumonia.cli.entry import main
-from pneumonia.cli.parser import build_parser
+from pneumonia import runtime
+
+runtime.activate()  # the CLI is an entry point: legacy Keras before any command imports TensorFlow
+
+from pneumonia.cli.entry import main  # noqa: E402
+from pneumonia.cli.parser import build_parser  # noqa: E402
 
 __all__ = ["build_parser", "main"]

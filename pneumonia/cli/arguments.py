@@ -83,7 +83,7 @@ def config_field(key: str):
 
 
 def service_url(text: str) -> str:
-    from pneumonia.client import check_url
+    from pneumonia.serving.client import check_url
 
     try:
         return check_url(text)
@@ -92,7 +92,7 @@ def service_url(text: str) -> str:
 
 
 def shift_names(text: str) -> str:
-    from pneumonia.stress import check_shift_names
+    from pneumonia.config import check_shift_names
 
     try:
         check_shift_names([name.strip() for name in text.split(",")])
@@ -103,7 +103,7 @@ def shift_names(text: str) -> str:
 
 def artifact_name(text: str) -> str:
     """A model name the registry accepts, checked before the checkpoint's model loads."""
-    from pneumonia.registry import NAME_PATTERN
+    from pneumonia.artifacts.registry import NAME_PATTERN
 
     if not NAME_PATTERN.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} must be letters, digits, '.', '_' or '-' (a folder name)")

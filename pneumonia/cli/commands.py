@@ -20,7 +20,7 @@ from pneumonia.storage import is_uri
 
 
 def cmd_synth(args) -> None:
-    from pneumonia.synth import make_synthetic_dataset
+    from pneumonia.data.synth import make_synthetic_dataset
 
     try:
         summary = make_synthetic_dataset(
@@ -38,7 +38,7 @@ def cmd_synth(args) -> None:
 
 
 def cmd_data_summarize(args) -> None:
-    from pneumonia.summary import summarize
+    from pneumonia.data.summary import summarize
 
     require_folder(args.directory, None, "data folder")
     summary = summarize(args.directory)
@@ -66,7 +66,7 @@ def train_overrides(args) -> dict[str, Any]:
 
 def cmd_train(args) -> None:
     from pneumonia.config import load_config, with_overrides
-    from pneumonia.train import train
+    from pneumonia.training.driver import train
 
     overrides = train_overrides(args)
     config = with_overrides(load_config(args.config), overrides)
@@ -98,7 +98,7 @@ def cmd_train(args) -> None:
 
 def cmd_tune(args) -> None:
     from pneumonia.config import load_config, parse_set_option, with_overrides
-    from pneumonia.tune import tune
+    from pneumonia.training.sweep import tune
 
     overrides = {"run.storage": storage(args), "run.name": args.name, "tune.num_samples": args.samples}
     overrides.update(parse_set_option(args.set or []))
@@ -123,8 +123,8 @@ def cmd_tune(args) -> None:
 
 def _check_new_sweep(args, config) -> None:
     """What a new sweep needs, checked before Ray starts: readable training images
-    (pneumonia.data.check_training_data) and writable storage."""
-    from pneumonia.data import check_training_data
+    (pneumonia.data.records.check_training_data) and writable storage."""
+    from pneumonia.data.records import check_training_data
 
     if args.data is None:
         raise PneumoniaError("--data is required (a dataset root or a folder of class folders)")
@@ -140,7 +140,7 @@ def _short(value) -> str:
 
 
 def cmd_export(args) -> None:
-    from pneumonia.export import export
+    from pneumonia.artifacts.export import export
 
     _check_export_args(args)
     exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name, ood_policy=args.ood_policy)
@@ -154,7 +154,7 @@ def _check_export_args(args) -> None:
         raise OutputError(f"--registry {args.registry}: the registry must be a local folder")
     require_output_folder(args.registry, "--registry")
     if args.data is not None:
-        from pneumonia.data import check_training_data
+        from pneumonia.data.records import check_training_data
 
         require_folder(args.data, "--data", "data folder")
         check_training_data(args.data)
@@ -165,8 +165,8 @@ def cmd_serve(args) -> None:
     import signal
     import time
 
-    from pneumonia.registry import artifact_warning, verify_artifact
-    from pneumonia.service import local_service
+    from pneumonia.artifacts.registry import artifact_warning, verify_artifact
+    from pneumonia.serving.local_service import local_service
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -195,7 +195,7 @@ def cmd_serve(args) -> None:
 
 def cmd_predict(args) -> None:
     """POST each file to a running service and print its answer."""
-    from pneumonia.client import format_predictions, predict_files
+    from pneumonia.serving.client import format_predictions, predict_files
 
     rows = predict_files(args.url, args.files, timeout_s=args.timeout)
     emit({"predictions": rows}, args.json, format_predictions(rows))

@@ -20,17 +20,18 @@ def _quick_sweep_config() -> Path:
 def cmd_demo(args) -> None:
     """Synthetic data -> distributed training -> sweep -> serving artifact -> report -> a live
     service answering a few requests, on a local Ray."""
-    from pneumonia.client import format_predictions, predict_files
-    from pneumonia.compare import ModelScores, compare_at_target_recall
+    from pneumonia.artifacts.export import export
     from pneumonia.config import load_config, with_overrides
-    from pneumonia.evaluate import VALIDATION, evaluate_artifact, evaluate_checkpoint
-    from pneumonia.export import export
-    from pneumonia.metrics import format_table
-    from pneumonia.report import write_report
-    from pneumonia.service import free_port, local_service
-    from pneumonia.synth import make_synthetic_dataset
-    from pneumonia.train import train
-    from pneumonia.tune import tune
+    from pneumonia.data.synth import make_synthetic_dataset
+    from pneumonia.evaluation.compare import ModelScores, compare_at_target_recall
+    from pneumonia.evaluation.evaluate import VALIDATION, evaluate_artifact, evaluate_checkpoint
+    from pneumonia.evaluation.report import write_report
+    from pneumonia.local_ray import free_port
+    from pneumonia.metrics.binary import format_table
+    from pneumonia.serving.client import format_predictions, predict_files
+    from pneumonia.serving.local_service import local_service
+    from pneumonia.training.driver import train
+    from pneumonia.training.sweep import tune
 
     require_output_folder(args.out, "--out")
     out = Path(args.out).resolve()

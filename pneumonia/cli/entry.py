@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from pneumonia import QuietNativeLogStream
 from pneumonia.cli import common
 from pneumonia.cli import parser as parser_module
 from pneumonia.errors import Interrupted, PneumoniaError
+from pneumonia.runtime import QuietNativeLogStream
 
 
 def main(argv: list[str] | None = None) -> int:

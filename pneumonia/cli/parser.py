@@ -11,10 +11,11 @@ from pneumonia.cli import commands
 from pneumonia.cli import demo as demo_command
 from pneumonia.cli import evaluate as evaluate_command
 from pneumonia.cli.arguments import PORT, Parser, artifact_name, config_number, number, service_url, shift_names
+from pneumonia.cli.score import add_parser as add_score_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pneumonia.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MIN_IMAGES
+    from pneumonia.data.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MIN_IMAGES
 
     parser = Parser(
         prog="pneumonia", description="Train, tune and serve a chest X-ray pneumonia classifier on Ray."
@@ -126,8 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve-port", type=number(int, 0, 65535), default=0,
                       help="port for the final service (default 0: a free one)")
     demo.set_defaults(func=demo_command.cmd_demo)
-
-    from pneumonia.scoring import add_parser as add_score_parser
 
     add_score_parser(subcommands)  # pneumonia score: batch scoring with Ray Data (pneumonia.scoring)
     return parser

@@ -1,9 +1,9 @@
-"""Batch scoring of X-ray archives with Ray Data: ``pneumonia score``.
+"""Batch scoring of X-ray archives with Ray Data (the library behind ``pneumonia score``, :mod:`pneumonia.cli.score`).
 
 A hospital wants yesterday's worklist or a whole PACS export scored, not one request at a time.
 :func:`score` reads every image under a folder or object-store prefix (or every ``path`` of a
 CSV/Parquet manifest) and writes one row per file: path, label, probability, threshold,
-ood_score and out_of_distribution (the artifact's out-of-distribution guard, :mod:`pneumonia.ood`;
+ood_score and out_of_distribution (the artifact's out-of-distribution guard, :mod:`pneumonia.models.ood`;
 empty and false without one), model, version and, for a file that could not be read or decoded,
 an ``error`` (label and probability empty) instead of a failed run. An image the guard calls out of
 distribution keeps its probability (for audit) but gets no label, as the service gives none.
@@ -20,10 +20,10 @@ The pipeline, on Ray Data's streaming executor::
   the default is then one actor per CPU, so decoding still uses every core. Measured on 2 cores:
   fused with 2 actors 80-94 images/s, separate stages (1 actor + 1 decoding CPU) 46 (see
   docs/BENCHMARKS.md).
-- **Same numbers as serving.** Decoding is :func:`pneumonia.preprocess.decode_image` with the
-  artifact's own :class:`~pneumonia.preprocess.PreprocessSpec`, inference is
+- **Same numbers as serving.** Decoding is :func:`pneumonia.data.preprocess.decode_image` with the
+  artifact's own :class:`~pneumonia.data.preprocess.PreprocessSpec`, inference is
   :meth:`LoadedArtifact.predict_scored` (probability and guard score from one pass), judged by
-  :class:`pneumonia.ood.Scored`, and the label is ``probability >= threshold`` compared as Python
+  :class:`pneumonia.models.ood.Scored`, and the label is ``probability >= threshold`` compared as Python
   floats: exactly what :class:`pneumonia.serving.ServedModel` (the service's model core) does per batch.
 - **Read and decode in one CPU task.** A full-resolution X-ray is 0.2-2 MB of JPEG and 50 KB of
   model input: decoding where the bytes were read keeps the large bytes out of the object store.
@@ -63,7 +63,6 @@ missing or corrupt artifact (:class:`ArtifactError`), an empty or missing input
 may be a read-only archive).
 """
 
-from pneumonia.scoring.command import add_parser, cmd_score
 from pneumonia.scoring.run import DEFAULT_BATCH_SIZE, ScoreResult, score
 
-__all__ = ["DEFAULT_BATCH_SIZE", "ScoreResult", "add_parser", "cmd_score", "score"]
+__all__ = ["DEFAULT_BATCH_SIZE", "ScoreResult", "score"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pneumonia import IMAGE_EXTENSIONS
+from pneumonia.data.labels import IMAGE_EXTENSIONS
 from pneumonia.errors import DataError
 from pneumonia.storage import is_uri, join, list_files, read_bytes
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia.data.preprocess import PreprocessSpec, decode_image
 from pneumonia.errors import DataError, PneumoniaError
-from pneumonia.preprocess import PreprocessSpec, decode_image
 from pneumonia.scoring.inputs import ScoreInput, first_line
 from pneumonia.scoring.outputs import output_schema
 from pneumonia.storage import read_bytes
@@ -45,7 +45,7 @@ class PackedArtifact:
 def pack_artifact(location: str) -> PackedArtifact:
     """Resolve (a version, a name folder's LATEST, a one-model registry; a local path or a URI),
     verify (metadata, every file's sha256) and read an artifact, without TensorFlow."""
-    from pneumonia.registry import ArtifactError
+    from pneumonia.artifacts.registry import ArtifactError
     from pneumonia.storage import is_uri, local_directory
 
     if not is_uri(location):
@@ -58,7 +58,7 @@ def pack_artifact(location: str) -> PackedArtifact:
 
 
 def _pack(location: Path) -> PackedArtifact:
-    from pneumonia.registry import METADATA_FILE, verify_artifact
+    from pneumonia.artifacts.registry import METADATA_FILE, verify_artifact
 
     verified = verify_artifact(location)
     files = {name: (verified.path / name).read_bytes() for name in [*verified.metadata["files"], METADATA_FILE]}
@@ -67,7 +67,7 @@ def _pack(location: Path) -> PackedArtifact:
 
 def unpack_artifact(files: dict[str, bytes]):
     """Write shipped artifact files to a scratch folder and load them (verified again there)."""
-    from pneumonia.registry import load_artifact
+    from pneumonia.artifacts.registry import load_artifact
 
     scratch = Path(tempfile.mkdtemp(prefix="pneumonia-score-"))
     try:
@@ -110,7 +110,7 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
-        from pneumonia.ood import Scored, judge
+        from pneumonia.models.ood import Scored, judge
 
         errors = [str(error) for error in batch["error"]]
         good = np.flatnonzero([not error for error in errors])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from pneumonia import CLASS_NAMES
+from pneumonia.data.labels import CLASS_NAMES
+from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS
 from pneumonia.errors import Interrupted, PneumoniaError
-from pneumonia.preprocess import DEFAULT_MAX_PIXELS
 from pneumonia.scoring.inputs import ScoreInput, first_line, list_input
 from pneumonia.scoring.outputs import (
     already_scored,
@@ -126,7 +127,7 @@ def _run(todo: ScoreInput, packed: PackedArtifact, result: ScoreResult, *, gpu: 
     """Start (or join) Ray, stream the results into part files, count them into ``result``."""
     import ray
 
-    from pneumonia.train import init_ray
+    from pneumonia.local_ray import init_ray
 
     init_ray()
     concurrency = concurrency or _default_concurrency(gpu)
@@ -172,7 +173,7 @@ def _check_resources(gpu: bool, concurrency: int) -> None:
     on the user's cluster the autoscaler may still add nodes, so it is a warning."""
     import ray
 
-    from pneumonia.supervision import gpu_advice, refuse_or_wait
+    from pneumonia.local_ray import gpu_advice, refuse_or_wait
 
     available = ray.cluster_resources()
     problems = []

@@ -1,8 +1,9 @@
 """Ray Serve deployment: one FastAPI ingress that decodes images and batches them through the model.
 
 This module is the HTTP surface (routes, admission, batching, metrics); what the model answers is
-the model core's (:class:`pneumonia.serving.model.ServedModel`), and the review page's routes are
-:mod:`pneumonia.serving.page`.
+the model core's (:class:`pneumonia.serving.model.ServedModel`), the Open Inference Protocol's
+request and response shapes are :mod:`pneumonia.serving.protocol`, and the review page's routes
+are :mod:`pneumonia.serving.page`.
 
 Why one deployment: decoding a full-resolution X-ray costs more CPU than the CNN (see
 docs/BENCHMARKS.md), and every hop between Serve processes costs about as much again. So each
@@ -10,7 +11,7 @@ replica decodes in a thread pool (Pillow releases the GIL) and gathers concurren
 one compiled forward pass (``@serve.batch``); replicas autoscale together. Each replica takes a
 bounded number of requests (``max_pending``) and answers the rest at once with a JSON 503, so
 overload never becomes a growing queue. Run under Serve's throughput-optimised mode (see
-:mod:`pneumonia.service`), HTTP goes from HAProxy straight to the replica.
+:mod:`pneumonia.serving.local_service`), HTTP goes from HAProxy straight to the replica.
 
 Serving imports only the preprocessing function and the registry (never train or tune code), and
 applies the same ``decode_image`` that training used: no training/serving skew.
@@ -24,7 +25,6 @@ calls on real X-rays for a diagnosis.
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) in the
 # signatures of the class-based routes that Serve wraps.
 import asyncio
-import base64
 import os
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from pneumonia import RAY_ENV
-from pneumonia.ood import NOT_AN_XRAY, POLICIES, Scored
-from pneumonia.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
+from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
+from pneumonia.models.ood import NOT_AN_XRAY, POLICIES, Scored
+from pneumonia.runtime import RAY_ENV
+from pneumonia.serving import protocol
 from pneumonia.serving.errors import HTTPError, json_error, json_errors
 from pneumonia.serving.model import ServedModel
 from pneumonia.serving.page import add_page
@@ -275,20 +276,7 @@ class Classifier:
     async def model_metadata(self, name: str):
         if name != self.model.name:
             return json_error(404, f"unknown model {name!r}; this server has {self.model.name!r}")
-        size, channels = self.model.spec.image_size, self.model.spec.channels
-        return {
-            "name": name,
-            "versions": [self.model.version],
-            "platform": "tensorflow_savedmodel",
-            "inputs": [
-                {"name": "image", "datatype": "BYTES", "shape": [-1]},
-                {"name": "pixels", "datatype": "UINT8", "shape": [-1, size, size, channels]},
-            ],
-            "outputs": [
-                {"name": "probability", "datatype": "FP32", "shape": [-1]},
-                {"name": "label", "datatype": "BYTES", "shape": [-1]},
-            ],
-        }
+        return protocol.model_metadata(name, self.model.version, self.model.spec.shape)
 
     @api.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str):
@@ -305,60 +293,17 @@ class Classifier:
                 payload = await request.json()
             except ValueError:
                 raise HTTPError(400, "body is not valid JSON") from None
-            images = self._oip_images(payload)
+            images = protocol.request_images(payload, self.model.spec.shape)
             scored = await self._classify(images)
-            probabilities = [None if s.out_of_distribution else s.probability for s in scored]
-            labels = [s.label(self.model.threshold) for s in scored]
-            return {
-                "model_name": name,
-                "model_version": self.model.version,
-                "id": payload.get("id") if isinstance(payload, dict) else None,
-                "parameters": {"threshold": self.model.threshold, **self.model.warned()},
-                "outputs": [
-                    {"name": "probability", "datatype": "FP32", "shape": [len(images)], "data": probabilities},
-                    {"name": "label", "datatype": "BYTES", "shape": [len(images)], "data": labels},
-                    *([{"name": "ood_score", "datatype": "FP32", "shape": [len(images)],
-                        "data": [s.ood_score for s in scored]}] if self.model.guard else []),
-                ],
-            }
+            return protocol.infer_response(
+                name, self.model.version, payload,
+                probabilities=[None if s.out_of_distribution else s.probability for s in scored],
+                labels=[s.label(self.model.threshold) for s in scored],
+                parameters={"threshold": self.model.threshold, **self.model.warned()},
+                ood_scores=[s.ood_score for s in scored] if self.model.guard else None,
+            )
 
         return await self._guarded(work())
-
-    def _oip_images(self, payload: Any) -> list[tuple[str, bytes | np.ndarray]]:
-        """Named images from an inference request: encoded files ("BYTES", base64) or decoded
-        pixels ("UINT8")."""
-        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), list) or not payload["inputs"]:
-            raise HTTPError(400, "expected {\"inputs\": [{\"name\", \"datatype\", \"shape\", \"data\"}]}")
-        tensor = payload["inputs"][0]
-        if not isinstance(tensor, dict):
-            raise HTTPError(400, "each input must be an object")
-        datatype, data = tensor.get("datatype"), tensor.get("data")
-        if not isinstance(data, list) or not data:
-            raise HTTPError(400, "input 'data' must be a non-empty list")
-        if datatype == "BYTES":
-            encoded = []
-            for index, item in enumerate(data):
-                try:
-                    raw = base64.b64decode(item, validate=True) if isinstance(item, str) else None
-                except ValueError:
-                    raw = None
-                if raw is None:
-                    raise HTTPError(400, f"input {index}: BYTES data must be base64-encoded image files")
-                encoded.append((f"input {index}", raw))
-            return encoded
-        if datatype == "UINT8":
-            expected = list(self.model.spec.shape)
-            shape = tensor.get("shape")
-            try:
-                pixels = np.asarray(data, dtype=np.int64)
-            except (TypeError, ValueError):
-                raise HTTPError(400, "UINT8 data must be integers") from None
-            if not isinstance(shape, list) or len(shape) != 4 or shape[1:] != expected:
-                raise HTTPError(400, f"UINT8 input must have shape [n, {', '.join(map(str, expected))}]")
-            if pixels.size != int(np.prod(shape)) or pixels.min() < 0 or pixels.max() > 255:
-                raise HTTPError(400, "UINT8 data does not match its shape or is outside 0..255")
-            return [(f"input {index}", image) for index, image in enumerate(pixels.reshape(shape).astype(np.uint8))]
-        raise HTTPError(400, f"unsupported datatype {datatype!r}: use BYTES (encoded images) or UINT8 (pixels)")
 
 
 # ----------------------------------------------------------------------------- application
@@ -374,7 +319,7 @@ def build_app(args: dict[str, Any] | None = None):
     $PNEUMONIA_ARTIFACT or ./registry, resolved to its latest version now, so every replica serves
     the same version), max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, max_pending,
     ood_policy (reject or flag: overrides the artifact's out-of-distribution policy)."""
-    from pneumonia.registry import resolve_artifact
+    from pneumonia.artifacts.registry import resolve_artifact
 
     args = dict(args or {})
     artifact = str(resolve_artifact(str(Path(args.pop("artifact", default_artifact())).expanduser().resolve())))

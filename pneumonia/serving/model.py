@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.ood import Scored, judge
-from pneumonia.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, decode_image, open_image
+from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, decode_image, open_image
+from pneumonia.models.ood import Scored, judge
 
 
 class ServedModel:
@@ -31,7 +31,7 @@ class ServedModel:
     """
 
     def __init__(self, artifact: str, max_pixels: int = DEFAULT_MAX_PIXELS, ood_policy: str | None = None):
-        from pneumonia.registry import artifact_warning, load_artifact
+        from pneumonia.artifacts.registry import artifact_warning, load_artifact
 
         self.artifact = load_artifact(artifact)
         self.metadata = self.artifact.metadata
@@ -69,13 +69,13 @@ class ServedModel:
 
     def explain(self, data: bytes, image: np.ndarray, layers: bool = False) -> dict[str, Any]:
         """Grad-CAM of the model input ``image``, drawn over the X-ray ``data`` as it was sent
-        (its aspect ratio, longest side 512 px: see pneumonia.explain).
+        (its aspect ratio, longest side 512 px: see pneumonia.models.explain).
 
         ``layers`` adds the two pictures the overlay is made of, at the same size: the X-ray in
         grey (``image_png``) and the colour-mapped heatmap (``heatmap_png``); a viewer that puts
         the heatmap over the X-ray at opacity a shows exactly the overlay blended at a.
         """
-        from pneumonia.explain import DEFAULT_ALPHA, DISPLAY_SIDE, GradCam
+        from pneumonia.models.explain import DEFAULT_ALPHA, DISPLAY_SIDE, GradCam
 
         with self._explainer_lock:
             if self._explainer is None:

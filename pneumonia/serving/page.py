@@ -37,7 +37,7 @@ HEADERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def asset(name: str) -> bytes:
     """The bytes of one packaged asset (read once per process)."""
     return (resources.files("pneumonia.serving") / "static" / name).read_bytes()

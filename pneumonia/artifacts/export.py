@@ -1,0 +1,205 @@
+"""Turn a training checkpoint into a versioned serving artifact with its decision threshold.
+
+The threshold is the validation split's answer to the clinical question (highest precision at
+recall >= target). With ``--data`` it is chosen on the same patient-grouped validation split
+that training carved (same seed and fraction, from the checkpoint's config) by the config's
+``objective.threshold_rule``: by default with a margin, so that the lower end of the patient-
+bootstrap interval of recall reaches the target (metrics.safe_operating_point). How it was
+chosen, and the precision and recall to expect with their intervals, go into the artifact's
+metadata as ``validation_metrics.operating_point``. Without ``--data``, the threshold the
+checkpoint recorded at its epoch (validation recall >= target, no margin) is used.
+
+What the model learned from goes into the metadata as ``training_data``: the data root that the
+run's manifest recorded (the nearest ``pneumonia_run.json`` or ``pneumonia_sweep.json`` above the
+checkpoint; ``--data`` when there is none) and whether it is synthetic, which
+:func:`pneumonia.data.synth.make_synthetic_dataset` marks at the dataset root. The service then
+warns in every answer of a model trained on synthetic images (``registry.artifact_warning``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from pneumonia.config import config_from_dict
+from pneumonia.errors import CheckpointError, PneumoniaError
+from pneumonia.metrics.binary import SafeOperatingPoint, binary_metrics, safe_operating_point
+from pneumonia.models.checkpoint import load_checkpoint
+from pneumonia.storage import exists, is_uri, join, read_bytes
+
+# Resamples of the validation split for the operating point's intervals: fixed, so that exporting
+# the same checkpoint on the same data always gives the same threshold.
+BOOTSTRAP_SEED = 0
+# Manifests sit 1 (a training run's checkpoint_*, an ensemble), 3 (a sweep's trials/<trial>/<ckpt>,
+# an ensemble member's members/member_<k>/<ckpt>) folders above a checkpoint: look no further up.
+MANIFEST_DEPTH = 3
+
+
+@dataclass
+class Exported:
+    artifact: str
+    version: str
+    threshold: float
+    target_recall: float
+    metrics: dict[str, Any]
+    operating_point: SafeOperatingPoint | None = None  # how the threshold was chosen (with --data)
+    ood: dict[str, Any] | None = None  # the out-of-distribution guard's metadata (with --data)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "version": self.version, "threshold": self.threshold,
+                "target_recall": self.target_recall, "metrics": self.metrics,
+                "operating_point": self.operating_point.to_json() if self.operating_point else None,
+                "out_of_distribution": self.ood}
+
+    def summary(self) -> str:
+        """Terminal text: where the artifact went and how far to trust its threshold."""
+        if self.operating_point is None:
+            how = f"threshold {self.threshold:.4f} (target recall {self.target_recall}, recorded by training)"
+        else:
+            how = self.operating_point.summary()
+        guard = ("no out-of-distribution guard (export with --data to fit one)" if self.ood is None else
+                 f"out-of-distribution guard: {self.ood['method']}, threshold {self.ood['threshold']:.1f} "
+                 f"({self.ood['validation_pass_rate']:.1%} of validation X-rays pass), policy {self.ood['policy']}")
+        return f"exported {self.version} to {self.artifact}\n  {how}\n  {guard}"
+
+
+def _parent(location: str) -> str:
+    """The folder holding a path or URI (a URI keeps its ``scheme://``)."""
+    if is_uri(location):
+        scheme, _, path = location.rstrip("/").partition("://")
+        return f"{scheme}://{path.rsplit('/', 1)[0]}" if "/" in path else location
+    return str(PurePosixPath(location.rstrip("/")).parent)
+
+
+def _sweep_config(checkpoint: str) -> dict[str, Any] | None:
+    """The tune section of the sweep a trial checkpoint came from (…/<sweep>/trials/<trial>/<ckpt>)."""
+    from pneumonia.artifacts.runs import SWEEP_MANIFEST
+
+    location = join(_parent(_parent(_parent(checkpoint))), SWEEP_MANIFEST)
+    if not exists(location):
+        return None
+    return json.loads(read_bytes(location))["config"].get("tune")
+
+
+def _manifest_data(checkpoint: str) -> str | None:
+    """The data root recorded by the nearest run or sweep manifest above a checkpoint, or None."""
+    from pneumonia.artifacts.runs import RUN_MANIFEST, SWEEP_MANIFEST
+
+    folder = checkpoint
+    for _ in range(MANIFEST_DEPTH):
+        folder = _parent(folder)
+        for name in (RUN_MANIFEST, SWEEP_MANIFEST):
+            location = join(folder, name)
+            if exists(location):
+                return json.loads(read_bytes(location)).get("data")
+    return None
+
+
+def _dataset_marker(root: str) -> dict[str, Any] | None:
+    """The marker :mod:`pneumonia.data.synth` leaves at a dataset's root, or None (not made there)."""
+    from pneumonia.data.synth import MARKER_FILE
+
+    location = join(root, MARKER_FILE)
+    if not exists(location):
+        return None
+    try:
+        marker = json.loads(read_bytes(location))
+    except ValueError as error:
+        raise ValueError(f"{location} is not JSON: {error}") from None
+    if not isinstance(marker, dict):
+        raise ValueError(f"{location} is not a JSON object")
+    return marker
+
+
+def training_data(checkpoint: str, members: list[str], data_root: str | None) -> dict[str, Any]:
+    """``{"synthetic": true|false|null, "roots": [...], "dataset": marker}``: what the model at
+    ``checkpoint`` learned from. Its roots come from the run's manifest, else from the members'
+    (an ensemble combined from other runs), else from ``data_root``; synthetic when any root is
+    marked so, unknown (null, with the ``problem``) when no root is known or one cannot be read."""
+    roots: list[str] = []
+    try:
+        found = _manifest_data(checkpoint)
+        roots = [found] if found else [root for root in map(_manifest_data, members) if root]
+        roots = list(dict.fromkeys(roots or ([data_root] if data_root else [])))
+        markers = [_dataset_marker(root) for root in roots]
+    except (OSError, ValueError, PneumoniaError) as error:  # moved, unreadable, a store that is down
+        return {"synthetic": None, "roots": roots, "problem": str(error)}
+    if not roots:
+        return {"synthetic": None, "roots": []}
+    flags = [marker.get("synthetic") if marker else False for marker in markers]
+    synthetic = True if True in flags else None if None in flags else False
+    dataset = next((marker for marker in markers if marker), None)
+    return {"synthetic": synthetic, "roots": roots, **({"dataset": dataset} if dataset else {})}
+
+
+# Training images the out-of-distribution guard is fitted on (a seeded, label-stratified sample):
+# enough for a stable covariance of a few hundred to a thousand features, seconds to decode.
+GUARD_FIT_IMAGES = 2000
+
+
+def fit_ood_guard(dual, train_part, validation_features: np.ndarray, spec, seed: int = BOOTSTRAP_SEED):
+    """The guard (pneumonia.models.ood) from a sample of the training carve's features, its threshold
+    letting 99% of the validation carve's images through."""
+    from pneumonia.data.pipeline import load_images
+    from pneumonia.models.ood import features_and_probabilities, fit_guard
+
+    rng = np.random.default_rng(seed)
+    sample = [train_part[i] for i in sorted(rng.permutation(len(train_part))[:GUARD_FIT_IMAGES])]
+    training = load_images(sample, spec)
+    features, _ = features_and_probabilities(dual, training.images)
+    return fit_guard(features, training.labels, validation_features)
+
+
+def export(checkpoint: str, registry: str, data_root: str | None = None, name: str = "pneumonia-cnn",
+           ood_policy: str = "reject") -> Exported:
+    """Export ``checkpoint`` to the registry. With ``data_root``: the threshold chosen on the
+    validation carve, and an out-of-distribution guard fitted on the training carve (its policy
+    for what it refuses, ``reject`` or ``flag``, goes into the artifact)."""
+    from pneumonia.artifacts.publish import data_fingerprint, export_artifact
+
+    model, info = load_checkpoint(checkpoint)
+    config = config_from_dict(info.config, source=f"checkpoint {checkpoint}")
+    objective = config.objective
+    target = objective.target_recall
+    fingerprint, point, guard = None, None, None
+    if data_root is not None:
+        from pneumonia.data.pipeline import load_images
+        from pneumonia.data.records import carve_validation
+        from pneumonia.models.ood import features_and_probabilities, model_with_features
+
+        _, train_part, val_part = carve_validation(data_root, config)
+        validation = load_images(val_part, info.preprocess)
+        dual = model_with_features(model)
+        validation_features, probabilities = features_and_probabilities(dual, validation.images)
+        guard = fit_ood_guard(dual, train_part, validation_features, info.preprocess)
+        point = safe_operating_point(
+            validation.labels, probabilities, [record.patient_id for record in validation.records], target,
+            objective.confidence, objective.bootstrap_samples, BOOTSTRAP_SEED, rule=objective.threshold_rule,
+        )
+        threshold = point.threshold
+        metrics = binary_metrics(validation.labels, probabilities, threshold)
+        metrics["precision_at_recall"] = point.precision
+        metrics["operating_point"] = point.to_json()
+        fingerprint = data_fingerprint(train_part)
+    elif "val_threshold" in info.metrics:
+        threshold = float(info.metrics["val_threshold"])
+        metrics = {key[4:]: value for key, value in info.metrics.items() if key.startswith("val_")}
+    else:
+        raise CheckpointError(
+            f"{checkpoint} records no decision threshold; pass --data so that it is chosen on the validation split"
+        )
+    try:
+        artifact = export_artifact(
+            checkpoint, registry, threshold=threshold, target_recall=target, validation_metrics=metrics,
+            training_config=info.config, tuning_config=_sweep_config(checkpoint),
+            data_fingerprint=fingerprint, training_data=training_data(checkpoint, info.members, data_root),
+            guard=guard, ood_policy=ood_policy, name=name,
+        )
+    except ValueError as error:
+        raise PneumoniaError(str(error)) from None
+    return Exported(str(artifact.path), artifact.version, threshold, target, metrics, point,
+                    artifact.metadata.get("out_of_distribution"))

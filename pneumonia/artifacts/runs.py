@@ -1,0 +1,90 @@
+"""What a training run or sweep leaves in storage, and how to find it again.
+
+One place for the run layout that training writes and export, resume and the interruption
+checks read: folder and file names, the manifest (name, data, config, creation time in UTC ISO
+8601), the per-epoch history the workers append to, and the latest run in a storage root.
+
+    <storage>/<run>/pneumonia_run.json       manifest of a training run (`pneumonia train`)
+    <storage>/<run>/history.json             every epoch's metrics (written by the workers)
+    <storage>/<run>/pneumonia_result.json    the best checkpoint and its metrics, once finished
+    <storage>/<run>/members/member_<i>/      an ensemble's member runs; <run>/ensemble its checkpoint
+    <storage>/<sweep>/pneumonia_sweep.json   manifest of a sweep (`pneumonia tune`)
+    <storage>/<sweep>/trials/<trial id>/     each trial's training run
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pneumonia.errors import PneumoniaError
+from pneumonia.storage import exists, is_uri, join, list_files, read_bytes, write_text
+
+RUN_MANIFEST = "pneumonia_run.json"
+SWEEP_MANIFEST = "pneumonia_sweep.json"
+RESULT_FILE = "pneumonia_result.json"
+HISTORY_FILE = "history.json"
+TRIALS_FOLDER = "trials"
+MEMBERS_FOLDER = "members"
+ENSEMBLE_FOLDER = "ensemble"
+
+
+def member_name(index: int) -> str:
+    """Member ``index``'s run name (its folder under ``<run>/members``; also its Tune trial folder)."""
+    return f"member_{index}"
+
+
+def resolve_storage(storage: str) -> str:
+    """Ray needs an absolute local path or a URI."""
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def write_manifest(storage: str, name: str, manifest_name: str, data_root: str, config: dict[str, Any]) -> None:
+    """Record a new run or sweep: what ``--resume`` and export read back."""
+    write_text(join(storage, name, manifest_name), json.dumps({
+        "name": name, "data": data_root, "config": config,
+        "created": datetime.now(UTC).isoformat(),
+    }, indent=2))
+
+
+def load_manifest(storage: str, name: str, manifest_name: str = RUN_MANIFEST, what: str = "run") -> dict[str, Any]:
+    location = join(storage, name, manifest_name)
+    if not exists(location):
+        raise PneumoniaError(f"--resume: {what} {name!r} not found in {storage}")
+    return json.loads(read_bytes(location))
+
+
+def _created(manifest: dict[str, Any]) -> datetime:
+    """A manifest's creation time, comparable across time zones (a naive one is taken as UTC)."""
+    try:
+        created = datetime.fromisoformat(manifest.get("created") or "")
+    except (TypeError, ValueError):
+        return datetime.min.replace(tzinfo=UTC)
+    return created if created.tzinfo else created.replace(tzinfo=UTC)
+
+
+def latest_run(storage: str, manifest_name: str = RUN_MANIFEST, what: str = "run") -> str:
+    """The most recently started run (or sweep) in storage, by its manifest's creation time."""
+    candidates = []
+    try:
+        entries = list_files(storage)
+    except PneumoniaError:
+        entries = []
+    for entry in entries:
+        parts = entry.relative.split("/")
+        if len(parts) == 2 and parts[1] == manifest_name:
+            candidates.append((_created(json.loads(read_bytes(entry.location))), parts[0]))
+    if not candidates:
+        raise PneumoniaError(f"--resume: no earlier {what} found in {storage}")
+    return max(candidates)[1]
+
+
+def history_location(storage: str, name: str) -> str:
+    """Where run ``name`` in ``storage`` keeps its history (what the run's workers write)."""
+    return join(storage, name, HISTORY_FILE)
+
+
+def read_history(location: str) -> list[dict[str, Any]]:
+    return json.loads(read_bytes(location)) if exists(location) else []

@@ -1,0 +1,148 @@
+"""Score a checkpoint or a serving artifact on a labelled split, with exact metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pneumonia.data.pipeline import load_images
+from pneumonia.data.preprocess import PreprocessSpec
+from pneumonia.data.records import class_counts, discover, evaluation_records
+from pneumonia.errors import DataError
+from pneumonia.metrics.binary import binary_metrics
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]
+    split: str
+    counts: dict[str, int]
+    skipped: int  # files not used (non-images or undecodable)
+    labels: np.ndarray = field(repr=False)
+    probabilities: np.ndarray = field(repr=False)
+    patient_ids: list[str] = field(repr=False)
+    stress: Any = field(default=None, repr=False)  # a pneumonia.metrics.stress.StressReport when asked for
+    ood: dict[str, Any] | None = None  # an artifact's guard on this split: rate, count, threshold, policy
+
+
+VALIDATION = "validation"
+"""Split name for the patient-grouped validation set carved out of train (as training did)."""
+
+
+def split_records(data_root: str, split: str, training_config: dict[str, Any] | None = None):
+    """(dataset, records) of a split; ``validation`` is rebuilt from the training config."""
+    if split == VALIDATION:
+        from pneumonia.config import config_from_dict
+        from pneumonia.data.records import carve_validation
+
+        dataset, _, records = carve_validation(data_root, config_from_dict(training_config or {}))
+        return dataset, records
+    dataset = discover(data_root)
+    return dataset, evaluation_records(dataset, split)
+
+
+def stress_evaluate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    spec: PreprocessSpec,
+    data_root: str,
+    split: str = VALIDATION,
+    training_config: dict[str, Any] | None = None,
+    target_recall: float = 0.95,
+    threshold: float | None = None,
+    shifts: list[str] | None = None,
+    max_images: int | None = None,
+    seed: int = 0,
+):
+    """Shift stress validation (``pneumonia.data.shifts``) of a predictor on a split.
+
+    ``threshold`` is the operating point whose drift is reported (an artifact's own); by default
+    the one the clean images give for ``target_recall``.
+    """
+    from pneumonia.config import check_shift_names
+    from pneumonia.data.pipeline import decode_threads
+    from pneumonia.data.shifts import load_sources, shifted_images, stratified_subset
+    from pneumonia.metrics.stress import stress_report
+
+    shifts = check_shift_names(shifts)
+    _, records = split_records(data_root, split, training_config)
+    decoded = _decode(records, spec, data_root)  # which files decode, and their labels
+    chosen = stratified_subset(decoded.labels, max_images, seed)
+    sources = load_sources([decoded.records[index].location for index in chosen])
+    images = shifted_images(sources, spec, shifts, seed=seed, threads=decode_threads())
+    return stress_report(predict, images, decoded.labels[chosen], target_recall, threshold)
+
+
+def evaluate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    spec: PreprocessSpec,
+    data_root: str,
+    split: str = "test",
+    threshold: float = 0.5,
+    training_config: dict[str, Any] | None = None,
+) -> Evaluation:
+    """Metrics of a predictor (uint8 images -> probabilities) on data_root's split or class folders.
+
+    ``split="validation"`` scores the validation set that training carved out of train/, rebuilt
+    from the training config (same seed and fraction), never the official val/ folder.
+    """
+    dataset, records = split_records(data_root, split, training_config)
+    return _score(predict, _decode(records, spec, data_root), dataset, split, threshold)
+
+
+def _decode(records, spec: PreprocessSpec, data_root: str):
+    decoded = load_images(records, spec)
+    if len(decoded.records) == 0:
+        raise DataError(f"none of the {len(records)} images in {data_root} could be decoded")
+    return decoded
+
+
+def _score(predict, decoded, dataset, split: str, threshold: float) -> Evaluation:
+    probabilities = np.asarray(predict(decoded.images), dtype=np.float32)
+    metrics = binary_metrics(decoded.labels, probabilities, threshold)
+    return Evaluation(
+        metrics=metrics,
+        split=split if dataset.splits != [None] else "class folders",
+        counts=class_counts(decoded.records),
+        skipped=len(dataset.skipped) + len(decoded.failures),
+        labels=decoded.labels.astype(int),
+        probabilities=probabilities,
+        patient_ids=[record.patient_id for record in decoded.records],
+    )
+
+
+def evaluate_checkpoint(checkpoint: str, data_root: str, split: str = "test", threshold: float = 0.5) -> Evaluation:
+    """Score a training checkpoint. The data is found and decoded before the model loads, so a
+    wrong --data or --split fails in a second, not after TensorFlow has started."""
+    from pneumonia.data.pipeline import predict_probabilities
+    from pneumonia.models.checkpoint import load_model_from_directory, read_info
+    from pneumonia.storage import local_directory
+
+    with local_directory(checkpoint) as directory:
+        info = read_info(directory)
+        dataset, records = split_records(data_root, split, info.config)
+        decoded = _decode(records, info.preprocess, data_root)
+        model = load_model_from_directory(directory)
+    return _score(lambda images: predict_probabilities(model, images), decoded, dataset, split, threshold)
+
+
+def evaluate_artifact(location: str, data_root: str, split: str = "test", threshold: float | None = None) -> Evaluation:
+    """Score a serving artifact at its stored threshold (or the one given). Its metadata is read
+    and the data found before the model loads (a wrong --data or --split fails in a second)."""
+    from pneumonia.artifacts.registry import load_artifact, read_metadata
+
+    dataset, records = split_records(data_root, split, read_metadata(location).get("training_config"))
+    artifact = load_artifact(location)
+    chosen = artifact.threshold if threshold is None else threshold
+    decoded = _decode(records, artifact.preprocess, data_root)
+    probabilities, scores = artifact.predict_scored(decoded.images)
+    evaluation = _score(lambda _: probabilities, decoded, dataset, split, chosen)
+    if scores is not None:  # a sudden rise on a new site's data is itself a warning
+        guard = artifact.ood
+        refused = int(np.sum(scores > guard["threshold"]))
+        evaluation.ood = {"rate": refused / max(len(scores), 1), "count": refused, "n": int(len(scores)),
+                          "threshold": float(guard["threshold"]), "policy": guard.get("policy"),
+                          "expected_rate": round(1 - float(guard.get("validation_pass_rate", 0.99)), 4)}
+    return evaluation

@@ -1,0 +1,132 @@
+"""A small HTTP client for the service: send X-ray files to POST /predict, collect the answers.
+
+Standard library only, so that a hospital integration script needs nothing but Python.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from pneumonia.data.labels import IMAGE_EXTENSIONS
+from pneumonia.errors import PneumoniaError
+
+CONTENT_TYPES = {".png": "image/png", ".dcm": "application/dicom", ".dicom": "application/dicom"}
+SENDABLE = IMAGE_EXTENSIONS | set(CONTENT_TYPES)
+"""Endings of the files taken from a folder given to :func:`image_files`."""
+ANSWER_KEYS = ("label", "probability", "threshold", "version")
+"""What every answer of our POST /predict holds (format_predictions prints them)."""
+
+
+def check_url(url: str) -> str:
+    """``url`` when it can name a service (http or https, with a host and a valid port); else
+    PneumoniaError saying what is wrong with it, before any file is read or sent."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as error:
+        raise PneumoniaError(f"{url!r} is not a valid URL ({error})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PneumoniaError(f"{url!r} is not an http(s) URL such as http://127.0.0.1:8000")
+    return url
+
+
+def image_files(names: list[str | Path]) -> list[Path]:
+    """The files to send: each named file, and the image files inside each named folder
+    (recursively, sorted, hidden files left out). Checks them all before anything is sent, so a
+    typo in the last name does not stop a batch halfway."""
+    files: list[Path] = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(child for child in path.rglob("*")
+                           if child.suffix.lower() in SENDABLE and child.is_file()
+                           and not any(part.startswith(".") for part in child.relative_to(path).parts))
+            if not found:
+                raise PneumoniaError(f"{name} is a directory with no images in it "
+                                     f"(looked for {', '.join(sorted(SENDABLE))}, in subfolders too)")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            raise PneumoniaError(f"{name} is not a regular file or a directory")
+        else:
+            raise PneumoniaError(f"file not found: {name}")
+    return files
+
+
+def predict_files(url: str, files: list[str | Path], timeout_s: float = 60) -> list[dict]:
+    """One row per image file (folders give their images): the service's answer, or
+    {"status", "error"} when it refused the file.
+
+    Raises PneumoniaError for a bad URL, a missing or unreadable file, an unreachable service or one
+    that does not answer like ours (nothing to report per file).
+    """
+    base = check_url(url).rstrip("/")
+    return [_predict_one(base, path, timeout_s) for path in image_files(files)]
+
+
+def _predict_one(base: str, path: Path, timeout_s: float) -> dict:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise PneumoniaError(f"cannot read {path}: {error.strerror or error}") from None
+    request = urllib.request.Request(base + "/predict", data=data,
+                                     headers={"Content-Type": CONTENT_TYPES.get(path.suffix.lower(), "image/jpeg")})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return {"file": str(path), **_answer(base, response.read())}
+    except urllib.error.HTTPError as error:
+        return {"file": str(path), "status": error.code, "error": _refusal(error)}
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        raise PneumoniaError(_unreachable(base, error, timeout_s)) from None
+
+
+def _answer(base: str, body: bytes) -> dict:
+    """A 200 answer's JSON, checked to be one of ours (another server on the port answers too)."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or any(key not in answer for key in ANSWER_KEYS):
+        raise PneumoniaError(f"{base}/predict answered, but not as a pneumonia service does "
+                             f"(no JSON with {', '.join(ANSWER_KEYS)}); check --url")
+    return answer
+
+
+def _refusal(error: urllib.error.HTTPError) -> str:
+    """The service's own reason for a 4xx/5xx ({"error": ...}), else the HTTP reason phrase."""
+    try:
+        body = json.loads(error.read())
+    except (ValueError, OSError):
+        body = None
+    message = body.get("error") if isinstance(body, dict) else None
+    return str(message or error.reason)
+
+
+def _unreachable(base: str, error: Exception, timeout_s: float) -> str:
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, TimeoutError):
+        return f"{base} did not answer within {timeout_s:g} s (raise --timeout if the service is busy)"
+    text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+    return f"cannot reach {base}: {text}; is `pneumonia serve` running there?"
+
+
+def format_predictions(rows: list[dict]) -> str:
+    """The rows as a fixed-width table (errors inline)."""
+    lines = [f"{'file':<44} {'label':<10} {'probability':>11}  threshold  version"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"{row['file']:<44} error {row['status']}: {row['error']}")
+        elif row.get("out_of_distribution"):  # the artifact's guard flags it: no label was given
+            lines.append(f"{row['file']:<44} {'-':<10} {'-':>11}  not a chest X-ray (out-of-distribution "
+                         f"score {row.get('ood_score', float('nan')):.1f} > {row.get('ood_threshold', float('nan')):.1f})")
+        else:
+            lines.append(f"{row['file']:<44} {row['label']:<10} {row['probability']:>11.4f}  "
+                         f"{row['threshold']:.4f}     {row['version']}")
+    warnings = sorted({row["warning"] for row in rows if row.get("warning")})
+    return "\n".join(lines + [f"warning: {warning}" for warning in warnings])

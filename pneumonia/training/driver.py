@@ -1,0 +1,116 @@
+"""Distributed training with Ray Train: a TensorflowTrainer running MultiWorkerMirroredStrategy.
+
+The driver (``train``) finds the data, carves validation out of train by patient, and starts N
+workers. Each worker (:func:`pneumonia.training.worker.train_worker`) decodes only its shard of the training images, fits the
+model under the strategy, and after every epoch scores the whole validation split exactly, saves a
+checkpoint and reports metrics. Ray keeps the best K checkpoints by a validation metric, replaces
+workers that die (``FailureConfig``) and, because every epoch is checkpointed, resumes from the last
+one instead of epoch 0. Re-running with the same run name (``--resume``) continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime
+
+from pneumonia.artifacts.runs import (
+    RESULT_FILE,
+    RUN_MANIFEST,
+    history_location,
+    latest_run,
+    load_manifest,
+    read_history,
+    resolve_storage,
+    write_manifest,
+)
+from pneumonia.config import ExperimentConfig, config_from_dict
+from pneumonia.data.records import (
+    carve_validation,
+    check_readable,
+    class_counts,
+)
+from pneumonia.errors import PneumoniaError
+from pneumonia.local_ray import init_ray
+from pneumonia.storage import exists, join, qualify, write_text
+from pneumonia.training.fit import TrainResult, check_resources, fit_run
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def train(
+    config: ExperimentConfig,
+    data_root: str,
+    resume: bool = False,
+    overrides_on_resume: Callable[[ExperimentConfig], ExperimentConfig] | None = None,
+    progress: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train on data_root with the given config; returns the best checkpoint and its metrics.
+
+    With ``resume``, the run named in ``config.run.name`` (or the latest in storage) continues
+    from its last checkpoint, with its stored config and data (``overrides_on_resume`` may
+    change them, e.g. to add epochs).
+    """
+    storage = resolve_storage(config.run.storage)
+    if resume:
+        name = config.run.name or latest_run(storage)
+        manifest = load_manifest(storage, name)
+        config = config_from_dict(manifest["config"], source=f"run {name}")
+        if overrides_on_resume:
+            config = overrides_on_resume(config)
+        data_root = manifest["data"]
+        progress(f"resuming run {name} from {join(storage, name)}")
+    else:
+        name = config.run.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
+        if exists(join(storage, name, RUN_MANIFEST)):
+            raise PneumoniaError(
+                f"run {name!r} already exists in {storage}: pass --resume to continue it, or another --name"
+            )
+    config = config.model_copy(update={"run": config.run.model_copy(update={"name": name, "storage": storage})})
+
+    dataset, train_part, val_part = carve_validation(data_root, config)
+    check_readable(train_part + val_part)  # a folder of non-images fails here, in seconds, not in N workers
+    progress(
+        f"data {data_root}: train {class_counts(train_part)} / validation {class_counts(val_part)} "
+        f"({len({r.patient_id for r in val_part})} patients held out)"
+        + (f"; skipped {len(dataset.skipped)} non-image files" if dataset.skipped else "")
+    )
+    write_manifest(storage, name, RUN_MANIFEST, dataset.root, config.model_dump())
+
+    init_ray()
+    if config.ensemble.members == 1:
+        check_resources(config)
+    progress(
+        (f"training an ensemble of {config.ensemble.members} {config.model.name} members"
+         if config.ensemble.members > 1 else f"training {config.model.name}")
+        + f" on {config.scaling.workers} worker(s){' each' if config.ensemble.members > 1 else ''}"
+        f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
+    )
+    if config.ensemble.members > 1:
+        from pneumonia.training.members import train_ensemble
+
+        return train_ensemble(config, train_part, val_part, storage, name, resume, progress)
+    result = fit_run(config, train_part, val_part)
+    return _summarize(result, config, storage, name)
+
+
+def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> TrainResult:
+    best = result.best_checkpoints or []
+    if not best:
+        raise PneumoniaError("training finished without a checkpoint")
+    sign = 1 if config.run.checkpoint_mode == "max" else -1
+    checkpoint, metrics = max(best, key=lambda item: sign * item[1].get(config.run.checkpoint_metric, -math.inf))
+    history = read_history(history_location(storage, name))
+    summary = TrainResult(
+        run_dir=join(storage, name),
+        best_checkpoint=qualify(checkpoint.path, storage),
+        metrics={key[4:]: float(value) for key, value in metrics.items()
+                 if key.startswith("val_") and isinstance(value, (int, float))},
+        best_epoch=int(metrics.get("epoch", 0)),
+        epochs_completed=int(history[-1]["epoch"]) if history else int(metrics.get("epoch", 0)),
+        history=history,
+    )
+    write_text(join(storage, name, RESULT_FILE), json.dumps(asdict(summary), indent=2, default=float))
+    return summary

@@ -1,0 +1,143 @@
+"""One distributed Ray Train run: a TensorflowTrainer running MultiWorkerMirroredStrategy.
+
+Shared by a single training run (:mod:`pneumonia.training.driver`), each sweep trial
+(:mod:`pneumonia.training.sweep`) and each ensemble member (:mod:`pneumonia.training.members`).
+Each worker (:func:`pneumonia.training.worker.train_worker`) decodes only its shard of the
+training images, fits the model under the strategy, and after every epoch scores the whole
+validation split exactly, saves a checkpoint and reports metrics. Ray keeps the best K checkpoints
+by a validation metric, replaces workers that die (``FailureConfig``) and, because every epoch is
+checkpointed, resumes from the last one instead of epoch 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from pneumonia.config import ExperimentConfig
+from pneumonia.data.records import ImageRecord
+from pneumonia.errors import Interrupted, PneumoniaError
+from pneumonia.training.worker import records_to_rows, train_worker
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best_checkpoint: str
+    metrics: dict[str, float]  # validation metrics of the best checkpoint
+    best_epoch: int
+    epochs_completed: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "best_checkpoint": self.best_checkpoint,
+            "metrics": self.metrics,
+            "best_epoch": self.best_epoch,
+            "epochs_completed": self.epochs_completed,
+            "run_dir": self.run_dir,
+        }
+
+
+def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float = 0.0,
+                    hint: str = "lower --workers or scaling.cpus_per_worker") -> None:
+    """Fail fast when the cluster can never fit ``copies`` concurrent runs of this config, each
+    needing ``extra_cpus`` besides its workers (a Tune trial's driver); Ray would wait forever."""
+    import ray
+
+    from pneumonia.local_ray import gpu_advice, refuse_or_wait
+
+    available = ray.cluster_resources()
+    what = f"{copies} concurrent runs of " if copies > 1 else ""
+    wanted_cpus = copies * (config.scaling.workers * config.scaling.cpus_per_worker + extra_cpus)
+    problems = []
+    if available.get("CPU", 0) < wanted_cpus - 1e-9:
+        extra = f" + {extra_cpus:g}" if extra_cpus else ""
+        problems.append(
+            f"{what}{config.scaling.workers} workers x {config.scaling.cpus_per_worker} CPUs{extra} = "
+            f"{wanted_cpus:g} CPUs, but the cluster has {available.get('CPU', 0):g} ({hint})"
+        )
+    gpus = available.get("GPU", 0)
+    if config.scaling.gpu and gpus < copies * config.scaling.workers:
+        advice = gpu_advice(gpus, "--gpu (scaling.gpu)", "lower --workers to the GPUs there are")
+        problems.append(f"{what}{config.scaling.workers} workers x 1 GPU, but the cluster has {gpus:g} GPUs ({advice})")
+    refuse_or_wait(problems)
+
+
+def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: list[ImageRecord],
+            callbacks: list | None = None, label: str = "", watch: bool = True):
+    """One Ray Train run (config.run.storage absolute, config.run.name set); returns Ray's Result.
+
+    A run whose name already has a snapshot in storage continues from its latest checkpoint:
+    that is how --resume, Ray's worker-failure recovery and restored Tune trials all work.
+    With ``watch`` (a driver's own run, not a Tune trial: the sweep's driver watches those), a
+    :class:`~pneumonia.training.supervision.ResourceWatch` says why the workers wait and stops a starved run.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from pneumonia.training.supervision import ResourceWatch, start_settings
+
+    trainer = TensorflowTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.model_dump(),
+            "train": records_to_rows(train_part),
+            "val": records_to_rows(val_part),
+            "label": label,  # prefixes the epoch lines when several runs print side by side
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.workers,
+            use_gpu=config.scaling.gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if config.scaling.gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=config.run.storage,
+            failure_config=FailureConfig(max_failures=config.run.max_failures,
+                                         controller_failure_limit=start_settings(config)),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.run.keep_checkpoints,
+                checkpoint_score_attribute=config.run.checkpoint_metric,
+                checkpoint_score_order=config.run.checkpoint_mode,
+            ),
+            callbacks=callbacks or None,
+        ),
+    )
+    resume = f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`"
+    with _restored_sigint():
+        try:
+            with ResourceWatch(config, what=f"run {config.run.name}", stops="run") if watch else contextlib.nullcontext():
+                return trainer.fit()
+        except PneumoniaError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            # Ray Train's Ctrl-C handler aborts the run (workers stopped, placement group removed)
+            # and then calls sys.exit(0): that is an interruption, not a success.
+            raise Interrupted(f"training interrupted; {resume} continues it from its last checkpoint") from None
+        except Exception as error:  # Ray wraps worker errors; keep the cause, drop the stack
+            cause = getattr(error, "__cause__", None) or error
+            failure = getattr(cause, "controller_failure", cause)  # Ray Train's ControllerError wraps it
+            if type(failure).__name__ == "WorkerGroupStartupTimeoutError":  # Train's own timeout, after retries
+                from pneumonia.training.supervision import describe_cluster
+
+                raise PneumoniaError(f"training failed: the workers did not get their resources in "
+                                     f"{config.run.start_retries + 1} tries; {describe_cluster()}") from error
+            raise PneumoniaError(f"training failed: {type(cause).__name__}: {cause}") from error
+
+
+@contextlib.contextmanager
+def _restored_sigint():
+    """Ray Train installs a Ctrl-C handler for its run and never removes it: put ours back after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
