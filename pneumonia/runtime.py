@@ -182,13 +182,13 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
 
 
 def require_legacy_keras(tf) -> None:
-    """ConfigError unless ``tf.keras`` is Keras 2: a program that imported TensorFlow before
-    :func:`activate` has Keras 3, which cannot train multi-worker nor read our checkpoints."""
-    version = getattr(tf.keras, "__version__", "")
-    if not version.startswith("2."):
+    """ConfigError unless ``tf.keras`` is Keras 2 (tf-keras): a program that imported TensorFlow
+    before :func:`activate` has Keras 3, which cannot train multi-worker nor read our checkpoints."""
+    if not tf.keras.__name__.startswith("tf_keras"):
         from pneumonia.errors import ConfigError
 
-        raise ConfigError(f"TensorFlow was loaded with Keras {version or '3'}: call pneumonia.runtime.activate() "
+        version = getattr(tf.keras, "__version__", "3")
+        raise ConfigError(f"TensorFlow was loaded with Keras {version}: call pneumonia.runtime.activate() "
                           "before anything imports TensorFlow (or set TF_USE_LEGACY_KERAS=1)")
 
 

@@ -2,15 +2,19 @@
 
 On a cluster the images and checkpoints are not on every node, so everything that reads data or
 checkpoints accepts a local path or a URI that pyarrow understands (``s3://``, ``gs://``,
-``file://``). Local paths take the plain-``open`` fast path.
+``file://``). Local paths take the plain-``open`` fast path. Also what every writer shares: an
+atomic write (a reader sees the old file or the new one, never half) and JSON-ready values.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
 import shutil
 import tempfile
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +72,47 @@ def write_bytes(location: str, data: bytes) -> None:
 
 def write_text(location: str, text: str) -> None:
     write_bytes(location, text.encode())
+
+
+def write_atomic(location: str | Path, data: bytes | str) -> None:
+    """Write so that readers see the old content or the new, never half: locally a temporary
+    file in the same folder, flushed to disk, then renamed over the target; on an object store
+    a plain upload (an object becomes visible only once its upload completes)."""
+    data = data.encode() if isinstance(data, str) else data
+    if is_uri(str(location)):
+        write_bytes(str(location), data)
+        return
+    path = Path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(temporary, "xb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def json_ready(value, strict: bool = False):
+    """``value`` as plain JSON: NumPy arrays and numbers become lists and Python numbers, paths
+    strings, tuples lists, and NaN or infinity null (JSON has neither). Anything else is left
+    for the encoder, or with ``strict`` is a ValueError (what is stored must read back as written)."""
+    if isinstance(value, dict):
+        return {str(key): json_ready(item, strict) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item, strict) for item in value]
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):  # a NumPy array or scalar
+        return json_ready(value.tolist(), strict)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if strict and not (value is None or isinstance(value, (str, int, float, bool))):
+        raise ValueError(f"cannot store a {type(value).__name__} as JSON")
+    return value
 
 
 def exists(location: str) -> bool:

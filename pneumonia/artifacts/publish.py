@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import numbers
 import os
 import shutil
@@ -22,8 +21,6 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 import pneumonia
 from pneumonia import __version__
@@ -48,7 +45,7 @@ from pneumonia.errors import CheckpointError, DataError
 from pneumonia.models.checkpoint import MODEL_FILE, load_model_from_directory, read_info
 from pneumonia.models.ensemble import is_ensemble, member_models
 from pneumonia.models.ood import SCORE_NAME
-from pneumonia.storage import is_uri, local_directory
+from pneumonia.storage import is_uri, json_ready, local_directory, write_atomic
 
 if TYPE_CHECKING:
     from pneumonia.data.records import ImageRecord
@@ -86,7 +83,7 @@ def export_artifact(
     if is_uri(str(registry)):
         raise ArtifactError(f"the registry must be a local folder, not {registry}")
     # Cleaned and serialised before the slow part, so a bad config fails in the first second.
-    facts = _json_ready({
+    facts = json_ready({
         "name": name,
         "package_version": __version__,
         "format_version": FORMAT_VERSION,
@@ -100,7 +97,7 @@ def export_artifact(
         "training_data": training_data if training_data is not None else {"synthetic": None},
         "out_of_distribution": guard.metadata(ood_policy) if guard is not None else None,
         "source_checkpoint": str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).resolve()),
-    })
+    }, strict=True)
     name_dir = Path(registry).expanduser().resolve() / name
     name_dir.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its folder is private (0700) and a serving user could not read it.
@@ -110,7 +107,7 @@ def export_artifact(
         spec, ensemble = _stage(str(checkpoint), staging, guard)
         metadata = {
             **facts,
-            **({"ensemble": _json_ready(ensemble)} if ensemble else {}),
+            **({"ensemble": json_ready(ensemble, strict=True)} if ensemble else {}),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "git_commit": _git_commit(),
             "input": {"image_size": spec.image_size, "channels": spec.channels,
@@ -121,7 +118,7 @@ def export_artifact(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _write_atomic(name_dir / LATEST_FILE, metadata["version"] + "\n")
+    write_atomic(name_dir / LATEST_FILE, metadata["version"] + "\n")
     return Artifact(version_dir, metadata["version"], metadata)
 
 
@@ -132,23 +129,6 @@ def _check_settings(threshold: float, target_recall: float, name: str) -> None:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
     if not NAME_PATTERN.match(name):
         raise ValueError(f"artifact name {name!r} must be letters, digits, '.', '_' or '-'")
-
-
-def _json_ready(value: Any) -> Any:
-    """Plain JSON types: numpy scalars unwrapped, NaN/inf as null (metadata must be strict JSON)."""
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, np.generic):
-        return _json_ready(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise ValueError(f"cannot store a {type(value).__name__} in artifact metadata (not JSON)")
 
 
 def _stage(checkpoint: str, staging: Path, guard: Any = None) -> tuple[PreprocessSpec, dict | None]:
@@ -231,20 +211,6 @@ def _publish(staging: Path, name_dir: Path, metadata: dict) -> Path:
 def _next_version(name_dir: Path) -> str:
     numbers = [int(match.group(1)) for match in map(VERSION_PATTERN.match, os.listdir(name_dir)) if match]
     return f"v{max(numbers, default=0) + 1:04d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so readers see the old or the new text, never half."""
-    temporary = path.parent / f".{path.name}-{uuid.uuid4().hex}"
-    try:
-        with open(temporary, "x") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _git_commit() -> str:

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 from pneumonia.cli.common import (
-    clean_nan,
     emit,
     one_line,
     require_folder,
@@ -93,7 +92,7 @@ def cmd_train(args) -> None:
         f"best checkpoint (epoch {result.best_epoch} of {result.epochs_completed}): {result.best_checkpoint}\n"
         + "\n".join(f"  val {name:<12} {value:.4f}" for name, value in result.metrics.items())
     )
-    emit(clean_nan(result.to_json()), args.json, text)
+    emit(result.to_json(), args.json, text)
 
 
 def cmd_tune(args) -> None:
@@ -118,7 +117,7 @@ def cmd_tune(args) -> None:
         f"(threshold {result.threshold:.4f}); checkpoint {result.best_checkpoint}",
         f"results: {result.results_csv}; plots: {', '.join(result.plots)}",
     ]
-    emit(clean_nan(result.to_json()), args.json, "\n".join(lines))
+    emit(result.to_json(), args.json, "\n".join(lines))
 
 
 def _check_new_sweep(args, config) -> None:
@@ -144,7 +143,7 @@ def cmd_export(args) -> None:
 
     _check_export_args(args)
     exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name, ood_policy=args.ood_policy)
-    emit(clean_nan(exported.to_json()), args.json, exported.summary())
+    emit(exported.to_json(), args.json, exported.summary())
 
 
 def _check_export_args(args) -> None:

@@ -4,7 +4,6 @@ and stopping the embedded Ray before the last line is printed."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -12,31 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.errors import OutputError, PneumoniaError
-from pneumonia.storage import is_uri
+from pneumonia.storage import is_uri, json_ready
 
 
 def emit(payload: dict[str, Any], as_json: bool, text: str) -> None:
+    """The command's result: one JSON line with --json (an undefined metric, NaN, is null), else ``text``."""
     if as_json:
-        print(json.dumps(payload, default=json_default, allow_nan=False))
+        print(json.dumps(json_ready(payload), allow_nan=False))
     else:
         print(text)
-
-
-def json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def clean_nan(value):
-    """JSON has no NaN: a metric that is undefined (one class only) becomes null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: clean_nan(v) for k, v in value.items()}
-    return value
 
 
 KEEP_RAY = False

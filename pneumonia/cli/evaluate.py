@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pneumonia.cli.common import clean_nan, emit, require_folder, require_output_folder
+from pneumonia.cli.common import emit, require_folder, require_output_folder
 from pneumonia.errors import PneumoniaError
 
 
@@ -50,7 +50,7 @@ def cmd_evaluate(args) -> None:
                                 for name, item in summary["metrics"].items() if item.get("low") is not None}
         payload["report"] = str(files.html)
         text += f"\nreport: {files.html} (95% CIs by patient bootstrap in {files.json})"
-    emit(clean_nan(payload), args.json, text)
+    emit(payload, args.json, text)
 
 
 def _check_evaluate_args(args) -> None:

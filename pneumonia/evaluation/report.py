@@ -23,6 +23,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.metrics.binary import METRIC_NAMES, binary_metrics, validated_scores
 from pneumonia.metrics.intervals import CONFIDENCE, INTERVAL_METRICS, Interval, bootstrap_intervals
+from pneumonia.storage import json_ready
 
 PLOTS = ("roc", "pr", "confusion", "calibration")
 
@@ -111,7 +112,7 @@ def write_report(directory, labels, probabilities, threshold: float, *, title: s
         figure.savefig(images[name], dpi=110)
 
     json_path, html_path = directory / "metrics.json", directory / "report.html"
-    json_path.write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False, default=str) + "\n",
+    json_path.write_text(json.dumps(json_ready(summary), indent=2, allow_nan=False, default=str) + "\n",
                          encoding="utf-8")
     html_path.write_text(_html(summary, images), encoding="utf-8")
     return ReportFiles(directory, json_path, html_path, images)
@@ -150,19 +151,6 @@ def _summary(title, details, metrics, intervals, labels, groups, n_boot, seed) -
         },
         "details": details,
     }
-
-
-def _jsonable(value):
-    """JSON has no NaN or infinity: undefined numbers become null, NumPy values plain Python."""
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # ----------------------------------------------------------------------------- plots
@@ -434,7 +422,7 @@ def _are(count: int, what: str) -> str:
 def _details_table(details: dict) -> str:
     rows = []
     for key, value in details.items():
-        text = json.dumps(_jsonable(value), default=str) if isinstance(value, (dict, list, tuple)) else value
+        text = json.dumps(json_ready(value), default=str) if isinstance(value, (dict, list, tuple)) else value
         rows.append(f"<tr><th>{_e(key)}</th><td>{_e(text)}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 

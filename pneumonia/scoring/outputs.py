@@ -12,7 +12,7 @@ import numpy as np
 
 from pneumonia.errors import DataError, OutputError, PneumoniaError
 from pneumonia.scoring.inputs import MANIFEST_FORMATS, first_line, read_table
-from pneumonia.storage import is_uri, join, list_files, write_bytes
+from pneumonia.storage import is_uri, join, list_files, write_atomic, write_bytes
 
 OUTPUT_FORMATS = MANIFEST_FORMATS
 KEY = ("path", "model", "version")
@@ -71,22 +71,6 @@ def _remove(location: str) -> None:
         os.unlink(location)
 
 
-def _write_atomic(location: str, data: bytes) -> None:
-    """Local files appear complete or not at all (temporary name, then rename); object stores
-    make an object visible only once its upload completes."""
-    if is_uri(location):
-        write_bytes(location, data)
-        return
-    path = Path(location)
-    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        write_bytes(str(temporary), data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def _serialise(table, kind: str) -> bytes:
     import pyarrow as pa
     import pyarrow.csv as csv
@@ -103,7 +87,7 @@ def _serialise(table, kind: str) -> bytes:
 def write_part(parts: str, sequence: int, started_ns: int, table) -> str:
     """One block of results as ``<parts>/part-<run start ns>-<seq>.parquet`` (names sort by age)."""
     location = join(parts, f"part-{started_ns:020d}-{sequence:06d}.parquet")
-    _write_atomic(location, _serialise(table, "parquet"))
+    write_atomic(location, _serialise(table, "parquet"))
     return location
 
 
@@ -174,7 +158,7 @@ def merge(output: str, tables: list, columns=None) -> int:
     if columns is not None:
         merged = _with_columns(merged, columns)
     merged = merged.sort_by([(column, "ascending") for column in KEY])
-    _write_atomic(output, _serialise(merged, output_format(output)))
+    write_atomic(output, _serialise(merged, output_format(output)))
     _remove_tree(parts_location(output))
     return len(merged)
 

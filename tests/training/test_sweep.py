@@ -9,7 +9,7 @@ import pytest
 from pneumonia.config import ExperimentConfig, load_config, with_overrides
 from pneumonia.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["quick", "default", "cluster"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumonia.config import check_shift_names
+from pneumonia.config import SHIFT_NAMES, check_shift_names
 from pneumonia.data.preprocess import PreprocessSpec, decode_image, normalize_intensity
 from pneumonia.data.shifts import CLEAN, SHIFTS, shifted_images, stratified_subset
 from pneumonia.metrics.stress import stress_report
@@ -56,6 +56,10 @@ def _robust(images: np.ndarray) -> np.ndarray:
     spread = pixels.std(axis=(1, 2)) + 1.0
     score = (inner.max(axis=(1, 2)) - median) / spread
     return 1.0 / (1.0 + np.exp(-(score - 3.0)))
+
+
+def test_every_shift_a_config_may_name_is_made_and_no_other():
+    assert tuple(SHIFTS) == SHIFT_NAMES  # report order too
 
 
 def test_every_shift_changes_the_pixels_but_keeps_the_shape(dataset):

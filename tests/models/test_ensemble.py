@@ -225,7 +225,7 @@ def server(ray_cluster, artifact):
     from ray import serve
 
     from pneumonia.serving import build_app
-    from tests.test_serving import _free_port
+    from tests.serving.test_serving import _free_port
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -238,7 +238,7 @@ def server(ray_cluster, artifact):
 def test_serve_predicts_and_explains_the_ensemble(server, artifact, members):
     from pneumonia.artifacts.registry import load_artifact
     from pneumonia.data.preprocess import decode_image
-    from tests.test_serving import _png, request
+    from tests.serving.test_serving import _png, request
 
     body = _png(images(1, seed=5)[0, :, :, 0])
     pixels = decode_image(body, SPEC)[None]

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.data.test_dicom import bright_top, make_dicom
 from tests.helpers import real_data
-from tests.test_dicom import bright_top, make_dicom
-from tests.test_serving import request
-from tests.test_serving_ood import INSIDE, OUTSIDE, export_guarded
-from tests.test_serving_ops import _export, serve_port  # noqa: F401  (Serve on a free port, per module)
+from tests.serving.test_serving import request
+from tests.serving.test_serving_ood import INSIDE, OUTSIDE, export_guarded
+from tests.serving.test_serving_ops import _export, serve_port  # noqa: F401  (Serve on a free port, per module)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

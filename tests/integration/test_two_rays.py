@@ -20,7 +20,7 @@ from pneumonia.config import load_config, with_overrides
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 OTHER_RAY = """
 import signal, sys, time

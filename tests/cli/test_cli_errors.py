@@ -129,7 +129,7 @@ def paths(tmp_path) -> dict[str, Path]:
         "checkpoint": _fake_checkpoint(tmp_path / "checkpoint"),
         "two_bad_keys": tmp_path / "two_bad_keys.yaml", "bad_yaml": tmp_path / "bad.yaml",
         "binary_yaml": tmp_path / "binary.yaml",
-        "quick": Path(__file__).resolve().parents[1] / "tune_configs" / "quick.yaml",
+        "quick": Path(__file__).resolve().parents[2] / "tune_configs" / "quick.yaml",
     }
 
 

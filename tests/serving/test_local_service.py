@@ -17,7 +17,7 @@ import pytest
 
 from pneumonia.cli import main
 from pneumonia.serving import local_service as service
-from tests.test_serving import _free_port, _png
+from tests.serving.test_serving import _free_port, _png
 
 
 def test_throughput_mode_sets_haproxy_and_gives_each_process_its_own_haproxy_ports(monkeypatch):
@@ -178,7 +178,7 @@ def _assert_clean_stop(server: ServeProcess, code: int) -> None:
 @pytest.mark.timeout(900)
 def test_pneumonia_serve_answers_predict_then_stops_cleanly_on_ctrl_c(tmp_path):
     """The CLI path end to end in its own process: its own Ray, HAProxy, a prediction, Ctrl-C."""
-    from tests.test_serving_ops import _export
+    from tests.serving.test_serving_ops import _export
 
     artifact = _export(tmp_path / "registry", width=8)
     image = tmp_path / "xray.png"
@@ -206,7 +206,7 @@ def test_sigterm_to_the_whole_process_group_stops_cleanly_and_leaves_no_process(
     from pneumonia.artifacts.publish import export_artifact
     from pneumonia.artifacts.registry import SYNTHETIC_WARNING
     from pneumonia.config import ExperimentConfig
-    from tests.test_serving_ops import _export
+    from tests.serving.test_serving_ops import _export
 
     registry = tmp_path / "registry"
     _export(registry, width=8)  # v0001, from the checkpoint ckpt-8 beside the registry

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_serving import _free_port, call_replicas, request
+from tests.serving.test_serving import _free_port, call_replicas, request
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -208,7 +208,7 @@ def test_serve_deploy_of_serve_config_rolls_out_a_new_version_without_failed_req
     if not ray_cluster.dashboard_url:
         pytest.skip("the session's Ray runs without a dashboard: `serve deploy` has no address")
     serve.delete("ops")  # `serve deploy` manages only the apps it deployed; this one also routes "/"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     address = f"http://{ray_cluster.dashboard_url}"
     serve_cli = str(Path(sys.executable).parent / "serve")
     v1 = registry / "pneumonia-cnn" / "v0001"

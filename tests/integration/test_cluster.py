@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = PROJECT_ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHER = CLUSTER / "aws.yaml"

@@ -141,7 +141,7 @@ def test_a_starved_sweep_stops_with_the_reason_instead_of_waiting(ray_cluster, s
 
     from pneumonia.config import load_config
     from pneumonia.training.sweep import tune
-    from tests.test_tune import ROOT
+    from tests.training.test_sweep import ROOT
 
     config = with_overrides(load_config(ROOT / "tune_configs" / "quick.yaml"), {
         "run.storage": str(tmp_path), "run.name": "starved", "tune.num_samples": 2, "tune.search": "random",

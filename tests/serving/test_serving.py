@@ -374,7 +374,7 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     config = ServeDeploySchema.parse_obj(yaml.safe_load((root / "serve_config.yaml").read_text()))
     app = config.applications[0]
     assert app.import_path == "serve_app:build_app"

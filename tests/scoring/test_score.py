@@ -28,7 +28,7 @@ from pneumonia.scoring import ScoreResult, score
 from pneumonia.scoring.inputs import list_input
 from pneumonia.scoring.outputs import default_output, output_schema
 from tests.helpers import real_data
-from tests.test_serving_ops import _export
+from tests.serving.test_serving_ops import _export
 
 COLUMNS = ["path", "label", "probability", "threshold", "ood_score", "out_of_distribution", "model", "version", "error"]
 
@@ -260,7 +260,7 @@ def guarded_registry(registry, tmp_path_factory) -> Path:
     from pneumonia.models.checkpoint import load_model_from_directory
     from pneumonia.models.ood import features_and_probabilities, fit_guard, model_with_features
 
-    checkpoint = registry.parent / "ckpt-8"  # where tests.test_serving_ops._export saved it
+    checkpoint = registry.parent / "ckpt-8"  # where tests.serving.test_serving_ops._export saved it
     files = sorted(real_data("chest_xray_val16").rglob("*.jpeg"))
     images = np.stack([decode_image(path.read_bytes(), PreprocessSpec(64, 1)) for path in files])
     features, _ = features_and_probabilities(model_with_features(load_model_from_directory(checkpoint)), images)

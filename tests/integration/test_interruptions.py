@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cluster import PROJECT_ROOT, LocalCluster, _ray_cli
+from tests.integration.test_cluster import PROJECT_ROOT, LocalCluster, _ray_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_serving_ops import serve_port  # noqa: F401  (Serve started on a free port, per module)
+from tests.serving.test_serving_ops import serve_port  # noqa: F401  (Serve started on a free port, per module)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
