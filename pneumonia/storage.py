@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pneumonia.errors import DataError
 
@@ -182,6 +182,25 @@ def local_directory(location: str) -> Iterator[Path]:
         pyarrow.fs.copy_files(path, str(scratch), source_filesystem=fs,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())
         yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def staged_directory(location: str) -> Iterator[Path]:
+    """A local folder whose files end up at ``location``: the path itself when local; for a URI a
+    scratch folder (not yet created) whose files are uploaded there when the block succeeds, and
+    which is removed either way."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="pneumonia-staged-"))
+    staged = scratch / PurePosixPath(location.rstrip("/")).name
+    try:
+        yield staged
+        for path in sorted(staged.rglob("*")) if staged.is_dir() else []:
+            if path.is_file():
+                write_bytes(join(location, path.relative_to(staged).as_posix()), path.read_bytes())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

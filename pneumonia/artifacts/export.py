@@ -20,23 +20,20 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from pneumonia.artifacts.runs import manifest_above, sweep_manifest, validation_metrics
 from pneumonia.config import config_from_dict
 from pneumonia.errors import CheckpointError, PneumoniaError
 from pneumonia.metrics.binary import SafeOperatingPoint, binary_metrics, safe_operating_point
 from pneumonia.models.checkpoint import load_checkpoint
-from pneumonia.storage import exists, is_uri, join, read_bytes
+from pneumonia.storage import exists, join, read_bytes
 
 # Resamples of the validation split for the operating point's intervals: fixed, so that exporting
 # the same checkpoint on the same data always gives the same threshold.
 BOOTSTRAP_SEED = 0
-# Manifests sit 1 (a training run's checkpoint_*, an ensemble), 3 (a sweep's trials/<trial>/<ckpt>,
-# an ensemble member's members/member_<k>/<ckpt>) folders above a checkpoint: look no further up.
-MANIFEST_DEPTH = 3
 
 
 @dataclass
@@ -67,36 +64,10 @@ class Exported:
         return f"exported {self.version} to {self.artifact}\n  {how}\n  {guard}"
 
 
-def _parent(location: str) -> str:
-    """The folder holding a path or URI (a URI keeps its ``scheme://``)."""
-    if is_uri(location):
-        scheme, _, path = location.rstrip("/").partition("://")
-        return f"{scheme}://{path.rsplit('/', 1)[0]}" if "/" in path else location
-    return str(PurePosixPath(location.rstrip("/")).parent)
-
-
-def _sweep_config(checkpoint: str) -> dict[str, Any] | None:
-    """The tune section of the sweep a trial checkpoint came from (…/<sweep>/trials/<trial>/<ckpt>)."""
-    from pneumonia.artifacts.runs import SWEEP_MANIFEST
-
-    location = join(_parent(_parent(_parent(checkpoint))), SWEEP_MANIFEST)
-    if not exists(location):
-        return None
-    return json.loads(read_bytes(location))["config"].get("tune")
-
-
 def _manifest_data(checkpoint: str) -> str | None:
     """The data root recorded by the nearest run or sweep manifest above a checkpoint, or None."""
-    from pneumonia.artifacts.runs import RUN_MANIFEST, SWEEP_MANIFEST
-
-    folder = checkpoint
-    for _ in range(MANIFEST_DEPTH):
-        folder = _parent(folder)
-        for name in (RUN_MANIFEST, SWEEP_MANIFEST):
-            location = join(folder, name)
-            if exists(location):
-                return json.loads(read_bytes(location)).get("data")
-    return None
+    manifest = manifest_above(checkpoint)
+    return manifest.get("data") if manifest else None
 
 
 def _dataset_marker(root: str) -> dict[str, Any] | None:
@@ -187,7 +158,7 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
         fingerprint = data_fingerprint(train_part)
     elif "val_threshold" in info.metrics:
         threshold = float(info.metrics["val_threshold"])
-        metrics = {key[4:]: value for key, value in info.metrics.items() if key.startswith("val_")}
+        metrics = validation_metrics(info.metrics)
     else:
         raise CheckpointError(
             f"{checkpoint} records no decision threshold; pass --data so that it is chosen on the validation split"
@@ -195,7 +166,7 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
     try:
         artifact = export_artifact(
             checkpoint, registry, threshold=threshold, target_recall=target, validation_metrics=metrics,
-            training_config=info.config, tuning_config=_sweep_config(checkpoint),
+            training_config=info.config, tuning_config=(sweep_manifest(checkpoint) or {}).get("config", {}).get("tune"),
             data_fingerprint=fingerprint, training_data=training_data(checkpoint, info.members, data_root),
             guard=guard, ood_policy=ood_policy, name=name,
         )

@@ -15,8 +15,9 @@ checks read: folder and file names, the manifest (name, data, config, creation t
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pneumonia.errors import PneumoniaError
@@ -79,6 +80,45 @@ def latest_run(storage: str, manifest_name: str = RUN_MANIFEST, what: str = "run
     if not candidates:
         raise PneumoniaError(f"--resume: no earlier {what} found in {storage}")
     return max(candidates)[1]
+
+
+MANIFEST_DEPTH = 3
+"""How far above a checkpoint its manifest can be: 1 folder for a run's checkpoint_* or
+<run>/ensemble, 3 for a sweep trial's trials/<trial>/<ckpt> or a member's members/member_<k>/<ckpt>."""
+
+
+def parent(location: str) -> str:
+    """The folder holding a path or URI (a URI keeps its ``scheme://``)."""
+    if is_uri(location):
+        scheme, _, path = location.rstrip("/").partition("://")
+        return f"{scheme}://{path.rsplit('/', 1)[0]}" if "/" in path else location
+    return str(PurePosixPath(location.rstrip("/")).parent)
+
+
+def manifest_above(checkpoint: str) -> dict[str, Any] | None:
+    """The nearest run or sweep manifest above a checkpoint, or None (a checkpoint from elsewhere)."""
+    folder = checkpoint
+    for _ in range(MANIFEST_DEPTH):
+        folder = parent(folder)
+        for name in (RUN_MANIFEST, SWEEP_MANIFEST):
+            location = join(folder, name)
+            if exists(location):
+                return json.loads(read_bytes(location))
+    return None
+
+
+def sweep_manifest(checkpoint: str) -> dict[str, Any] | None:
+    """The manifest of the sweep a trial's checkpoint came from (<sweep>/trials/<trial>/<ckpt>), or None."""
+    location = join(parent(parent(parent(checkpoint))), SWEEP_MANIFEST)
+    return json.loads(read_bytes(location)) if exists(location) else None
+
+
+def validation_metrics(reported: dict[str, Any], finite: bool = False) -> dict[str, float]:
+    """The validation metrics of an epoch report, history row or checkpoint (``val_<name>``), by
+    their plain names; only numbers (with ``finite``, only finite ones)."""
+    return {key[4:]: float(value) for key, value in reported.items()
+            if key.startswith("val_") and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (not finite or math.isfinite(value))}
 
 
 def history_location(storage: str, name: str) -> str:

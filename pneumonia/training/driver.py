@@ -1,11 +1,9 @@
-"""Distributed training with Ray Train: a TensorflowTrainer running MultiWorkerMirroredStrategy.
+"""``train()``: from a data root and a config to the best checkpoint of one run or an ensemble.
 
-The driver (``train``) finds the data, carves validation out of train by patient, and starts N
-workers. Each worker (:func:`pneumonia.training.worker.train_worker`) decodes only its shard of the training images, fits the
-model under the strategy, and after every epoch scores the whole validation split exactly, saves a
-checkpoint and reports metrics. Ray keeps the best K checkpoints by a validation metric, replaces
-workers that die (``FailureConfig``) and, because every epoch is checkpointed, resumes from the last
-one instead of epoch 0. Re-running with the same run name (``--resume``) continues an interrupted run.
+The driver finds the data, carves validation out of train by patient, records the run's manifest
+(:mod:`pneumonia.artifacts.runs`), starts Ray, and runs one distributed training run
+(:func:`pneumonia.training.fit.fit_run`) or K ensemble members (:mod:`pneumonia.training.members`).
+Re-running with the same run name (``--resume``) continues an interrupted run from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from pneumonia.artifacts.runs import (
     load_manifest,
     read_history,
     resolve_storage,
+    validation_metrics,
     write_manifest,
 )
 from pneumonia.config import ExperimentConfig, config_from_dict
@@ -106,8 +105,7 @@ def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> Tra
     summary = TrainResult(
         run_dir=join(storage, name),
         best_checkpoint=qualify(checkpoint.path, storage),
-        metrics={key[4:]: float(value) for key, value in metrics.items()
-                 if key.startswith("val_") and isinstance(value, (int, float))},
+        metrics=validation_metrics(metrics),
         best_epoch=int(metrics.get("epoch", 0)),
         epochs_completed=int(history[-1]["epoch"]) if history else int(metrics.get("epoch", 0)),
         history=history,

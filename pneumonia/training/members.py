@@ -19,24 +19,22 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pneumonia.artifacts.runs import ENSEMBLE_FOLDER, MEMBERS_FOLDER, member_name
+from pneumonia.artifacts.runs import ENSEMBLE_FOLDER, MEMBERS_FOLDER, member_name, validation_metrics
 from pneumonia.config import ExperimentConfig, config_from_dict
 from pneumonia.data.records import ImageRecord
 from pneumonia.errors import PneumoniaError
 from pneumonia.storage import join, qualify
-from pneumonia.training.supervision import ResourceWatch, raise_if_interrupted, saved_statuses
+from pneumonia.training.launcher import DRIVER_CPU, finite, result_history, run_trials, trial_function
+from pneumonia.training.supervision import raise_if_interrupted
 
 if TYPE_CHECKING:
     from pneumonia.training.fit import TrainResult
 
-MEMBER_DRIVER_CPU = 0.1
-"""CPU reserved for each member's trial function, which only waits on its Train run."""
 
 
 
@@ -69,7 +67,7 @@ def concurrent_members(config: ExperimentConfig) -> int:
     if config.ensemble.max_concurrent:
         return min(config.ensemble.max_concurrent, config.ensemble.members)
     resources = ray.cluster_resources()
-    per_member_cpu = config.scaling.workers * config.scaling.cpus_per_worker + MEMBER_DRIVER_CPU
+    per_member_cpu = config.scaling.workers * config.scaling.cpus_per_worker + DRIVER_CPU
     fit = math.floor(resources.get("CPU", 0) / per_member_cpu + 1e-9)
     if config.scaling.gpu:
         fit = min(fit, math.floor(resources.get("GPU", 0) / config.scaling.workers))
@@ -89,28 +87,20 @@ def train_members(
 
     from pneumonia.artifacts.runs import history_location
     from pneumonia.training.fit import check_resources
-    from pneumonia.training.worker import records_to_rows
 
     members = config.ensemble.members
     at_once = concurrent_members(config)
-    check_resources(config, copies=at_once, extra_cpus=MEMBER_DRIVER_CPU,
+    check_resources(config, copies=at_once, extra_cpus=DRIVER_CPU,
                     hint="lower ensemble.max_concurrent, scaling.workers or scaling.cpus_per_worker")
     run_dir = join(config.run.storage, config.run.name)
     storage = join(run_dir, MEMBERS_FOLDER)
-    trainable = tune.with_parameters(
-        tune.with_resources(run_member, {"CPU": MEMBER_DRIVER_CPU}),
-        base=config.model_dump(exclude={"tune"}),
-        storage=storage,
-        train_rows=records_to_rows(train_part),
-        val_rows=records_to_rows(val_part),
-    )
+    trainable = trial_function(run_member, config.model_dump(exclude={"tune"}), train_part, val_part, storage=storage)
     progress(f"ensemble of {members} members ({at_once} at a time), each {config.scaling.workers} worker(s) "
              f"for {config.train.epochs} epochs")
     tuner_path = join(run_dir, "tuner")
-    if resume and tune.Tuner.can_restore(tuner_path):
-        tuner = tune.Tuner.restore(tuner_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
+
+    def new_tuner():
+        return tune.Tuner(
             trainable,
             param_space={"member": tune.grid_search(list(range(members)))},
             tune_config=tune.TuneConfig(max_concurrent_trials=at_once,
@@ -118,10 +108,9 @@ def train_members(
             run_config=tune.RunConfig(name="tuner", storage_path=run_dir, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
-    with ResourceWatch(config, what=f"ensemble run {config.run.name}"):
-        grid = tuner.fit()
-    statuses = saved_statuses(tuner_path, history_of=lambda trial: history_location(
-        storage, member_name(trial.config["member"])))
+
+    grid, statuses = run_trials(trainable, tuner_path, resume, new_tuner, config, f"ensemble run {config.run.name}",
+                                history_of=lambda trial: history_location(storage, member_name(trial.config["member"])))
     raise_if_interrupted(statuses, members, f"ensemble run {config.run.name}", "members",
                          f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`")
     metric, mode = config.run.checkpoint_metric, config.run.checkpoint_mode
@@ -130,22 +119,18 @@ def train_members(
         index = int(result.config["member"])
         if result.error:
             raise PneumoniaError(f"ensemble member {index} failed: {str(result.error).splitlines()[0]}")
-        history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict(orient="records")
-        rows = [row for row in history if row.get("checkpoint_path") and _finite(row.get(metric))]
+        history = result_history(result)
+        rows = [row for row in history if row.get("checkpoint_path") and finite(row.get(metric))]
         if not rows:
             raise PneumoniaError(f"ensemble member {index} reported no checkpoint with {metric}")
         sign = 1 if mode == "max" else -1
         best = max(rows, key=lambda row: sign * row[metric])
-        metrics = {key[4:]: float(value) for key, value in best.items() if key.startswith("val_") and _finite(value)}
+        metrics = validation_metrics(best, finite=True)
         chosen.append((index, qualify(best["checkpoint_path"], run_dir), metrics))
         progress(f"member {index}: best epoch {int(best.get('epoch', 0))} of {int(history[-1].get('epoch', 0))}, "
                  f"val ROC-AUC {metrics.get('roc_auc', float('nan')):.4f}, "
                  f"precision at recall {metrics.get('precision_at_recall', float('nan')):.3f}")
     return [(path, metrics) for _, path, metrics in sorted(chosen)]
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def score_ensemble(checkpoint: str, config: ExperimentConfig, val_part: list[ImageRecord]) -> dict[str, float]:
@@ -176,22 +161,17 @@ def train_ensemble(config: ExperimentConfig, train_part, val_part, storage: str,
     """Members in parallel (pneumonia.training.members), combined into one checkpoint in <run>/ensemble."""
     from pneumonia.artifacts.runs import RESULT_FILE
     from pneumonia.models.ensemble import combine_checkpoints
-    from pneumonia.storage import is_uri, write_bytes, write_text
+    from pneumonia.storage import staged_directory, write_text
     from pneumonia.training.fit import TrainResult
 
     members = train_members(config, train_part, val_part, resume=resume, progress=progress)
     target = join(storage, name, ENSEMBLE_FOLDER)
-    with tempfile.TemporaryDirectory(prefix="pneumonia-ensemble-") as scratch:
-        local = target if not is_uri(storage) else str(Path(scratch) / ENSEMBLE_FOLDER)
-        if Path(local).exists():
+    with staged_directory(target) as local:
+        if local.exists():
             shutil.rmtree(local)  # a resumed run combines its members again
-        combine_checkpoints([path for path, _ in members], local)
-        metrics = score_ensemble(local, config, val_part)
-        _record_metrics(local, metrics)
-        if is_uri(storage):
-            for path in Path(local).rglob("*"):
-                if path.is_file():
-                    write_bytes(join(target, path.relative_to(local).as_posix()), path.read_bytes())
+        combine_checkpoints([path for path, _ in members], str(local))
+        metrics = score_ensemble(str(local), config, val_part)
+        _record_metrics(str(local), metrics)
     progress(f"ensemble of {len(members)}: val ROC-AUC {metrics['roc_auc']:.4f}, precision "
              f"{metrics['precision_at_recall']:.3f} at recall >= {config.objective.target_recall}"
              + (f", stress worst ROC-AUC {metrics['stress_worst_roc_auc']:.4f}" if "stress_worst_roc_auc" in metrics else ""))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,24 +27,23 @@ from pneumonia.artifacts.runs import (
     latest_run,
     load_manifest,
     resolve_storage,
+    validation_metrics,
     write_manifest,
 )
 from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
 from pneumonia.data.records import carve_validation
 from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.local_ray import init_ray
-from pneumonia.storage import exists, is_uri, join, qualify, write_bytes
+from pneumonia.storage import exists, join, qualify, staged_directory
 from pneumonia.training.fit import check_resources, fit_run
-from pneumonia.training.supervision import ResourceWatch, raise_if_interrupted, saved_statuses
-from pneumonia.training.worker import best_key, records_to_rows, rows_to_records
+from pneumonia.training.launcher import DRIVER_CPU, finite, result_history, run_trials, trial_function
+from pneumonia.training.supervision import raise_if_interrupted
+from pneumonia.training.worker import best_key, rows_to_records
 
 OBJECTIVE = "val_precision_at_recall"
 """The default objective (``objective.metric``); a stress metric such as
 ``val_stress_worst_precision_at_recall`` (with ``stress.enabled``) favours shift-robust trials."""
 TIEBREAK = "val_pr_auc"
-TRIAL_DRIVER_CPU = 0.1
-"""CPU reserved for each trial's driver function, which only waits on its Train run (Tune
-refuses zero). Workers then need ``scaling.cpus_per_worker`` below 1 to fill a small machine."""
 
 
 @dataclass
@@ -149,17 +146,11 @@ def tune(
         write_manifest(storage, name, SWEEP_MANIFEST, dataset.root, config.model_dump())
 
     init_ray()
-    check_resources(config, copies=sweep.max_concurrent_trials, extra_cpus=TRIAL_DRIVER_CPU,
+    check_resources(config, copies=sweep.max_concurrent_trials, extra_cpus=DRIVER_CPU,
                     hint="lower tune.max_concurrent_trials, scaling.workers or scaling.cpus_per_worker (e.g. 0.9)")
-    base = config.model_dump(exclude={"tune"})
     trials_storage = join(storage, name, TRIALS_FOLDER)  # each trial's training run, named by its trial id
-    trainable = ray_tune.with_parameters(
-        ray_tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPU}),
-        base=base,
-        trials_storage=trials_storage,
-        train_rows=records_to_rows(train_part),
-        val_rows=records_to_rows(val_part),
-    )
+    trainable = trial_function(run_trial, config.model_dump(exclude={"tune"}), train_part, val_part,
+                               trials_storage=trials_storage)
     sweep_path = join(storage, name)
     progress(
         f"sweep {name}: {sweep.num_samples} trials of {config.scaling.workers}-worker training, "
@@ -167,9 +158,8 @@ def tune(
         + (f"objective precision at recall >= {config.objective.target_recall}"
            if config.objective.metric == OBJECTIVE else f"objective {config.objective.metric}")
     )
-    if resume and ray_tune.Tuner.can_restore(sweep_path):
-        tuner = ray_tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
+
+    def new_tuner():
         scheduler = (
             ASHAScheduler(
                 time_attr="training_iteration",
@@ -180,7 +170,7 @@ def tune(
             if sweep.scheduler == "asha"
             else FIFOScheduler()
         )
-        tuner = ray_tune.Tuner(
+        return ray_tune.Tuner(
             trainable,
             param_space=search_space(sweep.space),
             tune_config=ray_tune.TuneConfig(
@@ -200,9 +190,9 @@ def tune(
                 failure_config=ray_tune.FailureConfig(max_failures=1),
             ),
         )
-    with ResourceWatch(config, what=f"sweep {name}"):
-        grid = tuner.fit()
-    statuses = saved_statuses(sweep_path, history_of=lambda trial: history_location(trials_storage, trial.trial_id))
+
+    grid, statuses = run_trials(trainable, sweep_path, resume, new_tuner, config, f"sweep {name}",
+                                history_of=lambda trial: history_location(trials_storage, trial.trial_id))
     resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"
     try:
         return summarize_sweep(grid, config, sweep_path, statuses)  # the table first, even of an interrupted sweep
@@ -225,14 +215,10 @@ def _searcher(sweep):
 
 
 def _best_row(rows: list[dict[str, Any]], objective: str = OBJECTIVE) -> dict[str, Any] | None:
-    eligible = [row for row in rows if row.get("checkpoint_path") and _finite(row.get(objective))]
+    eligible = [row for row in rows if row.get("checkpoint_path") and finite(row.get(objective))]
     if not eligible:
         return None
     return max(eligible, key=lambda row: (row[objective], row.get(TIEBREAK, 0.0)))
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
@@ -249,7 +235,7 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
     best: tuple[tuple[float, float], dict[str, Any], dict[str, Any]] | None = None
     for result in grid:
         params = {key: value for key, value in (result.config or {}).items() if key in config.tune.space}
-        history = [] if result.metrics_dataframe is None else result.metrics_dataframe.to_dict(orient="records")
+        history = result_history(result)
         row = _best_row(history, objective)
         last = history[-1] if history else {}
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
@@ -277,26 +263,23 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
         raise PneumoniaError("no trial produced a checkpoint" + (f"; first error: {errors[0]}" if errors else ""))
     _, row, params = best
 
-    # Written locally (the sweep folder, or a scratch folder uploaded next to a remote sweep).
-    out_dir = Path(sweep_path) if not is_uri(sweep_path) else Path(tempfile.mkdtemp(prefix="pneumonia-sweep-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Written locally: in the sweep folder, or in a scratch folder uploaded next to a remote sweep.
     table = [{k: v for k, v in t.items() if k != "curve"} for t in trials]
     table.sort(key=lambda t: (t["objective"] is not None, t["objective"] or 0, t["pr_auc"] or 0), reverse=True)
-    with open(out_dir / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=sorted({k for t in table for k in t}, key=_column_order))
-        writer.writeheader()
-        writer.writerows(table)
-    (out_dir / "results.json").write_text(json.dumps(table, indent=2, default=str))
-    plot_objective_map(trials, config, out_dir / "objective_map.png")
-    plot_learning_curves(trials, config, out_dir / "learning_curves.png")
     best_config = trial_config(config.model_dump(exclude={"tune"}), params, "", "best").model_dump(exclude={"run", "tune"})
-    (out_dir / "best_config.yaml").write_text(_yaml(best_config))
-    outputs = {}
-    for name in ("results.csv", "results.json", "objective_map.png", "learning_curves.png", "best_config.yaml"):
-        outputs[name] = join(sweep_path, name)
-        if is_uri(sweep_path):
-            write_bytes(outputs[name], (out_dir / name).read_bytes())
-    metrics = {key[4:]: float(value) for key, value in row.items() if key.startswith("val_") and _finite(value)}
+    with staged_directory(sweep_path) as out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "results.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=sorted({k for t in table for k in t}, key=_column_order))
+            writer.writeheader()
+            writer.writerows(table)
+        (out_dir / "results.json").write_text(json.dumps(table, indent=2, default=str))
+        plot_objective_map(trials, config, out_dir / "objective_map.png")
+        plot_learning_curves(trials, config, out_dir / "learning_curves.png")
+        (out_dir / "best_config.yaml").write_text(_yaml(best_config))
+    outputs = {name: join(sweep_path, name) for name in
+               ("results.csv", "results.json", "objective_map.png", "learning_curves.png", "best_config.yaml")}
+    metrics = validation_metrics(row, finite=True)
     return TuneResult(
         sweep_dir=sweep_path,
         best_checkpoint=qualify(row["checkpoint_path"], sweep_path),

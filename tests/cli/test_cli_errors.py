@@ -530,7 +530,8 @@ def test_lines_ray_forwards_from_workers_are_filtered_per_worker():
     ({"TF_CPP_MIN_LOG_LEVEL": "0", "RAY_ADDRESS": "ray://head:10001"}, {("0", "0")}),
 ])
 def test_the_tensorflow_log_level_of_the_driver_and_of_ray_workers(extra, expected):
-    code = "import os, pneumonia; print(os.environ['TF_CPP_MIN_LOG_LEVEL'], pneumonia.RAY_ENV['TF_CPP_MIN_LOG_LEVEL'])"
+    code = ("import os; from pneumonia import runtime; runtime.activate(); "
+            "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], runtime.RAY_ENV['TF_CPP_MIN_LOG_LEVEL'])")
     env = {key: value for key, value in os.environ.items() if key not in ("TF_CPP_MIN_LOG_LEVEL", "RAY_ADDRESS")}
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                                env={**env, **extra})

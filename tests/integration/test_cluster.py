@@ -452,12 +452,12 @@ def _gpu_capacity(cluster: str) -> tuple[float, int, int]:
 def test_the_job_fits_the_gpu_workers(cluster, name):
     """Ray waits forever for resources no node type can offer: every worker (and a trial's driver)
     must fit one GPU node, and the sweep's concurrent trials must fit the maximum node count."""
-    from pneumonia.training.sweep import TRIAL_DRIVER_CPU
+    from pneumonia.training.launcher import DRIVER_CPU
 
     config = entrypoint_config(parse_entrypoint(manifest(name)["spec"]["entrypoint"]))
     cpus, gpus, max_nodes = _gpu_capacity(cluster)
     concurrent = config.tune.max_concurrent_trials if config.tune else 1
-    driver = TRIAL_DRIVER_CPU if config.tune else 0.0
+    driver = DRIVER_CPU if config.tune else 0.0
     assert config.scaling.cpus_per_worker + driver <= cpus, f"a worker needs more CPUs than a {cluster} GPU node has"
     assert config.scaling.workers * concurrent <= max_nodes * gpus, (
         f"{concurrent} x {config.scaling.workers} GPU workers, but {cluster} scales to {max_nodes * gpus} GPUs")

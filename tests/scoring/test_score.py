@@ -395,8 +395,8 @@ def test_score_flags_parse_and_bad_values_are_usage_errors(capsys):
 
 
 def test_the_rayjob_manifest_is_valid_like_the_other_rayjobs(monkeypatch):
-    """The checks tests/test_cluster.py runs on rayjob-train and rayjob-tune, on rayjob-score."""
-    from tests import test_cluster
+    """The checks tests/integration/test_cluster.py runs on rayjob-train and rayjob-tune, on rayjob-score."""
+    from tests.integration import test_cluster
 
     monkeypatch.setitem(test_cluster.MANIFESTS, "rayjob-score", ("RayJob", test_cluster.KUBERAY / "rayjob-score.yaml"))
     test_cluster.test_manifest_parses_with_the_right_api_version_and_kind("rayjob-score")

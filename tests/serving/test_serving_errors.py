@@ -1,6 +1,6 @@
 """The one error shape, {"error": ...}, for what FastAPI and Starlette answer themselves (no Ray).
 
-The same handlers serve the Classifier over HTTP (tests/test_serving.py checks 404 and 405 there);
+The same handlers serve the Classifier over HTTP (tests/serving/test_serving.py checks 404 and 405 there);
 here a small app with the routes that provoke the rest (a validation error, an unexpected
 exception) is called in-process through ASGI.
 """

@@ -1,6 +1,6 @@
 """An ensemble recipe end to end on a local Ray: members train in parallel (weight averaging,
 cosine schedule, stress metrics per epoch as the checkpoint metric), combine, export and score.
-(Two-worker training with weight averaging is covered by tests/test_train.py.)"""
+(Two-worker training with weight averaging is covered by tests/training/test_train.py.)"""
 
 from __future__ import annotations
 
