@@ -110,8 +110,6 @@ def init_ray() -> None:
     address (pneumonia.local_ray: another Ray on the machine must not confuse Ray's own processes)."""
     import ray
 
-    from pneumonia.local_ray import start_ray
-
     if ray.is_initialized():
         return
     start_ray(driver_env_vars(), log_to_driver=True, logging_level="WARNING")
@@ -200,8 +198,6 @@ def refuse_or_wait(problems: list[str]) -> None:
     """A cluster that can never fit the work: on an embedded (fixed-size) Ray a ConfigError listing
     ``problems`` (Ray would wait forever); on the user's cluster a warning, as the autoscaler may
     still add nodes. Nothing when ``problems`` is empty."""
-    from pneumonia.local_ray import user_cluster_address
-
     if not problems:
         return
     message = "not enough resources: " + "; ".join(problems)

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import threading
 
+from pneumonia.errors import ConfigError
+
 
 def _default_tf_log_level() -> str:
     """3 (errors hidden too) where no NVIDIA device is visible: there the only native error a CPU
@@ -185,8 +187,6 @@ def require_legacy_keras(tf) -> None:
     """ConfigError unless ``tf.keras`` is Keras 2 (tf-keras): a program that imported TensorFlow
     before :func:`activate` has Keras 3, which cannot train multi-worker nor read our checkpoints."""
     if not tf.keras.__name__.startswith("tf_keras"):
-        from pneumonia.errors import ConfigError
-
         version = getattr(tf.keras, "__version__", "3")
         raise ConfigError(f"TensorFlow was loaded with Keras {version}: call pneumonia.runtime.activate() "
                           "before anything imports TensorFlow (or set TF_USE_LEGACY_KERAS=1)")

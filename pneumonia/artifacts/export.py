@@ -24,11 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from pneumonia.artifacts.publish import data_fingerprint, export_artifact
 from pneumonia.artifacts.runs import manifest_above, sweep_manifest, validation_metrics
 from pneumonia.config import config_from_dict
+from pneumonia.data.pipeline import load_images
+from pneumonia.data.records import carve_validation
+from pneumonia.data.synth import MARKER_FILE
 from pneumonia.errors import CheckpointError, PneumoniaError
 from pneumonia.metrics.binary import SafeOperatingPoint, binary_metrics, safe_operating_point
 from pneumonia.models.checkpoint import load_checkpoint
+from pneumonia.models.ood import features_and_probabilities, fit_guard, model_with_features
 from pneumonia.storage import exists, join, read_bytes
 
 # Resamples of the validation split for the operating point's intervals: fixed, so that exporting
@@ -72,8 +77,6 @@ def _manifest_data(checkpoint: str) -> str | None:
 
 def _dataset_marker(root: str) -> dict[str, Any] | None:
     """The marker :mod:`pneumonia.data.synth` leaves at a dataset's root, or None (not made there)."""
-    from pneumonia.data.synth import MARKER_FILE
-
     location = join(root, MARKER_FILE)
     if not exists(location):
         return None
@@ -115,9 +118,6 @@ GUARD_FIT_IMAGES = 2000
 def fit_ood_guard(dual, train_part, validation_features: np.ndarray, spec, seed: int = BOOTSTRAP_SEED):
     """The guard (pneumonia.models.ood) from a sample of the training carve's features, its threshold
     letting 99% of the validation carve's images through."""
-    from pneumonia.data.pipeline import load_images
-    from pneumonia.models.ood import features_and_probabilities, fit_guard
-
     rng = np.random.default_rng(seed)
     sample = [train_part[i] for i in sorted(rng.permutation(len(train_part))[:GUARD_FIT_IMAGES])]
     training = load_images(sample, spec)
@@ -130,17 +130,12 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
     """Export ``checkpoint`` to the registry. With ``data_root``: the threshold chosen on the
     validation carve, and an out-of-distribution guard fitted on the training carve (its policy
     for what it refuses, ``reject`` or ``flag``, goes into the artifact)."""
-    from pneumonia.artifacts.publish import data_fingerprint, export_artifact
-
     model, info = load_checkpoint(checkpoint)
     config = config_from_dict(info.config, source=f"checkpoint {checkpoint}")
     objective = config.objective
     target = objective.target_recall
     fingerprint, point, guard = None, None, None
     if data_root is not None:
-        from pneumonia.data.pipeline import load_images
-        from pneumonia.data.records import carve_validation
-        from pneumonia.models.ood import features_and_probabilities, model_with_features
 
         _, train_part, val_part = carve_validation(data_root, config)
         validation = load_images(val_part, info.preprocess)

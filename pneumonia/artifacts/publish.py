@@ -44,7 +44,7 @@ from pneumonia.data.preprocess import PreprocessSpec
 from pneumonia.errors import CheckpointError, DataError
 from pneumonia.models.checkpoint import MODEL_FILE, load_model_from_directory, read_info
 from pneumonia.models.ensemble import is_ensemble, member_models
-from pneumonia.models.ood import SCORE_NAME
+from pneumonia.models.ood import SCORE_NAME, model_with_features, tf_scores
 from pneumonia.storage import is_uri, json_ready, local_directory, write_atomic
 
 if TYPE_CHECKING:
@@ -165,7 +165,6 @@ def _save_serving_model(model, spec: PreprocessSpec, directory: Path, guard: Any
     module.model_variables = list(model.variables)
     forward = model
     if guard is not None:
-        from pneumonia.models.ood import model_with_features, tf_scores
 
         forward = model_with_features(model)  # (probability, features) from one pass
         module.ood_arrays = {name: tf.Variable(array, trainable=False, name=f"ood_{name}")

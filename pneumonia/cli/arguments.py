@@ -7,7 +7,10 @@ import argparse
 import math
 from typing import Any
 
+from pneumonia.artifacts.registry import NAME_PATTERN
+from pneumonia.config import ExperimentConfig, check_shift_names
 from pneumonia.errors import PneumoniaError
+from pneumonia.serving.client import check_url
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,7 +74,6 @@ def config_field(key: str):
 
     from pydantic import BaseModel
 
-    from pneumonia.config import ExperimentConfig
 
     model: Any = ExperimentConfig
     *sections, leaf = key.split(".")
@@ -83,8 +85,6 @@ def config_field(key: str):
 
 
 def service_url(text: str) -> str:
-    from pneumonia.serving.client import check_url
-
     try:
         return check_url(text)
     except PneumoniaError as error:
@@ -92,8 +92,6 @@ def service_url(text: str) -> str:
 
 
 def shift_names(text: str) -> str:
-    from pneumonia.config import check_shift_names
-
     try:
         check_shift_names([name.strip() for name in text.split(",")])
     except ValueError as error:
@@ -103,8 +101,6 @@ def shift_names(text: str) -> str:
 
 def artifact_name(text: str) -> str:
     """A model name the registry accepts, checked before the checkpoint's model loads."""
-    from pneumonia.artifacts.registry import NAME_PATTERN
-
     if not NAME_PATTERN.match(text):
         raise argparse.ArgumentTypeError(f"{text!r} must be letters, digits, '.', '_' or '-' (a folder name)")
     return text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pneumonia.artifacts.registry import artifact_warning, verify_artifact
 from pneumonia.cli.common import (
     emit,
     one_line,
@@ -14,13 +15,19 @@ from pneumonia.cli.common import (
     shutdown_ray,
     storage,
 )
+from pneumonia.config import load_config, parse_set_option, with_overrides
+from pneumonia.data.records import check_training_data
+from pneumonia.data.summary import summarize
+from pneumonia.data.synth import make_synthetic_dataset
 from pneumonia.errors import OutputError, PneumoniaError
+from pneumonia.serving import local_service
+from pneumonia.serving.client import format_predictions, predict_files
 from pneumonia.storage import is_uri
+from pneumonia.training.driver import train
+from pneumonia.training.sweep import tune
 
 
 def cmd_synth(args) -> None:
-    from pneumonia.data.synth import make_synthetic_dataset
-
     try:
         summary = make_synthetic_dataset(
             args.out, n=args.n, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty
@@ -37,16 +44,12 @@ def cmd_synth(args) -> None:
 
 
 def cmd_data_summarize(args) -> None:
-    from pneumonia.data.summary import summarize
-
     require_folder(args.directory, None, "data folder")
     summary = summarize(args.directory)
     emit(summary.to_json(), args.json, summary.format())
 
 
 def train_overrides(args) -> dict[str, Any]:
-    from pneumonia.config import parse_set_option
-
     overrides = {
         "scaling.workers": args.workers,
         "scaling.gpu": True if args.gpu else None,
@@ -64,9 +67,6 @@ def train_overrides(args) -> dict[str, Any]:
 
 
 def cmd_train(args) -> None:
-    from pneumonia.config import load_config, with_overrides
-    from pneumonia.training.driver import train
-
     overrides = train_overrides(args)
     config = with_overrides(load_config(args.config), overrides)
     if args.resume and args.data is None:
@@ -96,9 +96,6 @@ def cmd_train(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from pneumonia.config import load_config, parse_set_option, with_overrides
-    from pneumonia.training.sweep import tune
-
     overrides = {"run.storage": storage(args), "run.name": args.name, "tune.num_samples": args.samples}
     overrides.update(parse_set_option(args.set or []))
     config = with_overrides(load_config(args.config), overrides)
@@ -123,8 +120,6 @@ def cmd_tune(args) -> None:
 def _check_new_sweep(args, config) -> None:
     """What a new sweep needs, checked before Ray starts: readable training images
     (pneumonia.data.records.check_training_data) and writable storage."""
-    from pneumonia.data.records import check_training_data
-
     if args.data is None:
         raise PneumoniaError("--data is required (a dataset root or a folder of class folders)")
     if config.tune is None:
@@ -139,7 +134,7 @@ def _short(value) -> str:
 
 
 def cmd_export(args) -> None:
-    from pneumonia.artifacts.export import export
+    from pneumonia.artifacts.export import export  # lazy: scikit-learn
 
     _check_export_args(args)
     exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name, ood_policy=args.ood_policy)
@@ -153,7 +148,6 @@ def _check_export_args(args) -> None:
         raise OutputError(f"--registry {args.registry}: the registry must be a local folder")
     require_output_folder(args.registry, "--registry")
     if args.data is not None:
-        from pneumonia.data.records import check_training_data
 
         require_folder(args.data, "--data", "data folder")
         check_training_data(args.data)
@@ -164,8 +158,6 @@ def cmd_serve(args) -> None:
     import signal
     import time
 
-    from pneumonia.artifacts.registry import artifact_warning, verify_artifact
-    from pneumonia.serving.local_service import local_service
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -176,7 +168,7 @@ def cmd_serve(args) -> None:
     # fails in a second with its reason, not after Serve has given up on the replicas.
     metadata = verify_artifact(artifact).metadata
     try:
-        with local_service(artifact, host=args.host, port=args.port) as url:
+        with local_service.local_service(artifact, host=args.host, port=args.port) as url:
             print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
                   "Ctrl-C stops", flush=True)
             print(f"review page: {url}/ (open it in a browser)", flush=True)
@@ -194,8 +186,6 @@ def cmd_serve(args) -> None:
 
 def cmd_predict(args) -> None:
     """POST each file to a running service and print its answer."""
-    from pneumonia.serving.client import format_predictions, predict_files
-
     rows = predict_files(args.url, args.files, timeout_s=args.timeout)
     emit({"predictions": rows}, args.json, format_predictions(rows))
     failed = sum("error" in row for row in rows)

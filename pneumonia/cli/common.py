@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.errors import OutputError, PneumoniaError
+from pneumonia.local_ray import stop_ray
 from pneumonia.storage import is_uri, json_ready
 
 
@@ -30,7 +31,6 @@ or a test session's): the command must leave it running."""
 def shutdown_ray() -> None:
     """Stop the embedded Ray we started, so its forwarded worker logs end before our last line."""
     if "ray" in sys.modules and not KEEP_RAY:
-        from pneumonia.local_ray import stop_ray
 
         stop_ray()
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pneumonia.cli.common import require_output_folder, shutdown_ray
+from pneumonia.config import load_config, with_overrides
+from pneumonia.data.labels import CLASS_NAMES
+from pneumonia.data.synth import make_synthetic_dataset
 from pneumonia.errors import PneumoniaError
+from pneumonia.local_ray import free_port
+from pneumonia.serving import local_service
+from pneumonia.serving.client import format_predictions, predict_files
+from pneumonia.training.driver import train
+from pneumonia.training.sweep import tune
 
 
 def _quick_sweep_config() -> Path:
@@ -20,18 +28,11 @@ def _quick_sweep_config() -> Path:
 def cmd_demo(args) -> None:
     """Synthetic data -> distributed training -> sweep -> serving artifact -> report -> a live
     service answering a few requests, on a local Ray."""
-    from pneumonia.artifacts.export import export
-    from pneumonia.config import load_config, with_overrides
-    from pneumonia.data.synth import make_synthetic_dataset
-    from pneumonia.evaluation.compare import ModelScores, compare_at_target_recall
-    from pneumonia.evaluation.evaluate import VALIDATION, evaluate_artifact, evaluate_checkpoint
-    from pneumonia.evaluation.report import write_report
-    from pneumonia.local_ray import free_port
-    from pneumonia.metrics.binary import format_table
-    from pneumonia.serving.client import format_predictions, predict_files
-    from pneumonia.serving.local_service import local_service
-    from pneumonia.training.driver import train
-    from pneumonia.training.sweep import tune
+    from pneumonia.artifacts.export import export  # lazy: scikit-learn
+    from pneumonia.evaluation.compare import ModelScores, compare_at_target_recall  # lazy: scikit-learn
+    from pneumonia.evaluation.evaluate import VALIDATION, evaluate_artifact, evaluate_checkpoint  # lazy: scikit-learn
+    from pneumonia.evaluation.report import write_report  # lazy: matplotlib and scikit-learn
+    from pneumonia.metrics.binary import format_table  # lazy: scikit-learn
 
     require_output_folder(args.out, "--out")
     out = Path(args.out).resolve()
@@ -88,8 +89,8 @@ def cmd_demo(args) -> None:
 
     port = args.serve_port or free_port()
     print(f"[6/6] serving {exported.version} with Ray Serve on http://127.0.0.1:{port}, sending test X-rays")
-    samples = [path for label in ("NORMAL", "PNEUMONIA") for path in sorted((data / "test" / label).iterdir())[:3]]
-    with local_service(exported.artifact, port=port) as url:
+    samples = [path for label in CLASS_NAMES for path in sorted((data / "test" / label).iterdir())[:3]]
+    with local_service.local_service(exported.artifact, port=port) as url:
         rows = predict_files(url, samples)
         print(format_predictions([{**row, "file": str(Path(row["file"]).relative_to(data))} for row in rows]))
         print(f"POST {url}/predict answered {len(rows)} requests; stopping the service", flush=True)

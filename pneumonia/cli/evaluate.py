@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 
+from pneumonia.artifacts.registry import load_artifact, read_metadata
 from pneumonia.cli.common import emit, require_folder, require_output_folder
+from pneumonia.config import config_from_dict
+from pneumonia.data.pipeline import predict_probabilities
 from pneumonia.errors import PneumoniaError
+from pneumonia.models.checkpoint import load_checkpoint
 
 
 def cmd_evaluate(args) -> None:
-    from pneumonia.evaluation.evaluate import evaluate_artifact, evaluate_checkpoint
-    from pneumonia.metrics.binary import format_table
+    from pneumonia.evaluation.evaluate import evaluate_artifact, evaluate_checkpoint  # lazy: scikit-learn
+    from pneumonia.metrics.binary import format_table  # lazy: scikit-learn
 
     _check_evaluate_args(args)
     if args.artifact is not None:
@@ -36,7 +40,7 @@ def cmd_evaluate(args) -> None:
         payload["stress"] = evaluation.stress.to_json()
         text += "\n\nshift stress validation (" + f"{evaluation.stress.n} images):\n" + evaluation.stress.table()
     if args.report:
-        from pneumonia.evaluation.report import write_report
+        from pneumonia.evaluation.report import write_report  # lazy: matplotlib and scikit-learn
 
         files = write_report(
             args.report, evaluation.labels, evaluation.probabilities, evaluation.metrics["threshold"],
@@ -65,7 +69,6 @@ def _check_evaluate_args(args) -> None:
     if args.checkpoint is not None:
         require_folder(args.checkpoint, "--checkpoint", "checkpoint folder")
     else:
-        from pneumonia.artifacts.registry import read_metadata
 
         read_metadata(args.artifact)  # resolves it and checks its metadata, without TensorFlow
     if args.report:
@@ -76,24 +79,19 @@ def _threshold_choice(args) -> dict | None:
     """How the evaluated artifact's threshold was chosen (recorded by `export --data`), when it is the one scored."""
     if args.artifact is None or args.threshold is not None:
         return None
-    from pneumonia.artifacts.registry import read_metadata
 
     return (read_metadata(args.artifact).get("validation_metrics") or {}).get("operating_point")
 
 
 def _stress_for(args, evaluation):
     """The stress report of what cmd_evaluate scored, at the same threshold."""
-    from pneumonia.config import config_from_dict
-    from pneumonia.evaluation.evaluate import stress_evaluate
+    from pneumonia.evaluation.evaluate import stress_evaluate  # lazy: scikit-learn
 
     if args.artifact is not None:
-        from pneumonia.artifacts.registry import load_artifact
 
         artifact = load_artifact(args.artifact)
         predict, spec, config = artifact.predict, artifact.preprocess, artifact.metadata.get("training_config")
     else:
-        from pneumonia.data.pipeline import predict_probabilities
-        from pneumonia.models.checkpoint import load_checkpoint
 
         model, info = load_checkpoint(args.checkpoint)
         predict, spec, config = (lambda images: predict_probabilities(model, images)), info.preprocess, info.config

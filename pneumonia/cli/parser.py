@@ -12,11 +12,10 @@ from pneumonia.cli import demo as demo_command
 from pneumonia.cli import evaluate as evaluate_command
 from pneumonia.cli.arguments import PORT, Parser, artifact_name, config_number, number, service_url, shift_names
 from pneumonia.cli.score import add_parser as add_score_parser
+from pneumonia.data.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MIN_IMAGES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pneumonia.data.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MIN_IMAGES
-
     parser = Parser(
         prog="pneumonia", description="Train, tune and serve a chest X-ray pneumonia classifier on Ray."
     )

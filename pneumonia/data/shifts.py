@@ -28,6 +28,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from pneumonia.config import check_shift_names
 from pneumonia.data.preprocess import ImageDecodeError, PreprocessSpec, open_image, prepare_image
+from pneumonia.storage import read_bytes
 
 
 def _gamma(value: float) -> Callable[[Image.Image, np.random.Generator], Image.Image]:
@@ -212,8 +213,6 @@ def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int = 0)
 
 def load_sources(locations: list[str], threads: int = 8) -> list[bytes]:
     """The files' bytes (local paths or URIs), in order."""
-    from pneumonia.storage import read_bytes
-
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(pool.map(read_bytes, locations))
 

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.pipeline import decode_threads
 from pneumonia.data.records import Dataset, discover, probe_image
 from pneumonia.errors import DataError
@@ -79,7 +80,7 @@ def summarize(root: str) -> DataSummary:
         heights = [size[1] for _, size in good]
         splits[name or "class folders"] = SplitSummary(
             images=dict(Counter(r.class_name for r, _ in good)),
-            patients={cls: len({r.patient_id for r, _ in good if r.class_name == cls}) for cls in ("NORMAL", "PNEUMONIA")},
+            patients={cls: len({r.patient_id for r, _ in good if r.class_name == cls}) for cls in CLASS_NAMES},
             subtypes=dict(Counter(r.subtype for r, _ in good)),
             width_range=(min(widths), max(widths)) if widths else None,
             height_range=(min(heights), max(heights)) if heights else None,

@@ -8,11 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.data.pipeline import load_images
+from pneumonia.artifacts.registry import load_artifact, read_metadata
+from pneumonia.config import check_shift_names, config_from_dict
+from pneumonia.data.pipeline import decode_threads, load_images, predict_probabilities
 from pneumonia.data.preprocess import PreprocessSpec
-from pneumonia.data.records import class_counts, discover, evaluation_records
+from pneumonia.data.records import carve_validation, class_counts, discover, evaluation_records
+from pneumonia.data.shifts import load_sources, shifted_images, stratified_subset
 from pneumonia.errors import DataError
 from pneumonia.metrics.binary import binary_metrics
+from pneumonia.models import checkpoint as checkpoints
+from pneumonia.storage import local_directory
 
 
 @dataclass
@@ -35,8 +40,6 @@ VALIDATION = "validation"
 def split_records(data_root: str, split: str, training_config: dict[str, Any] | None = None):
     """(dataset, records) of a split; ``validation`` is rebuilt from the training config."""
     if split == VALIDATION:
-        from pneumonia.config import config_from_dict
-        from pneumonia.data.records import carve_validation
 
         dataset, _, records = carve_validation(data_root, config_from_dict(training_config or {}))
         return dataset, records
@@ -61,10 +64,7 @@ def stress_evaluate(
     ``threshold`` is the operating point whose drift is reported (an artifact's own); by default
     the one the clean images give for ``target_recall``.
     """
-    from pneumonia.config import check_shift_names
-    from pneumonia.data.pipeline import decode_threads
-    from pneumonia.data.shifts import load_sources, shifted_images, stratified_subset
-    from pneumonia.metrics.stress import stress_report
+    from pneumonia.metrics.stress import stress_report  # lazy: scikit-learn
 
     shifts = check_shift_names(shifts)
     _, records = split_records(data_root, split, training_config)
@@ -116,23 +116,17 @@ def _score(predict, decoded, dataset, split: str, threshold: float) -> Evaluatio
 def evaluate_checkpoint(checkpoint: str, data_root: str, split: str = "test", threshold: float = 0.5) -> Evaluation:
     """Score a training checkpoint. The data is found and decoded before the model loads, so a
     wrong --data or --split fails in a second, not after TensorFlow has started."""
-    from pneumonia.data.pipeline import predict_probabilities
-    from pneumonia.models.checkpoint import load_model_from_directory, read_info
-    from pneumonia.storage import local_directory
-
     with local_directory(checkpoint) as directory:
-        info = read_info(directory)
+        info = checkpoints.read_info(directory)
         dataset, records = split_records(data_root, split, info.config)
         decoded = _decode(records, info.preprocess, data_root)
-        model = load_model_from_directory(directory)
+        model = checkpoints.load_model_from_directory(directory)
     return _score(lambda images: predict_probabilities(model, images), decoded, dataset, split, threshold)
 
 
 def evaluate_artifact(location: str, data_root: str, split: str = "test", threshold: float | None = None) -> Evaluation:
     """Score a serving artifact at its stored threshold (or the one given). Its metadata is read
     and the data found before the model loads (a wrong --data or --split fails in a second)."""
-    from pneumonia.artifacts.registry import load_artifact, read_metadata
-
     dataset, records = split_records(data_root, split, read_metadata(location).get("training_config"))
     artifact = load_artifact(location)
     chosen = artifact.threshold if threshold is None else threshold

@@ -1,6 +1,6 @@
 """Recognise what is not a pediatric chest X-ray, so that it is never answered as one.
 
-Any decodable image used to get a confident NORMAL/PNEUMONIA answer: a holiday photo, a scanned
+Without it, any decodable image gets a confident NORMAL/PNEUMONIA answer: a holiday photo, a scanned
 form, a knee X-ray, a blank frame. The guard here is the Mahalanobis distance of an image's
 features to the nearest class mean, with one covariance shared by the classes (Lee et al., 2018,
 "A Simple Unified Framework for Detecting Out-of-Distribution Samples"). The features are the
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pneumonia.data.labels import CLASS_NAMES
+from pneumonia.models.ensemble import is_ensemble, member_models
 
 METHOD = "mahalanobis-features"  # ReLU-map means + penultimate features
 SCORE_NAME = "ood_score"
@@ -112,7 +113,6 @@ def model_with_features(model):
     the members' probabilities (as its Average layer does) and concatenates their features."""
     import tensorflow as tf
 
-    from pneumonia.models.ensemble import is_ensemble, member_models
 
     members = member_models(model) if is_ensemble(model) else [model]
     image = tf.keras.Input(shape=model.input_shape[1:], name="image", dtype=model.input.dtype)

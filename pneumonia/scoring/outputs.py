@@ -12,7 +12,7 @@ import numpy as np
 
 from pneumonia.errors import DataError, OutputError, PneumoniaError
 from pneumonia.scoring.inputs import MANIFEST_FORMATS, first_line, read_table
-from pneumonia.storage import is_uri, join, list_files, write_atomic, write_bytes
+from pneumonia.storage import _split_uri, exists, is_uri, join, list_files, write_atomic, write_bytes
 
 OUTPUT_FORMATS = MANIFEST_FORMATS
 KEY = ("path", "model", "version")
@@ -63,8 +63,6 @@ def check_output(output: str) -> None:
 
 def _remove(location: str) -> None:
     if is_uri(location):
-        from pneumonia.storage import _split_uri
-
         fs, path = _split_uri(location)
         fs.delete_file(path)
     else:
@@ -123,8 +121,6 @@ def read_previous(output: str, progress: Callable[[str], None]) -> list:
 
 
 def _exists(location: str) -> bool:
-    from pneumonia.storage import exists
-
     return exists(location)
 
 
@@ -184,8 +180,6 @@ def _with_columns(scores, columns):
 
 def _remove_tree(location: str) -> None:
     if is_uri(location):
-        from pneumonia.storage import _split_uri
-
         fs, path = _split_uri(location)
         try:
             fs.delete_dir(path)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumonia.artifacts.registry import METADATA_FILE, ArtifactError, load_artifact, verify_artifact
 from pneumonia.data.preprocess import PreprocessSpec, decode_image
 from pneumonia.errors import DataError, PneumoniaError
+from pneumonia.models.ood import Scored, judge
 from pneumonia.scoring.inputs import ScoreInput, first_line
 from pneumonia.scoring.outputs import output_schema
-from pneumonia.storage import read_bytes
+from pneumonia.storage import is_uri, local_directory, read_bytes
 
 BATCHES_PER_BLOCK = 4
 """Files per Ray Data block (one decode task, one part file) = batch size x this: small enough
@@ -45,9 +47,6 @@ class PackedArtifact:
 def pack_artifact(location: str) -> PackedArtifact:
     """Resolve (a version, a name folder's LATEST, a one-model registry; a local path or a URI),
     verify (metadata, every file's sha256) and read an artifact, without TensorFlow."""
-    from pneumonia.artifacts.registry import ArtifactError
-    from pneumonia.storage import is_uri, local_directory
-
     if not is_uri(location):
         return _pack(Path(location).expanduser())
     try:
@@ -58,8 +57,6 @@ def pack_artifact(location: str) -> PackedArtifact:
 
 
 def _pack(location: Path) -> PackedArtifact:
-    from pneumonia.artifacts.registry import METADATA_FILE, verify_artifact
-
     verified = verify_artifact(location)
     files = {name: (verified.path / name).read_bytes() for name in [*verified.metadata["files"], METADATA_FILE]}
     return PackedArtifact(verified.metadata, verified.preprocess, verified.threshold, files)
@@ -67,8 +64,6 @@ def _pack(location: Path) -> PackedArtifact:
 
 def unpack_artifact(files: dict[str, bytes]):
     """Write shipped artifact files to a scratch folder and load them (verified again there)."""
-    from pneumonia.artifacts.registry import load_artifact
-
     scratch = Path(tempfile.mkdtemp(prefix="pneumonia-score-"))
     try:
         for name, data in files.items():
@@ -110,7 +105,6 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
-        from pneumonia.models.ood import Scored, judge
 
         errors = [str(error) for error in batch["error"]]
         good = np.flatnonzero([not error for error in errors])

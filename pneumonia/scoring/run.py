@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pneumonia import local_ray
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS
 from pneumonia.errors import Interrupted, PneumoniaError
@@ -127,9 +128,8 @@ def _run(todo: ScoreInput, packed: PackedArtifact, result: ScoreResult, *, gpu: 
     """Start (or join) Ray, stream the results into part files, count them into ``result``."""
     import ray
 
-    from pneumonia.local_ray import init_ray
 
-    init_ray()
+    local_ray.init_ray()
     concurrency = concurrency or _default_concurrency(gpu)
     _check_resources(gpu, concurrency)
     shipped = ray.put(packed.files)
@@ -173,16 +173,15 @@ def _check_resources(gpu: bool, concurrency: int) -> None:
     on the user's cluster the autoscaler may still add nodes, so it is a warning."""
     import ray
 
-    from pneumonia.local_ray import gpu_advice, refuse_or_wait
 
     available = ray.cluster_resources()
     problems = []
     gpus = available.get("GPU", 0)
     if gpu and gpus < concurrency:
-        advice = gpu_advice(gpus, "--gpu", "lower --concurrency")
+        advice = local_ray.gpu_advice(gpus, "--gpu", "lower --concurrency")
         problems.append(f"{concurrency} GPU actors, but the cluster has {gpus:g} GPUs ({advice})")
     wanted = concurrency * SCORER_CPUS + (DECODE_CPUS if gpu else 0)  # GPU runs decode in tasks of their own
     if available.get("CPU", 0) < wanted:
         problems.append(f"{concurrency} actors x {SCORER_CPUS:g} CPU" + (f" + {DECODE_CPUS:g} CPU to decode" if gpu else "")
                         + f", but the cluster has {available.get('CPU', 0):g} CPUs (lower --concurrency)")
-    refuse_or_wait(problems)
+    local_ray.refuse_or_wait(problems)

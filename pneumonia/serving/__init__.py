@@ -4,12 +4,23 @@
   build answers), with no HTTP in it;
 - :mod:`pneumonia.serving.app`: the Serve deployment and its routes (`/predict`, `/explain`,
   `/model`, Open Inference Protocol v2), admission control and batching;
+- :mod:`pneumonia.serving.protocol`: the Open Inference Protocol's request and response shapes;
 - :mod:`pneumonia.serving.page`: the review page (`GET /`) and its packaged assets;
-- :mod:`pneumonia.serving.errors`: the one error shape, ``{"error": "<message>"}``.
+- :mod:`pneumonia.serving.errors`: the one error shape, ``{"error": "<message>"}``;
+- :mod:`pneumonia.serving.local_service`: the application on a local Ray (`pneumonia serve`);
+- :mod:`pneumonia.serving.client`: a standard-library client for `POST /predict`.
+
+The names below load on first use, so that the client does not import Ray Serve and FastAPI.
 """
 
-from pneumonia.serving.app import Classifier, build_app
-from pneumonia.serving.errors import json_errors
-from pneumonia.serving.model import ServedModel
+_EXPORTS = {"Classifier": "app", "build_app": "app", "json_errors": "errors", "ServedModel": "model"}
 
-__all__ = ["Classifier", "ServedModel", "build_app", "json_errors"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pneumonia.serving' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"pneumonia.serving.{_EXPORTS[name]}"), name)

@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from pneumonia.artifacts.registry import resolve_artifact
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
 from pneumonia.models.ood import NOT_AN_XRAY, POLICIES, Scored
 from pneumonia.runtime import RAY_ENV
@@ -319,8 +320,6 @@ def build_app(args: dict[str, Any] | None = None):
     $PNEUMONIA_ARTIFACT or ./registry, resolved to its latest version now, so every replica serves
     the same version), max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, max_pending,
     ood_policy (reject or flag: overrides the artifact's out-of-distribution policy)."""
-    from pneumonia.artifacts.registry import resolve_artifact
-
     args = dict(args or {})
     artifact = str(resolve_artifact(str(Path(args.pop("artifact", default_artifact())).expanduser().resolve())))
     options = {

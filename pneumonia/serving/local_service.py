@@ -33,8 +33,8 @@ import time
 import urllib.request
 from collections.abc import Iterator, MutableMapping
 
+from pneumonia import local_ray
 from pneumonia.errors import PneumoniaError
-from pneumonia.local_ray import free_port
 from pneumonia.runtime import RAY_ENV
 
 THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
@@ -91,7 +91,7 @@ def enable_throughput_mode(environ: MutableMapping[str, str] | None = None,
     if drain_s is not None:
         wanted[DRAIN_VARIABLE] = f"{drain_s:g}"
     if haproxy:  # a busy default port would crash HAProxy at start: take a free one instead
-        wanted.update({name: str(free_port("")) for name in HAPROXY_PORTS if name not in environ})
+        wanted.update({name: str(local_ray.free_port("")) for name in HAPROXY_PORTS if name not in environ})
     for name, value in wanted.items():
         environ.setdefault(name, value)
     return {name: environ[name] for name in sorted(environ) if name.startswith("RAY_SERVE_")}
@@ -133,8 +133,7 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
     import ray
     from ray import serve
 
-    from pneumonia.local_ray import start_ray, stop_ray, user_cluster_address
-    from pneumonia.serving import build_app
+    from pneumonia.serving.app import build_app  # lazy: Ray Serve and FastAPI, off `pneumonia serve --help`
 
     application = build_app({"artifact": artifact, **(app_args or {})})
     with socket.socket() as sock:
@@ -143,9 +142,9 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
         except OSError as error:
             raise PneumoniaError(f"cannot serve on {host}:{port}: {error.strerror}") from None
     started_ray = not ray.is_initialized()
-    own_cluster = started_ray and user_cluster_address() is None  # its processes are ours to end
+    own_cluster = started_ray and local_ray.user_cluster_address() is None  # its processes are ours to end
     if started_ray:
-        start_ray(RAY_ENV, logging_level="WARNING")
+        local_ray.start_ray(RAY_ENV, logging_level="WARNING")
     node_id = ray.get_runtime_context().get_node_id() if own_cluster else None
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -154,7 +153,7 @@ def local_service(artifact: str, host: str = "127.0.0.1", port: int = 8000, drai
         wait_until_healthy(url)
         yield url
     finally:
-        stop_service(stop_ray if started_ray else None, node_id)
+        stop_service(local_ray.stop_ray if started_ray else None, node_id)
 
 
 def stop_service(stop_ray=None, node_id: str | None = None) -> None:
@@ -166,7 +165,7 @@ def stop_service(stop_ray=None, node_id: str | None = None) -> None:
         if not going_down():
             _shutdown_serve(going_down)
         if stop_ray is not None:
-            stop_ray()
+            local_ray.stop_ray()
     end_haproxy(node_id)
 
 

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from pneumonia.artifacts.registry import artifact_warning, load_artifact
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, decode_image, open_image
+from pneumonia.models.explain import DEFAULT_ALPHA, DISPLAY_SIDE, GradCam
 from pneumonia.models.ood import Scored, judge
 
 
@@ -31,8 +33,6 @@ class ServedModel:
     """
 
     def __init__(self, artifact: str, max_pixels: int = DEFAULT_MAX_PIXELS, ood_policy: str | None = None):
-        from pneumonia.artifacts.registry import artifact_warning, load_artifact
-
         self.artifact = load_artifact(artifact)
         self.metadata = self.artifact.metadata
         self.name, self.version = self.artifact.name, self.artifact.version
@@ -75,8 +75,6 @@ class ServedModel:
         grey (``image_png``) and the colour-mapped heatmap (``heatmap_png``); a viewer that puts
         the heatmap over the X-ray at opacity a shows exactly the overlay blended at a.
         """
-        from pneumonia.models.explain import DEFAULT_ALPHA, DISPLAY_SIDE, GradCam
-
         with self._explainer_lock:
             if self._explainer is None:
                 self._explainer = GradCam(self.artifact.keras_model())

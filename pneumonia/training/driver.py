@@ -35,6 +35,7 @@ from pneumonia.errors import PneumoniaError
 from pneumonia.local_ray import init_ray
 from pneumonia.storage import exists, join, qualify, write_text
 from pneumonia.training.fit import TrainResult, check_resources, fit_run
+from pneumonia.training.members import train_ensemble
 
 # ----------------------------------------------------------------------------- driver side
 
@@ -88,7 +89,6 @@ def train(
         f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
     )
     if config.ensemble.members > 1:
-        from pneumonia.training.members import train_ensemble
 
         return train_ensemble(config, train_part, val_part, storage, name, resume, progress)
     result = fit_run(config, train_part, val_part)

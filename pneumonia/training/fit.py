@@ -18,6 +18,8 @@ from typing import Any
 from pneumonia.config import ExperimentConfig
 from pneumonia.data.records import ImageRecord
 from pneumonia.errors import Interrupted, PneumoniaError
+from pneumonia.local_ray import gpu_advice, refuse_or_wait
+from pneumonia.training.supervision import ResourceWatch, describe_cluster, start_settings
 from pneumonia.training.worker import records_to_rows, train_worker
 
 
@@ -46,7 +48,6 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
     needing ``extra_cpus`` besides its workers (a Tune trial's driver); Ray would wait forever."""
     import ray
 
-    from pneumonia.local_ray import gpu_advice, refuse_or_wait
 
     available = ray.cluster_resources()
     what = f"{copies} concurrent runs of " if copies > 1 else ""
@@ -77,7 +78,6 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from pneumonia.training.supervision import ResourceWatch, start_settings
 
     trainer = TensorflowTrainer(
         train_worker,
@@ -120,7 +120,6 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
             cause = getattr(error, "__cause__", None) or error
             failure = getattr(cause, "controller_failure", cause)  # Ray Train's ControllerError wraps it
             if type(failure).__name__ == "WorkerGroupStartupTimeoutError":  # Train's own timeout, after retries
-                from pneumonia.training.supervision import describe_cluster
 
                 raise PneumoniaError(f"training failed: the workers did not get their resources in "
                                      f"{config.run.start_retries + 1} tries; {describe_cluster()}") from error

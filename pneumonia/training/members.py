@@ -22,20 +22,27 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pneumonia.artifacts.runs import ENSEMBLE_FOLDER, MEMBERS_FOLDER, member_name, validation_metrics
+from pneumonia.artifacts.runs import (
+    ENSEMBLE_FOLDER,
+    MEMBERS_FOLDER,
+    RESULT_FILE,
+    history_location,
+    member_name,
+    validation_metrics,
+)
 from pneumonia.config import ExperimentConfig, config_from_dict
+from pneumonia.data.pipeline import load_images, predict_probabilities
 from pneumonia.data.records import ImageRecord
 from pneumonia.errors import PneumoniaError
-from pneumonia.storage import join, qualify
+from pneumonia.models.checkpoint import INFO_FILE, load_checkpoint, read_info
+from pneumonia.models.ensemble import combine_checkpoints
+from pneumonia.storage import join, qualify, staged_directory, write_text
+from pneumonia.training.fit import TrainResult, check_resources, fit_run
 from pneumonia.training.launcher import DRIVER_CPU, finite, result_history, run_trials, trial_function
 from pneumonia.training.supervision import raise_if_interrupted
-
-if TYPE_CHECKING:
-    from pneumonia.training.fit import TrainResult
-
-
+from pneumonia.training.worker import rows_to_records, stress_inputs
 
 
 def member_config(base: dict[str, Any], index: int, storage: str) -> ExperimentConfig:
@@ -52,8 +59,6 @@ def run_member(params: dict[str, Any], *, base: dict[str, Any], storage: str, tr
     """A Tune trial: one member's distributed training run, its epochs forwarded to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pneumonia.training.fit import fit_run
-    from pneumonia.training.worker import rows_to_records
 
     config = member_config(base, int(params["member"]), storage)
     fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
@@ -85,8 +90,6 @@ def train_members(
     member's best checkpoint (qualified path) and that checkpoint's reported metrics."""
     from ray import tune
 
-    from pneumonia.artifacts.runs import history_location
-    from pneumonia.training.fit import check_resources
 
     members = config.ensemble.members
     at_once = concurrent_members(config)
@@ -135,9 +138,7 @@ def train_members(
 
 def score_ensemble(checkpoint: str, config: ExperimentConfig, val_part: list[ImageRecord]) -> dict[str, float]:
     """Validation metrics of the combined model (what the members' reports cannot say)."""
-    from pneumonia.data.pipeline import load_images, predict_probabilities
-    from pneumonia.metrics.binary import binary_metrics, operating_point
-    from pneumonia.models.checkpoint import load_checkpoint
+    from pneumonia.metrics.binary import binary_metrics, operating_point  # lazy: scikit-learn
 
     model, info = load_checkpoint(checkpoint)
     validation = load_images(val_part, info.preprocess)
@@ -147,8 +148,7 @@ def score_ensemble(checkpoint: str, config: ExperimentConfig, val_part: list[Ima
     metrics = binary_metrics(validation.labels, probabilities)
     metrics.update(precision_at_recall=point.precision, threshold=point.threshold)
     if config.stress.enabled:
-        from pneumonia.metrics.stress import stress_report
-        from pneumonia.training.worker import stress_inputs
+        from pneumonia.metrics.stress import stress_report  # lazy: scikit-learn
 
         images, labels = stress_inputs(config, info.preprocess, validation)
         metrics.update(stress_report(predict, images, labels, config.objective.target_recall,
@@ -159,11 +159,6 @@ def score_ensemble(checkpoint: str, config: ExperimentConfig, val_part: list[Ima
 def train_ensemble(config: ExperimentConfig, train_part, val_part, storage: str, name: str, resume: bool,
                     progress: Callable[[str], None]) -> TrainResult:
     """Members in parallel (pneumonia.training.members), combined into one checkpoint in <run>/ensemble."""
-    from pneumonia.artifacts.runs import RESULT_FILE
-    from pneumonia.models.ensemble import combine_checkpoints
-    from pneumonia.storage import staged_directory, write_text
-    from pneumonia.training.fit import TrainResult
-
     members = train_members(config, train_part, val_part, resume=resume, progress=progress)
     target = join(storage, name, ENSEMBLE_FOLDER)
     with staged_directory(target) as local:
@@ -190,8 +185,6 @@ def train_ensemble(config: ExperimentConfig, train_part, val_part, storage: str,
 
 def _record_metrics(checkpoint_dir: str, metrics: dict[str, float]) -> None:
     """Store the ensemble's own validation metrics in its checkpoint info (as val_<name>)."""
-    from pneumonia.models.checkpoint import INFO_FILE, read_info
-
     info = read_info(checkpoint_dir)
     info.metrics = {f"val_{key}": value for key, value in metrics.items()}
     (Path(checkpoint_dir) / INFO_FILE).write_text(info.to_json())

@@ -1,10 +1,9 @@
 """Keep long Ray work honest on a shared or busy cluster: say why it waits, bound how long, and
 report an interruption as one.
 
-What users hit without this (issue 10): a Train run whose workers could not get their CPUs waited
-in silence (Ray Train retried the start forever); a sweep stopped with Ctrl-C exited 0 and listed
-a trial that never ran as TERMINATED; Ray Train's own Ctrl-C handler ends the process with
-``sys.exit(0)``. Here:
+Without it, a Train run whose workers cannot get their CPUs waits in silence (Ray Train retries
+the start forever); a sweep stopped with Ctrl-C exits 0 and lists a trial that never ran as
+TERMINATED; Ray Train's own Ctrl-C handler ends the process with ``sys.exit(0)``. Here:
 
 - :class:`ResourceWatch` (a driver thread) looks every few seconds at this job's placement groups.
   When the workers of a run (a group shaped like ``scaling``: ``workers`` bundles of
@@ -31,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from pneumonia.artifacts.runs import read_history
 from pneumonia.config import ExperimentConfig
 from pneumonia.errors import Interrupted, PneumoniaError
 from pneumonia.local_ray import has_autoscaler
@@ -328,8 +328,6 @@ def saved_statuses(experiment_path: str, history_of: Callable[[Any], str] | None
 
 
 def _read_rows(location: str) -> list:
-    from pneumonia.artifacts.runs import read_history
-
     try:
         return read_history(location)
     except (OSError, ValueError):  # half-written when the stop came: no whole epoch recorded there

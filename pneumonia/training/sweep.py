@@ -37,6 +37,7 @@ from pneumonia.local_ray import init_ray
 from pneumonia.storage import exists, join, qualify, staged_directory
 from pneumonia.training.fit import check_resources, fit_run
 from pneumonia.training.launcher import DRIVER_CPU, finite, result_history, run_trials, trial_function
+from pneumonia.training.plots import plot_learning_curves, plot_objective_map
 from pneumonia.training.supervision import raise_if_interrupted
 from pneumonia.training.worker import best_key, rows_to_records
 
@@ -228,8 +229,6 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
     ``statuses`` (:func:`pneumonia.training.supervision.saved_statuses`) keep an interrupted sweep's table
     honest: a trial stopped mid-run is INTERRUPTED, one that never ran NOT_STARTED, never TERMINATED.
     """
-    from pneumonia.training.plots import plot_learning_curves, plot_objective_map
-
     objective = config.objective.metric
     trials: list[dict[str, Any]] = []
     best: tuple[tuple[float, float], dict[str, Any], dict[str, Any]] | None = None

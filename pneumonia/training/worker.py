@@ -18,8 +18,11 @@ from typing import Any
 
 from pneumonia.artifacts.runs import history_location, read_history
 from pneumonia.config import ExperimentConfig, config_from_dict
+from pneumonia.data.pipeline import decode_threads, load_images, predict_probabilities, training_dataset
 from pneumonia.data.preprocess import PreprocessSpec
 from pneumonia.data.records import ImageRecord, shard
+from pneumonia.data.shifts import load_sources, shifted_images, stratified_subset
+from pneumonia.models.checkpoint import CheckpointInfo, load_model_from_directory, read_info, save_checkpoint
 from pneumonia.storage import write_text
 
 REPORTED_VAL_METRICS = (
@@ -66,12 +69,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     tf.get_logger().setLevel("ERROR")
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" per epoch
 
-    from pneumonia.data.pipeline import load_images, predict_probabilities, training_dataset
-    from pneumonia.metrics.binary import binary_metrics, operating_point
-    from pneumonia.metrics.stress import stress_report
-    from pneumonia.models.architectures import build_model, compile_model, learning_rate_schedule
-    from pneumonia.models.checkpoint import CheckpointInfo, load_model_from_directory, read_info, save_checkpoint
-    from pneumonia.training.ema import WeightAverage
+    from pneumonia.metrics.binary import binary_metrics, operating_point  # lazy: scikit-learn
+    from pneumonia.metrics.stress import stress_report  # lazy: scikit-learn
+    from pneumonia.models.architectures import (  # lazy: TensorFlow, loaded by the workers only
+        build_model,
+        compile_model,
+        learning_rate_schedule,
+    )
+    from pneumonia.training.ema import WeightAverage  # lazy: TensorFlow, loaded by the workers only
 
     config = config_from_dict(loop_config["config"])
     train_records = rows_to_records(loop_config["train"])
@@ -211,9 +216,6 @@ def objective_first(metrics: dict[str, Any], history: list[dict[str, Any]], obje
 
 def stress_inputs(config: ExperimentConfig, spec: PreprocessSpec, validation):
     """(shifted images by shift name, labels) of the validation images, made once per run."""
-    from pneumonia.data.pipeline import decode_threads
-    from pneumonia.data.shifts import load_sources, shifted_images, stratified_subset
-
     chosen = stratified_subset(validation.labels, config.stress.max_images, config.data.seed)
     sources = load_sources([validation.records[index].location for index in chosen])
     images = shifted_images(sources, spec, config.stress.shifts, seed=config.data.seed, threads=decode_threads())
