@@ -16,6 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from pneumonia import runtime
+
+runtime.activate()  # an entry point: legacy Keras and quiet logs before anything imports TensorFlow
+
 from bench_report import machine_info, write_report
 
 from pneumonia.config import load_config, with_overrides

@@ -12,8 +12,8 @@ TensorFlow loads or Ray starts.
 The package: :mod:`~pneumonia.cli.entry` (entry point and exit statuses), :mod:`~pneumonia.cli.parser`
 (every flag), :mod:`~pneumonia.cli.arguments` (argparse types that check values),
 :mod:`~pneumonia.cli.common` (output and path checks), and the commands:
-:mod:`~pneumonia.cli.commands`, :mod:`~pneumonia.cli.evaluate`, :mod:`~pneumonia.cli.demo`
-(`pneumonia score` lives with batch scoring, :mod:`pneumonia.scoring`).
+:mod:`~pneumonia.cli.commands`, :mod:`~pneumonia.cli.evaluate`, :mod:`~pneumonia.cli.demo` and
+:mod:`~pneumonia.cli.score` (batch scoring; the library is :mod:`pneumonia.scoring`).
 """
 
 from pneumonia import runtime
