@@ -18,6 +18,7 @@ inherits the environment) starts its own cluster instead of joining this one, an
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -95,8 +96,6 @@ def driver_env_vars() -> dict[str, str]:
     """WORKER_ENV less the variables a Ray Job's own runtime env already sets: Ray refuses to
     merge a job's runtime env with a driver's that sets the same variable, and the job's value
     (what the user submitted) should win anyway."""
-    import json
-
     try:
         job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
         taken = set((job.get("runtime_env") or {}).get("env_vars") or {})

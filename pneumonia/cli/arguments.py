@@ -74,7 +74,6 @@ def config_field(key: str):
 
     from pydantic import BaseModel
 
-
     model: Any = ExperimentConfig
     *sections, leaf = key.split(".")
     for section in sections:

@@ -158,7 +158,6 @@ def cmd_serve(args) -> None:
     import signal
     import time
 
-
     def stop(signum, frame):
         raise KeyboardInterrupt
 

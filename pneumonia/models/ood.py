@@ -113,7 +113,6 @@ def model_with_features(model):
     the members' probabilities (as its Average layer does) and concatenates their features."""
     import tensorflow as tf
 
-
     members = member_models(model) if is_ensemble(model) else [model]
     image = tf.keras.Input(shape=model.input_shape[1:], name="image", dtype=model.input.dtype)
     probabilities, features = [], []

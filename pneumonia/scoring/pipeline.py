@@ -105,7 +105,6 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
-
         errors = [str(error) for error in batch["error"]]
         good = np.flatnonzero([not error for error in errors])
         answers: list[Scored | None] = [None] * len(errors)

@@ -128,7 +128,6 @@ def _run(todo: ScoreInput, packed: PackedArtifact, result: ScoreResult, *, gpu: 
     """Start (or join) Ray, stream the results into part files, count them into ``result``."""
     import ray
 
-
     local_ray.init_ray()
     concurrency = concurrency or _default_concurrency(gpu)
     _check_resources(gpu, concurrency)
@@ -172,7 +171,6 @@ def _check_resources(gpu: bool, concurrency: int) -> None:
     """An embedded Ray that can never fit the actors is an error (Ray Data would wait forever);
     on the user's cluster the autoscaler may still add nodes, so it is a warning."""
     import ray
-
 
     available = ray.cluster_resources()
     problems = []

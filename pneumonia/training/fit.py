@@ -48,7 +48,6 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
     needing ``extra_cpus`` besides its workers (a Tune trial's driver); Ray would wait forever."""
     import ray
 
-
     available = ray.cluster_resources()
     what = f"{copies} concurrent runs of " if copies > 1 else ""
     wanted_cpus = copies * (config.scaling.workers * config.scaling.cpus_per_worker + extra_cpus)
@@ -77,7 +76,6 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
-
 
     trainer = TensorflowTrainer(
         train_worker,

@@ -59,7 +59,6 @@ def run_member(params: dict[str, Any], *, base: dict[str, Any], storage: str, tr
     """A Tune trial: one member's distributed training run, its epochs forwarded to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-
     config = member_config(base, int(params["member"]), storage)
     fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
             label=f"member {config.train.seed - base['train']['seed']}", watch=False)
@@ -89,7 +88,6 @@ def train_members(
     """Train every member (config.run.storage absolute, config.run.name set); returns each
     member's best checkpoint (qualified path) and that checkpoint's reported metrics."""
     from ray import tune
-
 
     members = config.ensemble.members
     at_once = concurrent_members(config)
