@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from pneumonia import runtime
 
-# The same numbers on every x86 CI machine: oneDNN picks its kernels by CPU, and on a CPU with
-# AVX-512 BF16/FP16 the 6-epoch sweep of tests/training/test_sweep.py takes another trajectory
-# (its tuned model lost to the baseline by 0.0005 past the test's margin; with AVX2 kernels, as on
-# machines without those extensions, it passes). Set before TensorFlow loads; inherited by the
-# Ray workers and CLI subprocesses the tests start. A value set outside wins.
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 runtime.activate()  # the suite is an entry point: legacy Keras before anything imports TensorFlow
 
 from pneumonia.serving.local_service import enable_throughput_mode  # noqa: E402
