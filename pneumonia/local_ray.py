@@ -106,7 +106,7 @@ def driver_env_vars() -> dict[str, str]:
 
 def init_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS, or start an embedded local Ray that knows its own
-    address (pneumonia.local_ray: another Ray on the machine must not confuse Ray's own processes)."""
+    address (see the module docstring: another Ray on the machine must not confuse Ray's own processes)."""
     import ray
 
     if ray.is_initialized():

@@ -136,7 +136,6 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
     target = objective.target_recall
     fingerprint, point, guard = None, None, None
     if data_root is not None:
-
         _, train_part, val_part = carve_validation(data_root, config)
         validation = load_images(val_part, info.preprocess)
         dual = model_with_features(model)

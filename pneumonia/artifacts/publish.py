@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pneumonia
-from pneumonia import __version__
 from pneumonia.artifacts.registry import (
     DEFAULT_NAME,
     FORMAT_VERSION,
@@ -85,7 +84,7 @@ def export_artifact(
     # Cleaned and serialised before the slow part, so a bad config fails in the first second.
     facts = json_ready({
         "name": name,
-        "package_version": __version__,
+        "package_version": pneumonia.__version__,
         "format_version": FORMAT_VERSION,
         "classes": list(CLASS_NAMES),
         "threshold": float(threshold),
@@ -165,7 +164,6 @@ def _save_serving_model(model, spec: PreprocessSpec, directory: Path, guard: Any
     module.model_variables = list(model.variables)
     forward = model
     if guard is not None:
-
         forward = model_with_features(model)  # (probability, features) from one pass
         module.ood_arrays = {name: tf.Variable(array, trainable=False, name=f"ood_{name}")
                              for name, array in guard.serving_arrays().items()}

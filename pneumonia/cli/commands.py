@@ -148,7 +148,6 @@ def _check_export_args(args) -> None:
         raise OutputError(f"--registry {args.registry}: the registry must be a local folder")
     require_output_folder(args.registry, "--registry")
     if args.data is not None:
-
         require_folder(args.data, "--data", "data folder")
         check_training_data(args.data)
 

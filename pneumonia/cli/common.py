@@ -31,7 +31,6 @@ or a test session's): the command must leave it running."""
 def shutdown_ray() -> None:
     """Stop the embedded Ray we started, so its forwarded worker logs end before our last line."""
     if "ray" in sys.modules and not KEEP_RAY:
-
         stop_ray()
 
 

@@ -69,7 +69,6 @@ def _check_evaluate_args(args) -> None:
     if args.checkpoint is not None:
         require_folder(args.checkpoint, "--checkpoint", "checkpoint folder")
     else:
-
         read_metadata(args.artifact)  # resolves it and checks its metadata, without TensorFlow
     if args.report:
         require_output_folder(args.report, "--report")
@@ -88,11 +87,9 @@ def _stress_for(args, evaluation):
     from pneumonia.evaluation.evaluate import stress_evaluate  # lazy: scikit-learn
 
     if args.artifact is not None:
-
         artifact = load_artifact(args.artifact)
         predict, spec, config = artifact.predict, artifact.preprocess, artifact.metadata.get("training_config")
     else:
-
         model, info = load_checkpoint(args.checkpoint)
         predict, spec, config = (lambda images: predict_probabilities(model, images)), info.preprocess, info.config
     target = config_from_dict(config or {}).objective.target_recall

@@ -40,7 +40,6 @@ VALIDATION = "validation"
 def split_records(data_root: str, split: str, training_config: dict[str, Any] | None = None):
     """(dataset, records) of a split; ``validation`` is rebuilt from the training config."""
     if split == VALIDATION:
-
         dataset, _, records = carve_validation(data_root, config_from_dict(training_config or {}))
         return dataset, records
     dataset = discover(data_root)

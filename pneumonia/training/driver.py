@@ -89,7 +89,6 @@ def train(
         f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
     )
     if config.ensemble.members > 1:
-
         return train_ensemble(config, train_part, val_part, storage, name, resume, progress)
     result = fit_run(config, train_part, val_part)
     return _summarize(result, config, storage, name)
