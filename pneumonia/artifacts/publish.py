@@ -36,7 +36,9 @@ from pneumonia.artifacts.registry import (
     VERSION_PATTERN,
     Artifact,
     ArtifactError,
+    VerifiedArtifact,
     sha256_of,
+    verify_files,
 )
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.preprocess import PreprocessSpec
@@ -65,6 +67,7 @@ def export_artifact(
     training_data: dict | None = None,
     guard: Any = None,
     ood_policy: str = "reject",
+    drift_reference: dict | None = None,
     name: str = DEFAULT_NAME,
 ) -> Artifact:
     """Export a training checkpoint (path or URI) as the next version of ``name`` in a local registry.
@@ -73,6 +76,8 @@ def export_artifact(
     validation data to reach ``target_recall``; both are stored so serving and audits agree.
     ``training_data`` (what the model learned from, ``{"synthetic": ...}``) is stored as it is;
     None records that nobody said (``{"synthetic": null}``).
+    ``drift_reference`` (:func:`pneumonia.metrics.drift.reference_distribution` of the validation
+    probabilities) is what the service measures drift against; None records that there is none.
     ``guard`` (a :class:`pneumonia.models.ood.Guard`) is baked into the signature as a second output,
     ``ood_score``, and recorded with ``ood_policy`` under ``out_of_distribution``.
     Raises ValueError for impossible settings and ArtifactError for a checkpoint that cannot be
@@ -95,6 +100,7 @@ def export_artifact(
         "data_fingerprint": data_fingerprint,
         "training_data": training_data if training_data is not None else {"synthetic": None},
         "out_of_distribution": guard.metadata(ood_policy) if guard is not None else None,
+        "drift_reference": drift_reference,
         "source_checkpoint": str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).resolve()),
     }, strict=True)
     name_dir = Path(registry).expanduser().resolve() / name
@@ -113,6 +119,41 @@ def export_artifact(
                       "resize": spec.resize, "normalize": spec.normalize, "dtype": "uint8"},
             "files": _hash_files(staging),
         }
+        version_dir = _publish(staging, name_dir, metadata)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_atomic(name_dir / LATEST_FILE, metadata["version"] + "\n")
+    return Artifact(version_dir, metadata["version"], metadata)
+
+
+def publish_calibrated(source: VerifiedArtifact, *, threshold: float, target_recall: float, site: dict,
+                       drift_reference: dict | None) -> Artifact:
+    """Publish ``source``'s model as the next version of its name with a site's ``threshold``.
+
+    The model files are copied byte for byte and checked against the source's sha256 before the
+    version appears, so the calibrated version serves exactly the exported model; ``metadata.json``
+    is the source's with the new threshold, the ``site`` block (:mod:`pneumonia.evaluation.calibrate`),
+    the site's score distribution as the drift reference, and ``calibrated_from`` (the source's
+    version and threshold), so that a calibration can be traced and undone by rolling back.
+    """
+    _check_settings(threshold, target_recall, source.name)
+    facts = json_ready({
+        "threshold": float(threshold),
+        "target_recall": float(target_recall),
+        "site": site,
+        "drift_reference": drift_reference,
+        "calibrated_from": {"version": source.version, "threshold": source.threshold,
+                            **({"site": source.metadata["site"].get("name")} if source.metadata.get("site") else {})},
+        "package_version": pneumonia.__version__,
+    }, strict=True)
+    name_dir = source.path.parent
+    staging = name_dir / f".staging-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(source.path, staging, ignore=shutil.ignore_patterns(METADATA_FILE))
+        verify_files(staging, source.metadata["files"])
+        metadata = {**source.metadata, **facts, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "git_commit": _git_commit()}
         version_dir = _publish(staging, name_dir, metadata)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -43,7 +43,7 @@ import numpy as np
 
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.preprocess import PreprocessSpec
-from pneumonia.errors import CheckpointError
+from pneumonia.errors import CheckpointError, PneumoniaError
 from pneumonia.models.checkpoint import MODEL_FILE, load_model_from_directory
 from pneumonia.models.ood import SCORE_NAME
 from pneumonia.storage import is_uri
@@ -61,6 +61,7 @@ SYNTHETIC_WARNING = "trained on synthetic data: not for real X-rays"
 
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")  # version folders: v0001, v0002, ...
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # model names (a folder name)
+SITE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")  # a calibrated version's site name
 
 
 class ArtifactError(CheckpointError):
@@ -230,7 +231,7 @@ def verify_artifact(location: str | Path) -> VerifiedArtifact:
     path = resolve_artifact(location)
     metadata = _read_metadata(path)
     spec, threshold = _check_metadata(metadata, path)
-    _verify_files(path, metadata["files"])
+    verify_files(path, metadata["files"])
     return VerifiedArtifact(path, metadata, spec, threshold)
 
 
@@ -249,6 +250,25 @@ def artifact_warning(metadata: dict) -> str | None:
     if isinstance(training, dict) and training.get("synthetic") is True:
         return SYNTHETIC_WARNING
     return None
+
+
+def check_site_name(name: str) -> str:
+    """``name`` when it can name a site in metadata, answers and metric labels, else a CheckpointError."""
+    if not SITE_PATTERN.match(name):
+        raise PneumoniaError(f"site name {name!r} must be 1-64 letters, digits, spaces, '.', '_' or '-', "
+                              "starting with a letter or digit")
+    return name
+
+
+def calibration_of(metadata: dict) -> dict:
+    """What every answer says of the threshold it applies: ``{"site": NAME, "images": N}`` for a
+    version calibrated on a site's sample (pneumonia calibrate), else ``{"site": None}``: the
+    shipped threshold, chosen on our validation split with a safety margin."""
+    site = metadata.get("site")
+    if isinstance(site, dict) and site.get("name"):
+        images = site.get("images")
+        return {"site": site["name"], "images": sum(images.values()) if isinstance(images, dict) else None}
+    return {"site": None}
 
 
 def read_metadata(location: str | Path) -> dict:
@@ -298,7 +318,7 @@ def _check_metadata(metadata: dict, folder: Path) -> tuple[PreprocessSpec, float
     return spec, threshold
 
 
-def _verify_files(folder: Path, files: Any) -> None:
+def verify_files(folder: Path, files: Any) -> None:
     """Every listed file exists inside folder with its recorded sha256 (the model files must be listed)."""
     if not isinstance(files, dict):
         raise ArtifactError(f"{folder / METADATA_FILE} is invalid: 'files' is not a mapping")

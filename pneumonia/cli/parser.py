@@ -11,6 +11,7 @@ from pneumonia.cli import commands
 from pneumonia.cli import demo as demo_command
 from pneumonia.cli import evaluate as evaluate_command
 from pneumonia.cli.arguments import PORT, Parser, artifact_name, config_number, number, service_url, shift_names
+from pneumonia.cli.calibrate import add_parser as add_calibrate_parser
 from pneumonia.cli.score import add_parser as add_score_parser
 from pneumonia.data.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MIN_IMAGES
 
@@ -128,4 +129,5 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=demo_command.cmd_demo)
 
     add_score_parser(subcommands)  # pneumonia score: batch scoring with Ray Data (pneumonia.scoring)
+    add_calibrate_parser(subcommands)  # pneumonia calibrate: a site's threshold (pneumonia.evaluation.calibrate)
     return parser

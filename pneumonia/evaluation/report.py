@@ -43,7 +43,7 @@ _DISPLAY = {
                "Precision averaged over all sensitivities, at any threshold (1 is perfect)."),
 }
 
-_CSS = """
+CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Arial, sans-serif; color: #1d2733;
        background: #f6f7f9; margin: 0; line-height: 1.5; }
 main { max-width: 980px; margin: 0 auto; padding: 24px 32px 48px; background: #fff; }
@@ -159,7 +159,7 @@ def _summary(title, details, metrics, intervals, labels, groups, n_boot, seed) -
 _CURVE, _POINT = "#1f5fa8", "#d1495b"
 
 
-def _figure(height: float = 5.0) -> Figure:
+def new_figure(height: float = 5.0) -> Figure:
     return Figure(figsize=(6.0, height), layout="constrained")
 
 
@@ -191,7 +191,7 @@ def _one_class_note(axes) -> None:
 
 
 def _roc_figure(labels, probabilities, metrics, intervals) -> Figure:
-    figure = _figure()
+    figure = new_figure()
     axes = figure.add_subplot()
     axes.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance")
     if _both_classes(labels):
@@ -212,7 +212,7 @@ def _roc_figure(labels, probabilities, metrics, intervals) -> Figure:
 
 
 def _pr_figure(labels, probabilities, metrics, intervals) -> Figure:
-    figure = _figure()
+    figure = new_figure()
     axes = figure.add_subplot()
     if _both_classes(labels):
         prevalence = float(np.mean(labels == 1))
@@ -237,7 +237,7 @@ def _confusion_figure(metrics) -> Figure:
     counts = np.array([[metrics["tn"], metrics["fp"]], [metrics["fn"], metrics["tp"]]])
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-    figure = _figure(4.8)
+    figure = new_figure(4.8)
     axes = figure.add_subplot()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for row in range(2):
@@ -263,7 +263,7 @@ def _calibration_figure(labels, probabilities, threshold: float, bins: int = 10)
     mean_predicted = np.bincount(index, weights=probabilities, minlength=bins)[filled] / counts[filled]
     observed = np.bincount(index, weights=labels, minlength=bins)[filled] / counts[filled]
 
-    figure = _figure(5.6)
+    figure = new_figure(5.6)
     top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     top.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfectly calibrated")
     top.plot(mean_predicted, observed, marker="o", lw=2, color=_CURVE, label="model")
@@ -280,17 +280,17 @@ def _calibration_figure(labels, probabilities, threshold: float, bins: int = 10)
 # ----------------------------------------------------------------------------- HTML
 
 
-def _e(value) -> str:
+def escape(value) -> str:
     return html.escape(str(value), quote=True)
 
 
 def _html(summary: dict, images: dict[str, Path]) -> str:
     n = summary["n"]
     sections = [
-        f"<h1>{_e(summary['title'])}</h1>",
+        f"<h1>{escape(summary['title'])}</h1>",
         f"<p>{n['total']} chest X-rays: {n[CLASS_NAMES[1]]} with pneumonia, {n[CLASS_NAMES[0]]} without.</p>",
         "<h2>What the threshold means</h2>",
-        f'<div class="meaning">{"".join(f"<p>{_e(line)}</p>" for line in _threshold_words(summary))}</div>',
+        f'<div class="meaning">{"".join(f"<p>{escape(line)}</p>" for line in _threshold_words(summary))}</div>',
     ]
     if summary.get("threshold_choice"):
         sections += ["<h2>How the threshold was chosen</h2>", _choice_html(summary["threshold_choice"],
@@ -306,11 +306,11 @@ def _html(summary: dict, images: dict[str, Path]) -> str:
     sections += [
         "<h2>Performance, with 95% confidence intervals</h2>",
         _metrics_table(summary["metrics"]),
-        f'<p class="note">{_e(_interval_note(summary["bootstrap"]))}</p>',
+        f'<p class="note">{escape(_interval_note(summary["bootstrap"]))}</p>',
         "<h2>Confusion matrix</h2>",
         _confusion_table(summary["confusion"], summary["threshold"]),
         "<h2>Plots</h2>",
-        '<div class="plots">' + "".join(_figure_html(images[name], caption) for name, caption in (
+        '<div class="plots">' + "".join(figure_html(images[name], caption) for name, caption in (
             ("roc", "ROC curve: every threshold's sensitivity against its false positive rate; "
                     "the dot is the chosen threshold."),
             ("pr", "Precision–recall curve: how many alarms are real at each sensitivity; "
@@ -322,7 +322,7 @@ def _html(summary: dict, images: dict[str, Path]) -> str:
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f"<title>{_e(summary['title'])}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<title>{escape(summary['title'])}</title>\n<style>{CSS}</style>\n</head>\n"
         "<body>\n<main>\n" + "\n".join(sections) + "\n</main>\n</body>\n</html>\n"
     )
 
@@ -371,17 +371,17 @@ def _choice_html(choice: dict, threshold: float) -> str:
                      f"{target}, so the threshold was set to flag every one of them.")
     if not math.isclose(choice["threshold"], threshold, rel_tol=0, abs_tol=1e-9):
         lines.append(f"This report scores threshold {threshold:.2f} instead, so the numbers below do not apply to it.")
-    rows = [f"<tr><th>On the validation split</th><th>Value</th><th>{_e(level)} CI</th></tr>"]
+    rows = [f"<tr><th>On the validation split</th><th>Value</th><th>{escape(level)} CI</th></tr>"]
     for name in ("precision", "recall", "specificity"):
         low, high = (choice.get(f"{name}_ci") or [None, None])
         interval = "n/a" if low is None or high is None else f"{_format(name, low)} – {_format(name, high)}"
-        rows.append(f'<tr><th>{_e(_DISPLAY[name][0])}</th><td class="num">{_e(_format(name, choice[name]))}</td>'
-                    f'<td class="num">{_e(interval)}</td></tr>')
+        rows.append(f'<tr><th>{escape(_DISPLAY[name][0])}</th><td class="num">{escape(_format(name, choice[name]))}</td>'
+                    f'<td class="num">{escape(interval)}</td></tr>')
     note = ("What to expect on children like those of the validation split; what this set shows is in the "
             "performance table below. Precision depends on how common pneumonia is: where it is rarer, more "
             "of the flagged children are healthy.")
-    return ("".join(f"<p>{_e(line)}</p>" for line in lines) + "<table>" + "".join(rows) + "</table>"
-            + f'<p class="note">{_e(note)}</p>')
+    return ("".join(f"<p>{escape(line)}</p>" for line in lines) + "<table>" + "".join(rows) + "</table>"
+            + f'<p class="note">{escape(note)}</p>')
 
 
 def _ood_html(ood: dict) -> str:
@@ -398,7 +398,7 @@ def _stress_html(stress: dict) -> str:
     """Per-shift ranking and fixed-threshold drift, worst values marked."""
     target = f"{stress['target_recall']:.0%}"
     head = ("<tr><th>Shift</th><th>ROC-AUC</th><th>PR-AUC</th><th>Precision at sensitivity "
-            f"&ge; {_e(target)}</th><th>Sensitivity at {stress['threshold']:.2f}</th>"
+            f"&ge; {escape(target)}</th><th>Sensitivity at {stress['threshold']:.2f}</th>"
             f"<th>Precision at {stress['threshold']:.2f}</th><th>Specificity at {stress['threshold']:.2f}</th></tr>")
     worst = stress.get("worst", {})
     rows = [head]
@@ -406,13 +406,13 @@ def _stress_html(stress: dict) -> str:
         mark = " (worst)" if row["shift"] in worst.values() else ""
         cells = [row[name] for name in ("roc_auc", "pr_auc", "precision_at_recall", "recall_at_threshold",
                                         "precision_at_threshold", "specificity_at_threshold")]
-        rows.append(f"<tr><th>{_e(row['shift'] + mark)}</th>"
+        rows.append(f"<tr><th>{escape(row['shift'] + mark)}</th>"
                     + "".join(f'<td class="num">{"n/a" if value is None else f"{value:.3f}"}</td>' for value in cells)
                     + "</tr>")
     note = (f"The same {stress['n']} images re-scored after each change (new_site: every image its own random "
             "mix of exposure, contrast, blur, noise, framing and JPEG). The first columns re-rank the images "
             "(does the model still tell sick from healthy?); the last three keep the threshold (does it drift?).")
-    return "<table>" + "".join(rows) + "</table>" + f'<p class="note">{_e(note)}</p>'
+    return "<table>" + "".join(rows) + "</table>" + f'<p class="note">{escape(note)}</p>'
 
 
 def _are(count: int, what: str) -> str:
@@ -423,7 +423,7 @@ def _details_table(details: dict) -> str:
     rows = []
     for key, value in details.items():
         text = json.dumps(json_ready(value), default=str) if isinstance(value, (dict, list, tuple)) else value
-        rows.append(f"<tr><th>{_e(key)}</th><td>{_e(text)}</td></tr>")
+        rows.append(f"<tr><th>{escape(key)}</th><td>{escape(text)}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -440,8 +440,8 @@ def _metrics_table(metrics: dict) -> str:
         low, high = _format(name, entry["low"]), _format(name, entry["high"])
         interval = "n/a" if "n/a" in (low, high) else f"{low} – {high}"
         label, _, meaning = _DISPLAY[name]
-        rows.append(f'<tr><th>{_e(label)}</th><td class="num">{_e(_format(name, entry["value"]))}</td>'
-                    f'<td class="num">{_e(interval)}</td><td>{_e(meaning)}</td></tr>')
+        rows.append(f'<tr><th>{escape(label)}</th><td class="num">{escape(_format(name, entry["value"]))}</td>'
+                    f'<td class="num">{escape(interval)}</td><td>{escape(meaning)}</td></tr>')
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -459,7 +459,7 @@ def _interval_note(bootstrap: dict) -> str:
 def _confusion_table(confusion: dict, threshold: float) -> str:
     normal, pneumonia = CLASS_NAMES
     return (
-        f"<table><tr><th>At threshold {_e(f'{threshold:.2f}')}</th><th>Predicted {normal}</th>"
+        f"<table><tr><th>At threshold {escape(f'{threshold:.2f}')}</th><th>Predicted {normal}</th>"
         f"<th>Predicted {pneumonia}</th></tr>"
         f'<tr><th>True {normal}</th><td class="num">{confusion["tn"]} correctly cleared</td>'
         f'<td class="num">{confusion["fp"]} false alarms</td></tr>'
@@ -468,7 +468,7 @@ def _confusion_table(confusion: dict, threshold: float) -> str:
     )
 
 
-def _figure_html(path: Path, caption: str) -> str:
+def figure_html(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{escape(caption)}">'
+            f"<figcaption>{escape(caption)}</figcaption></figure>")

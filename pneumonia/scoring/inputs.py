@@ -8,14 +8,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pneumonia.data.labels import IMAGE_EXTENSIONS
+from pneumonia.data.tables import MANIFEST_FORMATS, first_line, read_table
 from pneumonia.errors import DataError
-from pneumonia.storage import is_uri, join, list_files, read_bytes
+from pneumonia.storage import is_uri, join, list_files
 
 SCORED_EXTENSIONS = IMAGE_EXTENSIONS | {".dicom", ".gif", ".jpe"}
 """Files in a folder that are scored: image endings, and files with no ending at all or a DICOM UID
 for a name (PACS exports often name files ``1.2.840.113619...``). Other files (reports, .txt) are
 counted, not scored; hidden ones (.DS_Store) are passed over."""
-MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 PATH_COLUMN = "path"
 
 
@@ -99,23 +99,3 @@ def _other_columns(table, first_rows: list[int], paths: list[str]):
         return None
     others = table.select(keep).take(pa.array(first_rows, pa.int64()))
     return others.append_column(PATH_COLUMN, pa.array(paths, pa.string()))
-
-
-def read_table(location: str, kind: str, schema=None):
-    """A CSV or Parquet file (local path or URI) as a pyarrow Table; with ``schema``, its columns
-    only (others in the file are left out), typed as it says."""
-    import io
-
-    import pyarrow.csv as csv
-    import pyarrow.parquet as pq
-
-    data = io.BytesIO(read_bytes(location))
-    if kind == "parquet":
-        return pq.read_table(data, columns=schema.names if schema is not None else None, schema=schema)
-    options = (csv.ConvertOptions(column_types=schema, strings_can_be_null=True, include_columns=schema.names)
-               if schema is not None else None)
-    return csv.read_csv(data, convert_options=options)
-
-
-def first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -129,4 +129,17 @@ def format_predictions(rows: list[dict]) -> str:
             lines.append(f"{row['file']:<44} {row['label']:<10} {row['probability']:>11.4f}  "
                          f"{row['threshold']:.4f}     {row['version']}")
     warnings = sorted({row["warning"] for row in rows if row.get("warning")})
-    return "\n".join(lines + [f"warning: {warning}" for warning in warnings])
+    return "\n".join(lines + [f"warning: {warning}" for warning in warnings] + _calibrations(rows))
+
+
+def _calibrations(rows: list[dict]) -> list[str]:
+    """One line per threshold the answers applied: a site's (``pneumonia calibrate``) or the shipped one."""
+    seen = {}
+    for row in rows:
+        calibration = row.get("calibration")
+        if isinstance(calibration, dict):
+            site, images = calibration.get("site"), calibration.get("images")
+            text = (f"threshold calibrated for site {site}" + (f" on {images} images" if images else "") if site
+                    else "threshold: the shipped one, not calibrated for a site (see pneumonia calibrate)")
+            seen.setdefault((row.get("version"), text), None)
+    return [f"{version}: {text}" if version else text for version, text in seen]

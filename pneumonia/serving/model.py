@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.artifacts.registry import artifact_warning, load_artifact
+from pneumonia.artifacts.registry import artifact_warning, calibration_of, load_artifact
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, decode_image, open_image
 from pneumonia.models.explain import DEFAULT_ALPHA, DISPLAY_SIDE, GradCam
 from pneumonia.models.ood import Scored, judge
@@ -37,6 +37,7 @@ class ServedModel:
         self.metadata = self.artifact.metadata
         self.name, self.version = self.artifact.name, self.artifact.version
         self.warning = artifact_warning(self.metadata)  # in every answer when set
+        self.calibration = calibration_of(self.metadata)  # in every answer: whose threshold this is
         self.spec = self.artifact.preprocess
         self.threshold = float(self.artifact.threshold)
         self.max_pixels = max_pixels
@@ -93,7 +94,7 @@ class ServedModel:
 
     def answer(self, scored: Scored) -> dict[str, Any]:
         """A prediction's JSON; for an image the guard flags (policy ``flag``) no label at all."""
-        model = {"model": self.name, "version": self.version, **self.warned()}
+        model = {"model": self.name, "version": self.version, "calibration": self.calibration, **self.warned()}
         if scored.out_of_distribution:
             return {"out_of_distribution": True, **scored.guard_fields(), **model}
         return {
@@ -111,8 +112,10 @@ class ServedModel:
     def card(self) -> dict[str, Any]:
         """The artifact's metadata as /model serves it (the review page's model card), with the
         out-of-distribution guard these replicas apply: the app's ``ood_policy`` may override the
-        exported one, and a guard the signature cannot score is no guard."""
-        return {**self.metadata, "out_of_distribution": self.guard, **self.warned()}
+        exported one, and a guard the signature cannot score is no guard. ``calibration`` says whose
+        threshold it applies (a site's, from ``pneumonia calibrate``, or the shipped one); the
+        whole ``site`` block, when there is one, is the metadata's."""
+        return {**self.metadata, "out_of_distribution": self.guard, "calibration": self.calibration, **self.warned()}
 
 
 def _b64(png: bytes) -> str:

@@ -186,6 +186,8 @@
   function modelLine(card, answer) {
     const parts = [];
     if (answer.model || answer.version) parts.push(`model ${answer.model || '?'} ${answer.version || ''}`.trim());
+    const calibration = answer.calibration && typeof answer.calibration === 'object' ? answer.calibration : null;
+    if (calibration) parts.push(calibration.site ? `threshold calibrated for ${calibration.site}` : 'shipped threshold (not calibrated for a site)');
     if (answer.layer) parts.push(`Grad-CAM of layer ${answer.layer}`);
     if (parts.length) card.root.append(el('p', { class: 'card-meta', 'data-testid': 'card-model' }, parts.join(' · ')));
     if (servedVersion && answer.version && answer.version !== servedVersion) {
@@ -402,6 +404,34 @@
       row(decision, 'target met', point.met ? 'yes' : 'NO: the threshold misses the target recall', point.met ? {} : { class: 'unmet' });
     } else {
       row(decision, 'target met', null);
+    }
+
+    const site = object(card.site);
+    const siteCalibration = object(card.calibration);
+    row(decision, 'calibrated for', siteCalibration.site
+      ? `${siteCalibration.site}${isNumber(siteCalibration.images) ? ` on ${siteCalibration.images} images` : ''}`
+      : 'no site: the shipped threshold, chosen on validation with a safety margin (pneumonia calibrate sets a site\'s)',
+    { 'data-testid': 'model-site' });
+    if (site.name) {
+      const siteMetrics = object(object(site.metrics).site_threshold);
+      const sitePoint = object(site.operating_point);
+      const atSite = section(`Site ${site.name}`);
+      row(atSite, 'calibrated', typeof site.calibrated === 'string' ? site.calibrated.replace('T', ' ').replace(/(\+00:00|Z)$/, ' UTC') : null);
+      row(atSite, 'shipped threshold', isNumber(site.shipped_threshold) ? `${site.shipped_threshold.toFixed(4)} (${site.source_version || 'source version'})` : null);
+      for (const name of ['precision', 'recall', 'specificity']) {
+        row(atSite, name, withInterval(siteMetrics[name], siteMetrics[`${name}_ci`], sitePoint.confidence));
+      }
+      const ood = object(site.out_of_distribution);
+      row(atSite, 'not classified', isNumber(ood.rate) ? `${(ood.rate * 100).toFixed(1)}% of the sample (out-of-distribution guard)` : null);
+    }
+    const drift = object(card.drift);
+    if (drift.level) {
+      const monitor = section('Drift');
+      row(monitor, 'score drift', isNumber(drift.value)
+        ? `PSI ${drift.value.toFixed(3)} over the last ${drift.images} images: ${drift.level}` : `${drift.level}`,
+      { 'data-testid': 'model-drift' });
+      row(monitor, 'reference', drift.reference);
+      row(monitor, 're-calibrate at', isNumber(drift.recalibrate_at) ? `PSI ${drift.recalibrate_at}` : null);
     }
 
     const validation = section(`Validation${isNumber(metrics.n) ? ` (${metrics.n} images)` : ''}`);
