@@ -14,6 +14,10 @@ run's manifest recorded (the nearest ``pneumonia_run.json`` or ``pneumonia_sweep
 checkpoint; ``--data`` when there is none) and whether it is synthetic, which
 :func:`pneumonia.data.synth.make_synthetic_dataset` marks at the dataset root. The service then
 warns in every answer of a model trained on synthetic images (``registry.artifact_warning``).
+
+With ``--data`` the validation carve's probabilities also become the artifact's drift reference
+(metadata ``drift_reference``, :func:`pneumonia.metrics.drift.reference_distribution`): what the
+service, ``pneumonia score`` and ``pneumonia evaluate`` compare recent probabilities with.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pneumonia.data.records import carve_validation
 from pneumonia.data.synth import MARKER_FILE
 from pneumonia.errors import CheckpointError, PneumoniaError
 from pneumonia.metrics.binary import SafeOperatingPoint, binary_metrics, safe_operating_point
+from pneumonia.metrics.drift import reference_distribution
 from pneumonia.models.checkpoint import load_checkpoint
 from pneumonia.models.ood import features_and_probabilities, fit_guard, model_with_features
 from pneumonia.storage import exists, join, read_bytes
@@ -134,7 +139,7 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
     config = config_from_dict(info.config, source=f"checkpoint {checkpoint}")
     objective = config.objective
     target = objective.target_recall
-    fingerprint, point, guard = None, None, None
+    fingerprint, point, guard, drift_reference = None, None, None, None
     if data_root is not None:
         _, train_part, val_part = carve_validation(data_root, config)
         validation = load_images(val_part, info.preprocess)
@@ -150,6 +155,7 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
         metrics["precision_at_recall"] = point.precision
         metrics["operating_point"] = point.to_json()
         fingerprint = data_fingerprint(train_part)
+        drift_reference = reference_distribution(probabilities, source="validation")
     elif "val_threshold" in info.metrics:
         threshold = float(info.metrics["val_threshold"])
         metrics = validation_metrics(info.metrics)
@@ -162,7 +168,7 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
             checkpoint, registry, threshold=threshold, target_recall=target, validation_metrics=metrics,
             training_config=info.config, tuning_config=(sweep_manifest(checkpoint) or {}).get("config", {}).get("tune"),
             data_fingerprint=fingerprint, training_data=training_data(checkpoint, info.members, data_root),
-            guard=guard, ood_policy=ood_policy, name=name,
+            guard=guard, ood_policy=ood_policy, drift_reference=drift_reference, name=name,
         )
     except ValueError as error:
         raise PneumoniaError(str(error)) from None

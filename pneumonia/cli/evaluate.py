@@ -16,6 +16,7 @@ from pneumonia.models.checkpoint import load_checkpoint
 def cmd_evaluate(args) -> None:
     from pneumonia.evaluation.evaluate import evaluate_artifact, evaluate_checkpoint  # lazy: scikit-learn
     from pneumonia.metrics.binary import format_table  # lazy: scikit-learn
+    from pneumonia.metrics.drift import drift_summary
 
     _check_evaluate_args(args)
     if args.artifact is not None:
@@ -36,6 +37,9 @@ def cmd_evaluate(args) -> None:
         text += (f"\nout-of-distribution guard: {evaluation.ood['count']} of {evaluation.ood['n']} images "
                  f"({evaluation.ood['rate']:.1%}) would not be classified (about {evaluation.ood['expected_rate']:.0%} "
                  "on validation; a sudden rise means data unlike the training data)")
+    if evaluation.drift is not None:  # an artifact's (a checkpoint records no reference)
+        payload["drift"] = evaluation.drift
+        text += "\n" + drift_summary(evaluation.drift)
     if evaluation.stress is not None:
         payload["stress"] = evaluation.stress.to_json()
         text += "\n\nshift stress validation (" + f"{evaluation.stress.n} images):\n" + evaluation.stress.table()

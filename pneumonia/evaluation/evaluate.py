@@ -1,4 +1,9 @@
-"""Score a checkpoint or a serving artifact on a labelled split, with exact metrics."""
+"""Score a checkpoint or a serving artifact on a labelled split, with exact metrics.
+
+An artifact's evaluation also reports the drift of the split's probabilities against the
+artifact's ``drift_reference`` (:func:`pneumonia.metrics.drift.drift_status`), over the images its
+guard lets through, as the service measures it: on a new site's labelled sample, the number that
+says whether its threshold still holds there. A checkpoint has no reference, so no drift."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.artifacts.registry import load_artifact, read_metadata
+from pneumonia.artifacts.registry import ArtifactError, load_artifact, read_metadata
 from pneumonia.config import check_shift_names, config_from_dict
 from pneumonia.data.pipeline import decode_threads, load_images, predict_probabilities
 from pneumonia.data.preprocess import PreprocessSpec
@@ -16,6 +21,7 @@ from pneumonia.data.records import carve_validation, class_counts, discover, eva
 from pneumonia.data.shifts import load_sources, shifted_images, stratified_subset
 from pneumonia.errors import DataError
 from pneumonia.metrics.binary import binary_metrics
+from pneumonia.metrics.drift import check_reference, drift_status
 from pneumonia.models import checkpoint as checkpoints
 from pneumonia.storage import local_directory
 
@@ -31,6 +37,7 @@ class Evaluation:
     patient_ids: list[str] = field(repr=False)
     stress: Any = field(default=None, repr=False)  # a pneumonia.metrics.stress.StressReport when asked for
     ood: dict[str, Any] | None = None  # an artifact's guard on this split: rate, count, threshold, policy
+    drift: dict[str, Any] | None = None  # an artifact's drift status on this split (metrics.drift.drift_status)
 
 
 VALIDATION = "validation"
@@ -126,15 +133,24 @@ def evaluate_checkpoint(checkpoint: str, data_root: str, split: str = "test", th
 def evaluate_artifact(location: str, data_root: str, split: str = "test", threshold: float | None = None) -> Evaluation:
     """Score a serving artifact at its stored threshold (or the one given). Its metadata is read
     and the data found before the model loads (a wrong --data or --split fails in a second)."""
-    dataset, records = split_records(data_root, split, read_metadata(location).get("training_config"))
+    metadata = read_metadata(location)
+    reference = metadata.get("drift_reference")
+    if reference is not None:
+        try:
+            check_reference(reference)  # now, not after the split is scored
+        except ValueError as error:
+            raise ArtifactError(f"{location}: {error}") from None
+    dataset, records = split_records(data_root, split, metadata.get("training_config"))
     artifact = load_artifact(location)
     chosen = artifact.threshold if threshold is None else threshold
     decoded = _decode(records, artifact.preprocess, data_root)
     probabilities, scores = artifact.predict_scored(decoded.images)
     evaluation = _score(lambda _: probabilities, decoded, dataset, split, chosen)
+    passed = np.ones(len(probabilities), bool) if scores is None else scores <= artifact.ood["threshold"]
+    evaluation.drift = drift_status(reference, probabilities[passed])
     if scores is not None:  # a sudden rise on a new site's data is itself a warning
         guard = artifact.ood
-        refused = int(np.sum(scores > guard["threshold"]))
+        refused = int(np.sum(~passed))
         evaluation.ood = {"rate": refused / max(len(scores), 1), "count": refused, "n": int(len(scores)),
                           "threshold": float(guard["threshold"]), "policy": guard.get("policy"),
                           "expected_rate": round(1 - float(guard.get("validation_pass_rate", 0.99)), 4)}

@@ -30,8 +30,8 @@ the service (a rolling window per replica), ``pneumonia score`` and ``pneumonia 
   is biased upward by about ``(bins - 1) / n``, plus ``(bins - 1) / m`` for a reference of ``m``
   images (it is close to a chi-square statistic with ``bins - 1`` degrees of freedom divided by
   the sample size): 0.9 at 10 images, 0.09 at 100. Below 200 images no value is reported. At 200,
-  against a 500-image validation reference, an unchanged stream reads 0.066 on average; about
-  15% of such windows reach the watch level but essentially none the re-calibration level
+  against a 500-image validation reference, an unchanged stream reads 0.06-0.07 on average;
+  10-15% of such windows reach the watch level but essentially none the re-calibration level
   (simulated, 400 draws each); the service's 1000-image window reads 0.027 and never reached
   watch. A small reference costs the same: one of 150 images adds 0.06 to every value.
 

@@ -1,4 +1,9 @@
-"""score(): check everything, start Ray only if there is work, stream results into parts, merge."""
+"""score(): check everything, start Ray only if there is work, stream results into parts, merge.
+
+The result also carries the drift of what was scored (:func:`pneumonia.metrics.drift.drift_status`):
+the probabilities of the input's images that this model version classified (rows without an
+error and not out of distribution, earlier runs' rows in the output included, so a resumed run
+reports on the whole input), against the artifact's ``drift_reference``."""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia import local_ray
+from pneumonia.artifacts.registry import ArtifactError
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS
 from pneumonia.errors import Interrupted, PneumoniaError
+from pneumonia.metrics.drift import check_reference, drift_status, drift_summary
 from pneumonia.scoring.inputs import ScoreInput, first_line, list_input
 from pneumonia.scoring.outputs import (
     already_scored,
@@ -48,6 +55,7 @@ class ScoreResult:
     wall_s: float = 0.0  # the whole call: checks, Ray start, pipeline, merge
     pipeline_s: float = 0.0  # from the start of the pipeline to the last result
     startup_s: float = 0.0  # from the start of the pipeline to the first result (actors loading)
+    drift: dict[str, Any] | None = None  # PSI of the input's classified probabilities (metrics.drift.drift_status)
 
     @property
     def images_per_s(self) -> float:
@@ -67,6 +75,8 @@ class ScoreResult:
                  f"{self.images_per_s:.1f} images/s over {self.pipeline_s:.1f} s (first results after "
                  f"{self.startup_s:.1f} s: the actors loading the model); wall time {self.wall_s:.1f} s",
                  f"output: {self.output} ({self.rows:,} rows)"]
+        if self.drift is not None:
+            lines.append(drift_summary(self.drift))
         if self.failed:
             lines.append("rows with an error name the reason in their 'error' column; a re-run tries them again")
         if self.out_of_distribution:
@@ -97,6 +107,12 @@ def score(
     if batch_size < 1:
         raise PneumoniaError(f"--batch-size must be at least 1, got {batch_size}")
     packed = pack_artifact(artifact)
+    reference = packed.metadata.get("drift_reference")
+    if reference is not None:
+        try:
+            check_reference(reference)  # now, not after hours of scoring
+        except ValueError as error:
+            raise ArtifactError(f"--artifact {artifact}: {error}") from None
     found = list_input(input)
     output = output or default_output(input)
     if not is_uri(output):
@@ -118,6 +134,7 @@ def score(
     else:
         progress(f"nothing to score: all {len(found.paths):,} files already scored by {packed.name} "
                  f"{packed.version} in {output}")
+    result.drift = drift_status(reference, _classified(previous, packed.name, packed.version, found.paths))
     result.rows = merge(output, previous, found.columns)
     result.wall_s = time.perf_counter() - started
     return result
@@ -155,6 +172,24 @@ def _run(todo: ScoreInput, packed: PackedArtifact, result: ScoreResult, *, gpu: 
                              f"({type(error).__name__}: {first_line(error)}); they are kept in {parts}: the same "
                              "command continues") from error
     result.pipeline_s = time.perf_counter() - began
+
+
+def _classified(tables: list, model: str, version: str, paths: list[str]) -> list[float]:
+    """The probabilities of ``paths`` that ``model`` ``version`` classified in ``tables`` (the
+    output and its parts, oldest first): its newest row per path, without an error and not out of
+    distribution (the guard's refusals get no label, as from the service)."""
+    import pyarrow.compute as pc
+
+    wanted, newest = set(paths), {}
+    for table in tables:
+        mask = pc.and_(pc.and_(pc.equal(table["model"], model), pc.equal(table["version"], version)),
+                       pc.is_null(table["error"]))
+        rows = table.filter(pc.fill_null(mask, False))
+        for path, probability, flagged in zip(rows["path"].to_pylist(), rows["probability"].to_pylist(),
+                                              rows["out_of_distribution"].to_pylist()):
+            if path in wanted:
+                newest[path] = None if flagged or probability is None else probability
+    return [probability for probability in newest.values() if probability is not None]
 
 
 def _default_concurrency(gpu: bool) -> int:

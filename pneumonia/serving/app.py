@@ -20,12 +20,21 @@ Every error the application answers has one shape, ``{"error": "<message>"}`` (F
 405 and 422 included, see :func:`pneumonia.serving.errors.json_errors`), and every answer of an artifact trained on
 synthetic images carries a ``warning`` (``registry.artifact_warning``), so that nobody takes its
 calls on real X-rays for a diagnosis.
+
+Drift (docs/monitoring.md): each replica keeps the probabilities of its last
+:data:`~pneumonia.metrics.drift.DEFAULT_WINDOW` classified images (not those the guard refused or
+flagged: they get no answer, and their scores are not the model's view of an X-ray) in a
+:class:`~pneumonia.metrics.drift.DriftWindow`. ``GET /model`` reports the window's PSI against the
+artifact's ``drift_reference``, and the ``pneumonia_drift_psi`` gauge is updated every
+:data:`DRIFT_EVERY_IMAGES` classified images. The window is per replica: replicas share traffic
+evenly, so each sees the same distribution, and no state crosses processes.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) in the
 # signatures of the class-based routes that Serve wraps.
 import asyncio
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,14 @@ from ray import serve
 
 from pneumonia.artifacts.registry import resolve_artifact
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
+from pneumonia.metrics.drift import (
+    DEFAULT_WINDOW,
+    PSI_RECALIBRATE,
+    PSI_WATCH,
+    DriftWindow,
+    check_reference,
+    drift_status,
+)
 from pneumonia.models.ood import NOT_AN_XRAY, POLICIES, Scored
 from pneumonia.runtime import RAY_ENV
 from pneumonia.serving import protocol
@@ -50,6 +67,22 @@ DEFAULT_MAX_PENDING = 128  # per replica: four full batches
 # release the GIL). Measured with bench/serve_load.py on 2 cores at concurrency 32: 1 batch in
 # flight ~250 req/s, 3 in flight 306-335 req/s, 4 no better; more cores may want more.
 BATCHES_IN_FLIGHT = 3
+
+# Prometheus metrics beside the batch and latency ones (Ray exports them with a `ray_` prefix:
+# ray_pneumonia_drift_psi, ray_pneumonia_probability_bucket, ...; cluster/kuberay/drift-alert.yaml).
+DRIFT_GAUGE = "pneumonia_drift_psi"
+PROBABILITY_HISTOGRAM = "pneumonia_probability"
+OOD_SCORE_HISTOGRAM = "pneumonia_ood_score"
+# Denser towards 0 and 1, where a trained model's probabilities pile up.
+PROBABILITY_BOUNDARIES = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999]
+# Guard scores as multiples of the guard's threshold (squared Mahalanobis distances, whose scale
+# is the number of features): below 1 the images it passes (a growing share near 1 is data moving
+# towards the edge), above 1 what it refuses (near-misses to photos and blank frames, 16x and more).
+OOD_SCORE_MULTIPLES = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 8, 16]
+DRIFT_EVERY_IMAGES = 50
+"""Classified images between two updates of the drift gauge: 5% of the window, so the value
+cannot move much in between, and the PSI (~0.1 ms over 1000 images) is never computed per request;
+observing one value into a histogram costs ~1 µs."""
 
 
 # ----------------------------------------------------------------------------- the service
@@ -111,6 +144,28 @@ class Classifier:
         self._refusals = metrics.Counter(
             "pneumonia_out_of_distribution", description="images the guard said are not chest X-rays "
             "(refused or flagged, by the artifact's policy)")
+        self._probabilities = metrics.Histogram(
+            PROBABILITY_HISTOGRAM, description="probability of pneumonia of each classified image",
+            boundaries=PROBABILITY_BOUNDARIES)
+        self._ood_scores = None
+        if self.model.guard is not None:
+            threshold = float(self.model.guard["threshold"])
+            scale = threshold if threshold > 0 else 1.0
+            self._ood_scores = metrics.Histogram(
+                OOD_SCORE_HISTOGRAM, description=f"out-of-distribution score of each image (the guard refuses above "
+                f"{scale:g})", boundaries=[scale * multiple for multiple in OOD_SCORE_MULTIPLES])
+        self._drift_psi = metrics.Gauge(
+            DRIFT_GAUGE, description=f"PSI of this replica's last {DEFAULT_WINDOW} classified images' probabilities "
+            f"against the artifact's drift reference ({PSI_WATCH:g} watch, {PSI_RECALIBRATE:g} re-calibrate)")
+        self.drift_reference = self.model.metadata.get("drift_reference")
+        if self.drift_reference is not None:
+            try:
+                check_reference(self.drift_reference)
+            except ValueError as error:
+                raise ValueError(f"{artifact}: {error}") from None
+        self.drift_window = DriftWindow(DEFAULT_WINDOW)
+        self._drift_measured_at = 0  # drift_window.total when the gauge was last updated
+        self._drift_lock = threading.Lock()
         self.last_batch_sizes: list[int] = []  # the recent batch sizes, for tests and operators
         self.model.score(np.zeros((1, *self.model.spec.shape), np.uint8))  # compile before traffic
 
@@ -132,7 +187,34 @@ class Classifier:
             refused = sum(answer.out_of_distribution for answer in scored)
             if refused:
                 self._refusals.inc(refused)
+            self._observe(scored)
         return results
+
+    def _observe(self, scored: list[Scored]) -> None:
+        """Distribution metrics of a scored batch: every guard score, and the probability of every
+        image that was classified (into the drift window; the gauge every DRIFT_EVERY_IMAGES)."""
+        if self._ood_scores is not None:
+            for answer in scored:
+                if answer.ood_score is not None:
+                    self._ood_scores.observe(answer.ood_score)
+        classified = [answer.probability for answer in scored if not answer.out_of_distribution]
+        for probability in classified:
+            self._probabilities.observe(probability)
+        total = self.drift_window.add(classified)
+        if self.drift_reference is None:
+            return
+        with self._drift_lock:
+            if total - self._drift_measured_at < DRIFT_EVERY_IMAGES:
+                return
+            self._drift_measured_at = total
+        value = self.drift()["value"]
+        if value is not None:
+            self._drift_psi.set(value)
+
+    def drift(self) -> dict[str, Any]:
+        """This replica's drift status (:func:`pneumonia.metrics.drift.drift_status`) and its window."""
+        status = drift_status(self.drift_reference, self.drift_window.values())
+        return {**status, "window": {"scope": "replica", "capacity": self.drift_window.capacity}}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def predict_batch(self, items: list[bytes | np.ndarray]) -> list[Scored | ImageDecodeError]:
@@ -261,7 +343,8 @@ class Classifier:
 
     @api.get("/model")
     async def model_card(self):
-        return self.model.card()
+        """The model card, with this replica's drift of recent probabilities (``drift``)."""
+        return {**self.model.card(), "drift": self.drift()}
 
     # -- Open Inference Protocol (KServe v2)
 
@@ -300,7 +383,8 @@ class Classifier:
                 name, self.model.version, payload,
                 probabilities=[None if s.out_of_distribution else s.probability for s in scored],
                 labels=[s.label(self.model.threshold) for s in scored],
-                parameters={"threshold": self.model.threshold, **self.model.warned()},
+                parameters={"threshold": self.model.threshold, **self.model.warned(),
+                            **({"site": self.model.calibration["site"]} if self.model.calibration["site"] else {})},
                 ood_scores=[s.ood_score for s in scored] if self.model.guard else None,
             )
 

@@ -47,6 +47,7 @@ def test_export_records_how_the_threshold_was_chosen(setup, tmp_path, capsys):
     from pneumonia.data.pipeline import load_images
     from pneumonia.data.records import carve_validation
     from pneumonia.metrics.binary import safe_operating_point
+    from pneumonia.metrics.drift import population_stability
 
     checkpoint, data = setup
     registry = tmp_path / "registry"
@@ -77,6 +78,12 @@ def test_export_records_how_the_threshold_was_chosen(setup, tmp_path, capsys):
     assert recorded["threshold"] == pytest.approx(again.threshold, abs=1e-5)
     assert metadata["validation_metrics"]["recall"] == pytest.approx(recorded["recall"])
 
+    # The validation probabilities are the artifact's drift reference (served ones: the same, up to float noise).
+    reference = metadata["drift_reference"]
+    assert reference["statistic"] == "psi" and reference["source"] == "validation"
+    assert reference["images"] == len(probabilities) and len(reference["fractions"]) == len(reference["edges"]) - 1
+    assert population_stability(reference, probabilities) < 0.05
+
     # The text says the rule and the expected precision with its interval.
     code, out, err = run(capsys, "export", "--checkpoint", str(checkpoint), "--registry", str(registry),
                          "--data", str(data))
@@ -93,6 +100,22 @@ def test_export_records_how_the_threshold_was_chosen(setup, tmp_path, capsys):
     page = (tmp_path / "report" / "report.html").read_text()
     assert "How the threshold was chosen" in page and "200 resamples" in page
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["threshold_choice"] == recorded
+    assert "\ndrift: not measured (" in out and " against validation; a PSI needs at least 200)" in out
+
+    # evaluate --json carries the drift of what it scored (the images the guard passes) against that reference.
+    code, out, err = run(capsys, "evaluate", "--artifact", str(registry), "--data", str(data), "--split", "validation",
+                         "--json")
+    assert code == 0, err
+    payload = json.loads(out.strip().splitlines()[-1])
+    drift = payload["drift"]
+    assert drift["reference"] == "validation" and drift["reference_images"] == len(probabilities)
+    assert drift["images"] == len(probabilities) - payload["out_of_distribution"]["count"]
+    assert drift["level"] == "too few images" and drift["value"] is None  # a 160-image dataset's carve
+
+    # A checkpoint records no reference: no drift.
+    code, out, err = run(capsys, "evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--json")
+    assert code == 0, err
+    assert "drift" not in json.loads(out.strip().splitlines()[-1])
 
 
 def test_export_without_data_keeps_the_checkpoints_threshold(setup, tmp_path, capsys):
@@ -109,6 +132,7 @@ def test_export_without_data_keeps_the_checkpoints_threshold(setup, tmp_path, ca
     assert printed["threshold"] == 0.42 and printed["operating_point"] is None
     metadata = json.loads((tmp_path / "r" / "pneumonia-cnn" / "v0001" / "metadata.json").read_text())
     assert "operating_point" not in metadata["validation_metrics"]
+    assert metadata["drift_reference"] is None  # no validation probabilities without --data
     assert np.isclose(metadata["threshold"], 0.42)
 
 

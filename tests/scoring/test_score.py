@@ -59,7 +59,7 @@ def _small_images(folder: Path, count: int) -> list[Path]:
     paths = []
     for index in range(count):
         path = folder / f"xray{index}.png"
-        Image.fromarray(np.full((40, 30), 20 * index, np.uint8)).save(path)
+        Image.fromarray(np.full((40, 30), 20 * index % 256, np.uint8)).save(path)
         paths.append(path)
     return paths
 
@@ -227,6 +227,52 @@ def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_pa
     assert _read(output).column_names == COLUMNS and _read(output).num_rows == 6
 
 
+def _with_drift_reference(registry: Path, folder: Path, reference: dict) -> Path:
+    """A copy of ``registry`` whose version records ``reference`` as its drift reference (as
+    `pneumonia export --data` and `pneumonia calibrate` do; metadata.json is not in the file hashes)."""
+    copy = folder / "registry"
+    shutil.copytree(registry, copy)
+    metadata_file = next(copy.rglob("metadata.json"))
+    metadata_file.write_text(json.dumps({**json.loads(metadata_file.read_text()), "drift_reference": reference}))
+    return copy
+
+
+def test_the_drift_of_what_was_scored_against_the_artifacts_reference(tmp_path, registry, no_ray):
+    """The input's images this model version classified (earlier runs' rows included; other versions'
+    rows and what the guard flagged left out) against the artifact's reference: in the summary and the JSON."""
+    from pneumonia.metrics.drift import reference_distribution
+
+    rng = np.random.default_rng(0)
+    reference = reference_distribution(rng.uniform(0, 0.2, 500), "validation")  # a mostly healthy validation split
+    artifact = _with_drift_reference(registry, tmp_path, reference)
+    images = [str(path) for path in _small_images(tmp_path / "images", 260)]
+    rows = [{"path": path, "label": "PNEUMONIA", "probability": float(rng.uniform(0.5, 1)), "threshold": 0.5,
+             "ood_score": None, "out_of_distribution": index >= 250, "model": "pneumonia-cnn", "version": "v0001",
+             "error": None} for index, path in enumerate(images)]
+    rows += [{**row, "probability": 0.1, "out_of_distribution": False, "version": "v0000"} for row in rows]
+    output = tmp_path / "scores.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), output)
+
+    result = score(str(artifact), str(tmp_path / "images"), str(output), progress=lambda line: None)
+    assert (result.skipped, result.scored) == (260, 0)
+    drift = result.drift
+    assert drift["images"] == 250 and drift["reference"] == "validation" and drift["reference_images"] == 500
+    assert drift["level"] == "recalibrate" and drift["value"] > drift["recalibrate_at"]
+    assert json.loads(json.dumps(result.to_json()))["drift"] == drift
+    assert result.summary().splitlines()[-1].startswith("drift: PSI ")
+    assert "against validation (250 images): recalibrate" in result.summary()
+
+    unmeasured = score(str(registry), str(tmp_path / "images"), str(output), progress=lambda line: None)
+    assert unmeasured.drift["level"] == "no reference" and unmeasured.drift["images"] == 250
+
+
+def test_a_malformed_drift_reference_fails_before_anything_is_scored(tmp_path, registry, no_ray):
+    artifact = _with_drift_reference(registry, tmp_path, {"statistic": "psi", "edges": [0, 1], "fractions": [2]})
+    with pytest.raises(ArtifactError, match="drift reference needs 1 non-negative fractions"):
+        score(str(artifact), str(_small_images(tmp_path / "images", 2)[0].parent), str(tmp_path / "scores.parquet"),
+              progress=lambda line: None)
+
+
 # ----------------------------------------------------------------------------- Ray runs
 
 
@@ -307,6 +353,8 @@ def test_an_archive_is_scored_with_the_same_answers_as_serving(ray_cluster, guar
     assert result.counts == {"NORMAL": expected["NORMAL"], "PNEUMONIA": expected["PNEUMONIA"]}
     assert (result.files, result.scored, result.failed, result.skipped, result.ignored) == (17, 17, 1, 0, 1)
     assert result.out_of_distribution == len(refused)
+    # Drift over the images classified (not the flagged ones); this artifact records no reference.
+    assert result.drift["images"] == 16 - len(refused) and result.drift["level"] == "no reference"
     assert result.images_per_s > 0 and result.wall_s >= result.pipeline_s > 0
     assert "failed 1" in result.summary() and str(output) in result.summary()
     assert lines and "scoring 17 files" in lines[0]
@@ -366,6 +414,7 @@ def test_a_csv_manifest_scored_through_the_command_into_a_csv_uri(ray_cluster, r
 
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (payload["scored"], payload["failed"], payload["rows"]) == (4, 1, 4)
+    assert payload["drift"]["images"] == 3 and payload["drift"]["value"] is None
     assert payload["output"] == output.as_uri() and payload["images_per_s"] > 0
     table = _read(output)
     assert table.column_names == [*COLUMNS, "accession"]  # the worklist's own column, carried

@@ -37,8 +37,20 @@ def artifact(tmp_path_factory):
     save_checkpoint(root / "ckpt", model, CheckpointInfo(epoch=1, config=ExperimentConfig().model_dump(),
                                                          preprocess=PreprocessSpec(64, 1), metrics={}))
     exported = export_artifact(str(root / "ckpt"), root / "registry", threshold=0.5, target_recall=0.95,
-                               validation_metrics={}, training_config=ExperimentConfig().model_dump())
+                               validation_metrics={}, training_config=ExperimentConfig().model_dump(),
+                               drift_reference=SPREAD_REFERENCE)
     return exported
+
+
+def _spread_reference() -> dict:
+    """A drift reference spread over all of [0, 1]: the untrained test model's probabilities sit
+    in a narrow band, so hundreds of served images are far from it (PSI well above 0.25)."""
+    from pneumonia.metrics.drift import reference_distribution
+
+    return reference_distribution(np.linspace(0.001, 0.999, 500), source="validation")
+
+
+SPREAD_REFERENCE = _spread_reference()
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +180,20 @@ def test_parallel_requests_are_batched(server):
     assert max(sizes) > 1, sizes
 
 
+def _predict_many(server: str, count: int) -> dict:
+    """One multipart /predict of ``count`` copies of one small X-ray-like image."""
+    data, boundary = _png(np.full((48, 48), 90, np.uint8)), "manyboundary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + data + b"\r\n"
+    status, answer = request(f"{server}/predict", part * count + f"--{boundary}--\r\n".encode(),
+                             f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and len(answer["predictions"]) == count, answer
+    return answer
+
+
 def test_custom_metrics_reach_rays_prometheus_export(server, ray_cluster):
-    """Predictions by label, batch sizes and inference latency, as a Prometheus scrape sees them."""
+    """Predictions by label, batch sizes, inference latency, probabilities and the drift gauge, as
+    a Prometheus scrape sees them."""
     import time
 
     port = ray_cluster.metrics_export_port
@@ -177,7 +201,9 @@ def test_custom_metrics_reach_rays_prometheus_export(server, ray_cluster):
         pytest.skip("this Ray exports no metrics")
     for value in (0, 255):
         assert request(f"{server}/predict", _png(np.full((40, 40), value, np.uint8)), "image/png")[0] == 200
-    wanted = ("ray_pneumonia_predictions_total", "ray_pneumonia_batch_size_bucket", "ray_pneumonia_inference_ms_bucket")
+    _predict_many(server, 300)  # past MIN_WINDOW (200) and one gauge update (every 50) more
+    wanted = ("ray_pneumonia_predictions_total", "ray_pneumonia_batch_size_bucket", "ray_pneumonia_inference_ms_bucket",
+              "ray_pneumonia_probability_bucket", "ray_pneumonia_drift_psi{")
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:  # Ray exports metrics every few seconds
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
@@ -190,12 +216,29 @@ def test_custom_metrics_reach_rays_prometheus_export(server, ray_cluster):
     labels = {line.split('label="')[1].split('"')[0] for line in text.splitlines()
               if line.startswith("ray_pneumonia_predictions_total{")}
     assert labels <= {"NORMAL", "PNEUMONIA"} and labels
+    psi = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ray_pneumonia_drift_psi{")]
+    assert psi and all(value > 0.25 for value in psi), psi  # the test model's band against a spread reference
+
+
+def test_model_shows_the_drift_of_this_replicas_recent_images(server):
+    """GET /model: the artifact's metadata and, under `drift`, the PSI of the replica's window."""
+    from pneumonia.metrics.drift import PSI_RECALIBRATE
+
+    _predict_many(server, 300)
+    status, card = request(f"{server}/model")
+    assert status == 200 and card["drift_reference"] == SPREAD_REFERENCE
+    drift = card["drift"]
+    assert drift["statistic"] == "psi" and drift["reference"] == "validation" and drift["reference_images"] == 500
+    assert drift["window"] == {"scope": "replica", "capacity": 1000}
+    assert 300 <= drift["images"] <= 1000  # this replica's classified images (the only replica here)
+    assert drift["level"] == "recalibrate" and drift["value"] > PSI_RECALIBRATE
 
 
 def test_health_model_and_v2_protocol(server):
     assert request(f"{server}/healthz")[0] == 200
     status, metadata = request(f"{server}/model")
     assert status == 200 and metadata["threshold"] == 0.5 and metadata["input"]["image_size"] == 64
+    assert metadata["drift"]["statistic"] == "psi" and metadata["drift"]["reference"] == "validation"
     assert request(f"{server}/v2/health/ready") == (200, {"ready": True})
     status, model = request(f"{server}/v2/models/pneumonia-cnn")
     assert status == 200 and model["versions"] == ["v0001"]

@@ -80,12 +80,16 @@ def _deploy(artifact, port: int, **args) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _refusals() -> float:
-    """pneumonia_out_of_distribution_total as Ray exports it (0 before the first refusal)."""
+def _metrics() -> str:
+    """What a Prometheus scrape of this Ray's metrics sees."""
     import ray
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{ray.metrics_export_port}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+    return urllib.request.urlopen(f"http://127.0.0.1:{ray.metrics_export_port}/metrics", timeout=10).read().decode()
+
+
+def _refusals() -> float:
+    """pneumonia_out_of_distribution_total as Ray exports it (0 before the first refusal)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _metrics().splitlines()
                if line.startswith("ray_pneumonia_out_of_distribution_total{"))
 
 
@@ -140,6 +144,17 @@ def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact,
     while _refusals() < 3 and time.monotonic() < deadline:
         time.sleep(2)
     assert _refusals() >= 3  # the reject test's /predict (and more) plus these three
+
+    # Every guard score goes into pneumonia_ood_score (buckets at multiples of the guard's threshold);
+    # only the one image classified (INSIDE) into the drift window; this artifact has no reference.
+    while "ray_pneumonia_ood_score_bucket{" not in _metrics() and time.monotonic() < deadline:
+        time.sleep(2)
+    threshold = artifact.metadata["out_of_distribution"]["threshold"]
+    buckets = {float(line.split('le="')[1].split('"')[0]) for line in _metrics().splitlines()
+               if line.startswith("ray_pneumonia_ood_score_bucket{")}
+    assert any(bound == pytest.approx(threshold, rel=1e-6) for bound in buckets), (threshold, buckets)
+    drift = json.loads(urllib.request.urlopen(f"{url}/model", timeout=60).read())["drift"]
+    assert drift["images"] == 1 and drift["level"] == "no reference" and drift["value"] is None
 
 
 def test_pneumonia_predict_shows_a_flagged_image_as_not_a_chest_xray():

@@ -197,7 +197,8 @@ def test_overload_is_answered_with_a_quick_json_503(serve_port, registry):
 def test_serve_deploy_of_serve_config_rolls_out_a_new_version_without_failed_requests(
         ray_cluster, serve_port, registry, tmp_path):
     """The production path: `serve deploy` of the shipped serve_config.yaml (only the artifact,
-    the port and the import path adjusted for a test), v0001 then v0002, under load."""
+    the port and the import path adjusted for a test), v0001 then a newer model calibrated for a
+    site (pneumonia calibrate's kind of version), under load."""
     import subprocess
     import sys
     from pathlib import Path
@@ -212,7 +213,13 @@ def test_serve_deploy_of_serve_config_rolls_out_a_new_version_without_failed_req
     address = f"http://{ray_cluster.dashboard_url}"
     serve_cli = str(Path(sys.executable).parent / "serve")
     v1 = registry / "pneumonia-cnn" / "v0001"
-    newer = _export(registry, width=10)  # v0002, or later when the module's other tests exported first
+    from pneumonia.artifacts.publish import publish_calibrated
+    from pneumonia.artifacts.registry import verify_artifact
+
+    exported = _export(registry, width=10)  # v0002, or later when the module's other tests exported first
+    newer = publish_calibrated(verify_artifact(exported.path), threshold=0.62, target_recall=0.95,
+                               site={"name": "ward 7", "images": {"NORMAL": 80, "PNEUMONIA": 120}},
+                               drift_reference=None)
     v2 = newer.path
 
     def deploy_config(artifact: Path) -> None:
@@ -246,3 +253,5 @@ def test_serve_deploy_of_serve_config_rolls_out_a_new_version_without_failed_req
         time.sleep(2)
     assert not load.failures(), load.failures()[:5]
     assert load.results[0][2] == "v0001" and load.results[-1][2] == newer.version
+    status, card = request(f"http://127.0.0.1:{serve_port}/model")
+    assert status == 200 and card["calibration"] == {"site": "ward 7", "images": 200} and card["threshold"] == 0.62
