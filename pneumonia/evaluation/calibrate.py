@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 
 from pneumonia.artifacts.publish import data_fingerprint, publish_calibrated
-from pneumonia.artifacts.registry import Artifact, VerifiedArtifact, check_site_name, load_artifact, verify_artifact
+from pneumonia.artifacts.registry import (
+    Artifact,
+    VerifiedArtifact,
+    artifact_warning,
+    check_site_name,
+    load_artifact,
+    verify_artifact,
+)
 from pneumonia.data.labelled import class_patients, labelled_sample
 from pneumonia.data.pipeline import load_images
 from pneumonia.data.records import ImageRecord, class_counts
@@ -50,6 +57,9 @@ MIN_NORMAL_PATIENTS = 30
 points and its 95% interval spans more than +-0.17, too wide to tell a useful threshold from a
 useless one."""
 BOOTSTRAP_SAMPLES = 1000
+OOD_NOTE_RATE = 0.05
+"""A share of the sample the guard does not classify above which the summary says so: the guard lets
+99% of validation through, so 5% means images unlike the training data, not chance."""
 BOOTSTRAP_SEED = 0  # fixed: the same sample always gives the same threshold
 REPORTED = ("precision", "recall", "specificity", "accuracy", "f1", "roc_auc", "pr_auc")
 
@@ -197,6 +207,7 @@ class Calibration:
             "unreadable": self.unreadable, "criteria": self.criteria,
             "site_threshold_metrics": self.at_site.to_json(), "shipped_threshold_metrics": self.at_shipped.to_json(),
             "report": self.report,
+            **({"warning": warning} if (warning := artifact_warning(self.source.metadata)) else {}),
         }
 
     def summary(self) -> str:
@@ -215,6 +226,13 @@ class Calibration:
         ]
         for item in self.criteria:
             lines.append(f"  {'PASS' if item['passed'] else 'FAIL'}  {item['criterion']} (measured {item['value']:.3f})")
+        total = self.scored_images + self.out_of_distribution
+        if total and self.out_of_distribution / total > OOD_NOTE_RATE:
+            lines.append(f"  note: the out-of-distribution guard did not classify {self.out_of_distribution / total:.1%} of "
+                         "the sample (it lets 99% of validation through): this site's images differ from the training data")
+        warning = artifact_warning(self.source.metadata)
+        if warning:
+            lines.append(f"  warning: the model was {warning}; a site threshold cannot make it read them")
         if self.report:
             lines.append(f"  acceptance report: {self.report}")
         if self.published:
