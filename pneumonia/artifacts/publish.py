@@ -105,26 +105,19 @@ def export_artifact(
     }, strict=True)
     name_dir = Path(registry).expanduser().resolve() / name
     name_dir.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its folder is private (0700) and a serving user could not read it.
-    staging = name_dir / f".staging-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
+
+    def fill(staging: Path) -> dict:
+        staging.mkdir()
         spec, ensemble = _stage(str(checkpoint), staging, guard)
-        metadata = {
+        return {
             **facts,
             **({"ensemble": json_ready(ensemble, strict=True)} if ensemble else {}),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "git_commit": _git_commit(),
             "input": {"image_size": spec.image_size, "channels": spec.channels,
                       "resize": spec.resize, "normalize": spec.normalize, "dtype": "uint8"},
             "files": _hash_files(staging),
         }
-        version_dir = _publish(staging, name_dir, metadata)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    write_atomic(name_dir / LATEST_FILE, metadata["version"] + "\n")
-    return Artifact(version_dir, metadata["version"], metadata)
+
+    return _publish_staged(name_dir, fill)
 
 
 def publish_calibrated(source: VerifiedArtifact, *, threshold: float, target_recall: float, site: dict,
@@ -147,12 +140,22 @@ def publish_calibrated(source: VerifiedArtifact, *, threshold: float, target_rec
                             **({"site": source.metadata["site"].get("name")} if source.metadata.get("site") else {})},
         "package_version": pneumonia.__version__,
     }, strict=True)
-    name_dir = source.path.parent
-    staging = name_dir / f".staging-{uuid.uuid4().hex}"
-    try:
+    def fill(staging: Path) -> dict:
         shutil.copytree(source.path, staging, ignore=shutil.ignore_patterns(METADATA_FILE))
         verify_files(staging, source.metadata["files"])
-        metadata = {**source.metadata, **facts, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        return {**source.metadata, **facts}
+
+    return _publish_staged(source.path.parent, fill)
+
+
+def _publish_staged(name_dir: Path, fill) -> Artifact:
+    """The next version of ``name_dir``: ``fill(staging)`` creates the hidden staging folder, puts
+    the files in and returns the metadata; creation time and git commit are added, the folder is
+    renamed into place and LATEST moved to it. Nothing is left behind when anything fails."""
+    # Not tempfile.mkdtemp: its folder is private (0700) and a serving user could not read it.
+    staging = name_dir / f".staging-{uuid.uuid4().hex}"
+    try:
+        metadata = {**fill(staging), "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "git_commit": _git_commit()}
         version_dir = _publish(staging, name_dir, metadata)
     except BaseException:
