@@ -264,6 +264,12 @@ def calibrate(artifact: str, data: str, site: str, *, target_recall: float | Non
     classified = np.array([not answer.out_of_distribution for answer in judge(probabilities, ood_scores, loaded.ood)],
                           dtype=bool)
     kept = [record for record, keep in zip(decoded.records, classified) if keep]
+    if (~classified).sum() * 2 > len(classified):  # the cause is the data, not the sample's size
+        warning = artifact_warning(source.metadata)
+        raise SampleTooSmall(
+            f"the out-of-distribution guard did not classify {int((~classified).sum())} of {len(classified)} images "
+            f"of {data}: they are unlike the X-rays {source.name} {source.version} learned from"
+            + (f" (it was {warning})" if warning else "") + ". Nothing was published")
     what = f"the sample {data}, without its {len(decoded.failures)} unreadable and {int((~classified).sum())} " \
            "out-of-distribution images"
     check_sample_size(kept, target, confidence, what)

@@ -195,3 +195,17 @@ def test_bad_site_names_and_targets_are_refused_before_any_work(registry, tmp_pa
     assert exit_info.value.code == 2 and "site name '../x' must be" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["calibrate", "--artifact", str(registry), "--data", str(tmp_path), "--site", "a", "--target-recall", "1"])
+
+
+def test_a_sample_the_guard_mostly_refuses_is_refused_for_that_reason(registry, tmp_path, monkeypatch):
+    """Real X-rays sent to a model trained on synthetic ones: the guard refuses nearly all of them,
+    and the refusal names that cause, not the sample's size."""
+    from pneumonia.evaluation import calibrate as module
+    from pneumonia.models.ood import Scored
+
+    guard = {"threshold": 1.0, "policy": "reject"}
+    monkeypatch.setattr(module, "judge", lambda probabilities, scores, _: [
+        Scored(float(p), 5.0 if index % 4 else 0.5, guard) for index, p in enumerate(probabilities)])
+    sample = _site(tmp_path / "site", sick=100, healthy=60, seed=4)
+    with pytest.raises(SampleTooSmall, match="did not classify 120 of 160 images .* unlike the X-rays pneumonia-cnn v0001"):
+        calibrate(_exported(registry), str(sample), "elsewhere")
