@@ -9,6 +9,7 @@ atomic write (a reader sees the old file or the new one, never half) and JSON-re
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import shutil
@@ -46,6 +47,12 @@ def _split_uri(location: str):
         fs, _ = _filesystem(f"{scheme}://{bucket}")
         return fs, rest.rstrip("/")
     return _filesystem(location)
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a local file's bytes (artifacts and checkpoints record one per model file)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_bytes(location: str) -> bytes:

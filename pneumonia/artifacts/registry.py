@@ -12,6 +12,12 @@ An artifact is one folder ``<registry>/<name>/<version>/`` holding:
 - ``model.keras``: the checkpoint's Keras model, kept because Grad-CAM explanations need layers.
 - ``metadata.json``: where it came from (git commit, checkpoint, data fingerprint, configs), how
   to use it (input spec, threshold) and the sha256 of every other file, checked on every load.
+  An artifact holds its own files only: a symbolic link anywhere in the version folder, a listed
+  path that leaves it, or a file in ``saved_model/`` that is not listed is refused; so is a
+  version reached through a registry or name folder that resolves outside the folder given
+  (a name folder or version linked elsewhere). Before TensorFlow reads the SavedModel its graph is
+  checked for file, network and Python ops, and ``model.keras`` loads in safe mode only
+  (:mod:`pneumonia.models.safe_load`; docs/security-data.md).
   ``training_data`` says what the model learned from (``{"synthetic": true|false|null, "roots":
   [...], "dataset": the dataset's marker}``, see :mod:`pneumonia.artifacts.export`): a model trained on
   the synthetic stand-in (:mod:`pneumonia.data.synth`) reads real X-rays wrongly, so
@@ -30,7 +36,6 @@ functions that need it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -46,7 +51,8 @@ from pneumonia.data.preprocess import PreprocessSpec
 from pneumonia.errors import CheckpointError, PneumoniaError
 from pneumonia.models.checkpoint import MODEL_FILE, load_model_from_directory
 from pneumonia.models.ood import SCORE_NAME
-from pneumonia.storage import is_uri
+from pneumonia.models.safe_load import check_saved_model
+from pneumonia.storage import is_uri, sha256_of
 
 FORMAT_VERSION = 1
 DEFAULT_NAME = "pneumonia-cnn"
@@ -100,7 +106,8 @@ def resolve_artifact(location: str | Path) -> Path:
 
     Accepts a version folder (it has metadata.json), a ``<registry>/<name>`` folder (its LATEST),
     a registry root holding exactly one name (that name's LATEST) and ``<...>/latest`` in any case
-    (the LATEST of the folder it sits in).
+    (the LATEST of the folder it sits in). A version found through LATEST must resolve inside the
+    folder given: a name folder or version that is a link to elsewhere is an ArtifactError.
     """
     if is_uri(str(location)):
         raise ArtifactError(f"artifacts are loaded from a local folder, not {location}")
@@ -109,10 +116,20 @@ def resolve_artifact(location: str | Path) -> Path:
         parent = path.parent
         if (parent / METADATA_FILE).is_file():
             raise ArtifactError(f"{location}: a version folder has no LATEST; pass the folder itself")
-        return _resolve_folder(parent)
+        return _inside(_resolve_folder(parent), parent)
     if (path / METADATA_FILE).is_file():
         return path
-    return _resolve_folder(path)
+    return _inside(_resolve_folder(path), path)
+
+
+def _inside(version: Path, start: Path) -> Path:
+    """``version`` when it resolves inside ``start`` (the folder the caller named): a name folder
+    or version that is a link to somewhere else is refused."""
+    try:
+        version.resolve().relative_to(start.resolve())
+    except ValueError:
+        raise ArtifactError(f"{version} resolves outside {start} (a symbolic link?); refused") from None
+    return version
 
 
 def _resolve_folder(path: Path) -> Path:
@@ -217,8 +234,9 @@ class LoadedArtifact(VerifiedArtifact):
         """The Keras model (uncompiled), loaded on first use: Grad-CAM needs its layers."""
         with self._keras_lock:
             if self._keras is None:
-                try:
-                    self._keras = load_model_from_directory(self.path, compile=False)
+                try:  # verified again now: it loads on first use, maybe long after load_artifact
+                    self._keras = load_model_from_directory(self.path, compile=False,
+                                                            sha256=self.metadata["files"][MODEL_FILE])
                 except CheckpointError as error:
                     raise ArtifactError(str(error)) from None
             return self._keras
@@ -319,12 +337,17 @@ def _check_metadata(metadata: dict, folder: Path) -> tuple[PreprocessSpec, float
 
 
 def verify_files(folder: Path, files: Any) -> None:
-    """Every listed file exists inside folder with its recorded sha256 (the model files must be listed)."""
-    if not isinstance(files, dict):
-        raise ArtifactError(f"{folder / METADATA_FILE} is invalid: 'files' is not a mapping")
+    """Every listed file exists inside folder with its recorded sha256 (the model files must be
+    listed); no symbolic link anywhere in folder; every file TensorFlow reads (``saved_model/``) listed."""
+    if not isinstance(files, dict) or not all(isinstance(value, str) for value in files.values()):
+        raise ArtifactError(f"{folder / METADATA_FILE} is invalid: 'files' is not a mapping of sha256 digests")
     unlisted = [required for required in REQUIRED_FILES if required not in files]
     if unlisted:
         raise ArtifactError(f"{folder / METADATA_FILE} does not list {', '.join(unlisted)}")
+    links = _links(folder)
+    if links:
+        raise ArtifactError(f"{folder} holds symbolic links ({', '.join(links[:5])}); an artifact holds its own "
+                            "files only")
     for relative, expected in sorted(files.items()):
         if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
             raise ArtifactError(f"{folder / METADATA_FILE} lists a file outside the artifact: {relative}")
@@ -333,6 +356,20 @@ def verify_files(folder: Path, files: Any) -> None:
             raise ArtifactError(f"{folder} is incomplete: {relative} is missing")
         if sha256_of(path) != expected:
             raise ArtifactError(f"{folder} is corrupt: {relative} does not match its sha256 in {METADATA_FILE}")
+    extra = sorted(path.relative_to(folder).as_posix() for path in (folder / SAVED_MODEL_DIR).rglob("*")
+                   if path.is_file() and path.relative_to(folder).as_posix() not in files)
+    if extra:
+        raise ArtifactError(f"{folder} is not as exported: {', '.join(extra[:5])} not listed in {METADATA_FILE}")
+
+
+def _links(folder: Path) -> list[str]:
+    """Paths (relative to folder) of the symbolic links in it, the folder itself not counted."""
+    found = []
+    for root, directories, names in os.walk(folder):  # does not follow links to folders
+        for name in [*directories, *names]:
+            if os.path.islink(os.path.join(root, name)):
+                found.append(Path(root, name).relative_to(folder).as_posix())
+    return sorted(found)
 
 
 def _load_signature(folder: Path, spec: PreprocessSpec):
@@ -340,6 +377,10 @@ def _load_signature(folder: Path, spec: PreprocessSpec):
     import tensorflow as tf
 
     directory = folder / SAVED_MODEL_DIR
+    try:
+        check_saved_model(directory)  # its graph holds no file, network or Python op
+    except CheckpointError as error:
+        raise ArtifactError(str(error)) from None
     try:
         saved_model = tf.saved_model.load(str(directory))
     except Exception as error:  # TensorFlow raises several types for a damaged SavedModel
@@ -357,8 +398,3 @@ def _load_signature(folder: Path, spec: PreprocessSpec):
         raise ArtifactError(f"{directory}: the signature has no {OUTPUT_NAME!r} output")
     return saved_model, signature
 
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes (metadata.json records one per file)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

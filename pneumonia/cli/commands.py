@@ -4,6 +4,7 @@ before any library call (so a mistake costs seconds, not a Ray start) and calls 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from pneumonia.artifacts.registry import artifact_warning, verify_artifact
@@ -21,7 +22,9 @@ from pneumonia.data.summary import summarize
 from pneumonia.data.synth import make_synthetic_dataset
 from pneumonia.errors import OutputError, PneumoniaError
 from pneumonia.serving import local_service
-from pneumonia.serving.client import format_predictions, predict_files
+from pneumonia.serving.audit import replica_path
+from pneumonia.serving.auth import TOKEN_FILE_VARIABLE, TOKENS_VARIABLE, is_loopback, resolve_tokens
+from pneumonia.serving.client import client_token, format_predictions, predict_files
 from pneumonia.storage import is_uri
 from pneumonia.training.driver import train
 from pneumonia.training.sweep import tune
@@ -162,11 +165,12 @@ def cmd_serve(args) -> None:
 
     signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: the same clean stop as Ctrl-C
     artifact = args.artifact or os.environ.get("PNEUMONIA_ARTIFACT") or "registry"
+    app_args = serve_security(args)
     # What a replica checks on load, short of TensorFlow, before Ray starts: a corrupt artifact
     # fails in a second with its reason, not after Serve has given up on the replicas.
     metadata = verify_artifact(artifact).metadata
     try:
-        with local_service.local_service(artifact, host=args.host, port=args.port) as url:
+        with local_service.local_service(artifact, host=args.host, port=args.port, app_args=app_args) as url:
             print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
                   "Ctrl-C stops", flush=True)
             print(f"review page: {url}/ (open it in a browser)", flush=True)
@@ -182,9 +186,44 @@ def cmd_serve(args) -> None:
     print("service stopped", flush=True)
 
 
+def serve_security(args) -> dict[str, Any]:
+    """The app arguments for `pneumonia serve`'s tokens and audit log, checked before Ray starts:
+    a bad token file, a non-loopback address without tokens (unless --no-auth) and an audit log
+    that cannot be written are one-line errors. Prints what it chose (token names, never tokens)."""
+    tokens = resolve_tokens(args.token_file, args.no_auth)
+    try:
+        loopback = is_loopback(args.host)
+    except (OSError, UnicodeError) as error:
+        raise PneumoniaError(f"cannot serve on {args.host}:{args.port}: {getattr(error, 'strerror', None) or error}") from None
+    if not tokens and not loopback and not args.no_auth:
+        raise PneumoniaError(f"refusing to serve on {args.host} without tokens: whoever reaches it could use it; give "
+                             f"--token-file FILE (or set ${TOKEN_FILE_VARIABLE} or ${TOKENS_VARIABLE}), or --no-auth "
+                             "to serve it open on purpose")
+    app_args: dict[str, Any] = {}
+    if args.token_file:
+        app_args["token_file"] = str(Path(args.token_file).expanduser().resolve())
+    elif not tokens:
+        app_args["no_auth"] = True  # on purpose, or loopback with no tokens anywhere
+    if tokens:
+        print(f"tokens: {', '.join(token.name for token in tokens)} (every route but /healthz, /v2/health/* and "
+              "the review page's shell needs one)", flush=True)
+    elif not loopback:
+        print(f"no tokens (--no-auth): every route is open to whoever reaches {args.host}", flush=True)
+    if args.audit_log:
+        path = Path(args.audit_log).expanduser().absolute()
+        if path.is_dir():
+            raise PneumoniaError(f"--audit-log {args.audit_log} is a folder; give a file name in it (audit.jsonl)")
+        require_output_folder(str(path.parent), "--audit-log")
+        app_args.update(audit_log=str(path), audit_max_bytes=int(args.audit_max_mb * 1024 * 1024),
+                        audit_backups=args.audit_backups)
+        print(f"audit log: {replica_path(path, pid='<pid>', host='<host>')} (one file per replica)", flush=True)
+    return app_args
+
+
 def cmd_predict(args) -> None:
     """POST each file to a running service and print its answer."""
-    rows = predict_files(args.url, args.files, timeout_s=args.timeout)
+    token = client_token(args.token_file)
+    rows = predict_files(args.url, args.files, timeout_s=args.timeout, token=token)
     emit({"predictions": rows}, args.json, format_predictions(rows))
     failed = sum("error" in row for row in rows)
     if failed:

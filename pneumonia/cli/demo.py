@@ -90,7 +90,8 @@ def cmd_demo(args) -> None:
     port = args.serve_port or free_port()
     print(f"[6/6] serving {exported.version} with Ray Serve on http://127.0.0.1:{port}, sending test X-rays")
     samples = [path for label in CLASS_NAMES for path in sorted((data / "test" / label).iterdir())[:3]]
-    with local_service.local_service(exported.artifact, port=port) as url:
+    # Loopback, open on purpose: the demo's own client sends no token (docs/security-serving.md).
+    with local_service.local_service(exported.artifact, port=port, app_args={"no_auth": True}) as url:
         rows = predict_files(url, samples)
         print(format_predictions([{**row, "file": str(Path(row["file"]).relative_to(data))} for row in rows]))
         print(f"POST {url}/predict answered {len(rows)} requests; stopping the service", flush=True)

@@ -105,7 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = subcommands.add_parser("serve", help="run the HTTP service for an artifact on a local Ray")
     serve_cmd.add_argument("--artifact", help="version folder or registry (default $PNEUMONIA_ARTIFACT or ./registry)")
     serve_cmd.add_argument("--port", type=PORT, default=8000)
-    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default 127.0.0.1: this machine only); any other needs "
+                                "tokens or --no-auth")
+    serve_auth = serve_cmd.add_mutually_exclusive_group()
+    serve_auth.add_argument("--token-file", metavar="FILE",
+                            help="bearer tokens, one a line: 'name:token' or 'token' (16+ characters); every route "
+                                 "but /healthz, /v2/health/* and the review page's shell then needs 'Authorization: "
+                                 "Bearer <token>' (default $PNEUMONIA_TOKEN_FILE, or $PNEUMONIA_TOKENS: the lines "
+                                 "themselves)")
+    serve_auth.add_argument("--no-auth", action="store_true",
+                            help="no tokens, on purpose: needed to serve on an address other than loopback without them")
+    serve_cmd.add_argument("--audit-log", metavar="PATH",
+                           help="one JSON line per request on /predict, /explain and /v2/models/*/infer (hashes of the "
+                                "images, never the images); each replica writes <stem>.<host>-<pid><suffix> beside PATH")
+    serve_cmd.add_argument("--audit-max-mb", type=number(float, 0.001), default=100,
+                           help="size at which a replica's audit file is rotated (default 100)")
+    serve_cmd.add_argument("--audit-backups", type=number(int, 1), default=10,
+                           help="rotated audit files kept per replica (default 10)")
     serve_cmd.set_defaults(func=commands.cmd_serve)
 
     predict = subcommands.add_parser("predict", help="send X-ray files to a running service")
@@ -114,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="X-ray files; a folder sends the image files inside it (recursively, sorted)")
     predict.add_argument("--timeout", type=number(float, 0, low_open=True), default=60,
                          help="seconds to wait for each answer (default 60)")
+    predict.add_argument("--token-file", metavar="FILE",
+                         help="a file with the service's token for you ('name:token' or 'token', one line; "
+                              "default $PNEUMONIA_TOKEN, the token itself)")
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(func=commands.cmd_predict)
 

@@ -21,6 +21,14 @@ Choices and why:
   DICOM is treated as RGB; a multi-frame file gives its first frame. 8-bit grey data that no LUT
   changes is used as stored, exactly like an 8-bit PNG. From there on it takes the same mode
   conversion and resize as every other format.
+- A DICOM file carries the patient's identity in its header (name, ID, birth date, accession
+  number, institution, physicians, study and series UIDs...). Only the pixels and the attributes
+  that say how to render them are read (:data:`DICOM_RENDERING_ATTRIBUTES`), and no pydicom
+  message (its text can quote a value) reaches an error: errors name the attribute and the
+  problem, with numbers of our own, the exception's type, and a transfer syntax or photometric
+  interpretation only when it is a well-formed UID or code string. pydicom's log records (they
+  quote invalid values) are dropped. Text burned into the pixels stays in the pixels, and so in
+  any Grad-CAM overlay drawn over them (docs/security-data.md).
 - Output is ``uint8`` of shape (size, size, channels); the model rescales to [0, 1] itself, so
   every caller sends the same bytes and the scaling lives with the weights it belongs to.
 """
@@ -29,6 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -47,6 +57,22 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP", "MPO
 
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
+
+DICOM_RENDERING_ATTRIBUTES = (
+    "TransferSyntaxUID", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "PlanarConfiguration",
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
+    "VOILUTFunction", "VOILUTSequence", "RedPaletteColorLookupTableDescriptor",
+    "RedPaletteColorLookupTableData", "GreenPaletteColorLookupTableDescriptor",
+    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableData", "SegmentedRedPaletteColorLookupTableData",
+    "SegmentedGreenPaletteColorLookupTableData", "SegmentedBluePaletteColorLookupTableData",
+    "PixelData", "FloatPixelData", "DoubleFloatPixelData", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+)
+"""What decoding a DICOM file reads of it (pydicom parses the whole header, lazily; nothing else is
+looked at, kept or echoed): the pixels and how to render them."""
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CODE = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # a DICOM code string (CS), e.g. MONOCHROME2
 
 
 NORMALIZATIONS = ("none", "standardize", "equalize")
@@ -154,8 +180,25 @@ def _header_int(ds, keyword: str, default: int | None = None) -> int:
         return default
     try:
         return int(value)
-    except (TypeError, ValueError):
-        raise ImageDecodeError(f"DICOM {keyword} is not a number: {value!r}") from None
+    except (TypeError, ValueError):  # the value itself is never echoed: a header is the patient's
+        raise ImageDecodeError(f"DICOM {keyword} is not a number") from None
+
+
+def _shown(value, pattern: re.Pattern) -> str:
+    """A header value fit for an error message: a UID or code string as it is, anything else not."""
+    text = str(value).strip()
+    return repr(text) if len(text) <= 64 and pattern.match(text) else "(not a valid value)"
+
+
+def _quiet_pydicom() -> None:
+    """Drop pydicom's log records (it quotes invalid header values in them) before any handler
+    sees them: Ray's worker and Serve logs, or a handler attached to the ``pydicom`` logger itself.
+    Idempotent; someone debugging pydicom removes :func:`_drop_record` from that logger."""
+    logging.getLogger("pydicom").addFilter(_drop_record)
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
 
 
 def _open_dicom(data: bytes, max_pixels: int) -> Image.Image:
@@ -164,6 +207,7 @@ def _open_dicom(data: bytes, max_pixels: int) -> Image.Image:
         import pydicom.pixels  # noqa: F401 - imported here, not at module level: serving stays cheap
     except ImportError as error:  # pragma: no cover - pydicom is a dependency
         raise ImageDecodeError(f"DICOM support needs pydicom>=3.0 ({error})") from None
+    _quiet_pydicom()
     with warnings.catch_warnings():
         # pydicom warns about every non-conforming element; what matters is whether pixels decode.
         warnings.simplefilter("ignore")
@@ -176,8 +220,8 @@ def _open_dicom(data: bytes, max_pixels: int) -> Image.Image:
         except Exception as error:  # noqa: BLE001
             # pydicom parses lazily, so a corrupt element can fail on any access with almost any
             # exception type (InvalidDicomError, KeyError, struct.error, RuntimeError, ...); callers
-            # must see one exception type.
-            raise ImageDecodeError(f"corrupt or unsupported DICOM file: {type(error).__name__}: {error}") from None
+            # must see one exception type. Its message is not passed on: it can quote header values.
+            raise ImageDecodeError(f"corrupt or unsupported DICOM file ({type(error).__name__})") from None
 
 
 def _monochrome_to_uint8(pixels: np.ndarray, to_display) -> np.ndarray:
@@ -238,7 +282,7 @@ def _dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise ImageDecodeError(f"DICOM transfer syntax {str(syntax)!r} is not supported") from None
+        raise ImageDecodeError(f"DICOM transfer syntax {_shown(syntax, _UID)} is not supported") from None
     if not decoder.is_available:
         raise ImageDecodeError(
             f"DICOM transfer syntax '{syntax.name}' ({syntax}) cannot be decoded here: it needs one of "
@@ -246,6 +290,7 @@ def _dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
         )
 
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    _check_native_length(ds, syntax, rows, columns, frames)
     ds.pixel_array_options(index=0)  # the first frame only (multi-frame files)
     pixels = ds.pixel_array  # YBR_FULL(_422) comes back converted to RGB
     if pixels.shape[:2] != (rows, columns):
@@ -270,10 +315,27 @@ def _dicom_to_image(data: bytes, max_pixels: int) -> Image.Image:
     if photometric == "PALETTE COLOR":
         pixels = apply_color_lut(pixels, ds)
     elif pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ImageDecodeError(f"unsupported DICOM photometric interpretation {photometric or '(none)'}")
+        raise ImageDecodeError(f"unsupported DICOM photometric interpretation "
+                               f"{_shown(photometric, _CODE) if photometric else '(none)'}")
     if pixels.dtype != np.uint8:
         pixels = _stretch_to_uint8(pixels)  # one scale for all channels keeps the colours
     return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+
+
+def _check_native_length(ds, syntax, rows: int, columns: int, frames: int) -> None:
+    """Uncompressed pixel data shorter than its header says (a truncated file) is refused in our
+    words; pydicom's own message for it is not passed on (see :func:`_open_dicom`)."""
+    if syntax.is_compressed or "PixelData" not in ds:
+        return
+    bits = _header_int(ds, "BitsAllocated")
+    samples = _header_int(ds, "SamplesPerPixel", default=1)
+    if bits < 1 or samples < 1:
+        raise ImageDecodeError("DICOM BitsAllocated or SamplesPerPixel is not positive")
+    expected = (rows * columns * frames * samples * bits + 7) // 8
+    stored = len(ds.PixelData)
+    if stored < expected:
+        raise ImageDecodeError(f"DICOM pixel data is {stored:,} bytes but its header needs {expected:,}: "
+                               "a truncated file?")
 
 
 def _resize(image: Image.Image, size: int, resize: str) -> Image.Image:

@@ -15,14 +15,15 @@ MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 def read_table(location: str, kind: str, schema=None):
     """A CSV or Parquet file (local path or URI) as a pyarrow Table; with ``schema``, its columns
-    only (others in the file are left out), typed as it says."""
+    only (others in the file are left out, missing ones come back empty), typed as it says."""
     import pyarrow.csv as csv
     import pyarrow.parquet as pq
 
     data = io.BytesIO(read_bytes(location))
     if kind == "parquet":
         return pq.read_table(data, columns=schema.names if schema is not None else None, schema=schema)
-    options = (csv.ConvertOptions(column_types=schema, strings_can_be_null=True, include_columns=schema.names)
+    options = (csv.ConvertOptions(column_types=schema, strings_can_be_null=True, include_columns=schema.names,
+                                  include_missing_columns=True)
                if schema is not None else None)
     return csv.read_csv(data, convert_options=options)
 

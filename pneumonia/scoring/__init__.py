@@ -2,8 +2,8 @@
 
 A hospital wants yesterday's worklist or a whole PACS export scored, not one request at a time.
 :func:`score` reads every image under a folder or object-store prefix (or every ``path`` of a
-CSV/Parquet manifest) and writes one row per file: path, label, probability, threshold,
-ood_score and out_of_distribution (the artifact's out-of-distribution guard, :mod:`pneumonia.models.ood`;
+CSV/Parquet manifest) and writes one row per file: path, sha256 (of the bytes scored), label,
+probability, threshold, ood_score and out_of_distribution (the artifact's out-of-distribution guard, :mod:`pneumonia.models.ood`;
 empty and false without one), model, version and, for a file that could not be read or decoded,
 an ``error`` (label and probability empty) instead of a failed run. An image the guard calls out of
 distribution keeps its probability (for audit) but gets no label, as the service gives none.

@@ -20,10 +20,13 @@ PARTS_SUFFIX = ".parts"
 
 
 def output_schema():
-    """The columns of every part and of the output, in order."""
+    """The columns of every part and of the output, in order. ``sha256`` is the digest of the bytes
+    that were scored (empty when the file could not be read): which file a row is about, whatever
+    happens to the path later. Outputs written before it existed read with it empty."""
     import pyarrow as pa
 
-    return pa.schema([("path", pa.string()), ("label", pa.string()), ("probability", pa.float64()),
+    return pa.schema([("path", pa.string()), ("sha256", pa.string()), ("label", pa.string()),
+                      ("probability", pa.float64()),
                       ("threshold", pa.float64()), ("ood_score", pa.float64()), ("out_of_distribution", pa.bool_()),
                       ("model", pa.string()), ("version", pa.string()), ("error", pa.string())])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 import tempfile
@@ -76,20 +77,24 @@ def unpack_artifact(files: dict[str, bytes]):
 
 def read_and_decode(batch: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int) -> dict[str, np.ndarray]:
     """A CPU task: read each file and decode it with the shared preprocessing. A file that fails
-    keeps a blank image and the reason in ``error`` (empty string when it decoded)."""
+    keeps a blank image and the reason in ``error`` (empty string when it decoded); ``sha256`` is
+    the digest of the bytes read (empty when they could not be read)."""
     count = len(batch["path"])
     images = np.zeros((count, *spec.shape), np.uint8)
     errors = np.full(count, "", dtype=object)
+    digests = np.full(count, "", dtype=object)
     for index, location in enumerate(batch["location"]):
         try:
-            images[index] = decode_image(read_bytes(str(location)), spec, max_pixels)
+            data = read_bytes(str(location))
+            digests[index] = hashlib.sha256(data).hexdigest()
+            images[index] = decode_image(data, spec, max_pixels)
         except OSError as error:
             errors[index] = f"cannot read: {error.strerror or first_line(error)}"
         except PneumoniaError as error:  # ImageDecodeError, ImageTooLargeError, DataError
             errors[index] = str(error) or type(error).__name__
         except Exception as error:  # noqa: BLE001 - one odd file must not fail an hours-long run
             errors[index] = f"unexpected {type(error).__name__}: {first_line(error)}"
-    return {"path": batch["path"], "image": images, "error": errors}
+    return {"path": batch["path"], "sha256": digests, "image": images, "error": errors}
 
 
 class Scorer:
@@ -117,6 +122,7 @@ class Scorer:
                 answers[index] = answer
         return pa.table({
             "path": [str(path) for path in batch["path"]],
+            "sha256": [str(digest) or None for digest in batch["sha256"]],
             "label": [None if answer is None else answer.label(self.threshold) for answer in answers],
             "probability": [None if answer is None else answer.probability for answer in answers],
             "threshold": [self.threshold] * len(errors),

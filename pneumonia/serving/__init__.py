@@ -7,6 +7,9 @@
 - :mod:`pneumonia.serving.protocol`: the Open Inference Protocol's request and response shapes;
 - :mod:`pneumonia.serving.page`: the review page (`GET /`) and its packaged assets;
 - :mod:`pneumonia.serving.errors`: the one error shape, ``{"error": "<message>"}``;
+- :mod:`pneumonia.serving.auth`: bearer tokens, their names, the constant-time check;
+- :mod:`pneumonia.serving.audit`: the audit trail, one JSON line per prediction request, off the request path;
+- :mod:`pneumonia.serving.gate`: what every request passes first (its id, its token, its audit line);
 - :mod:`pneumonia.serving.local_service`: the application on a local Ray (`pneumonia serve`);
 - :mod:`pneumonia.serving.client`: a standard-library client for `POST /predict`.
 

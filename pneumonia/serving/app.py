@@ -21,6 +21,11 @@ Every error the application answers has one shape, ``{"error": "<message>"}`` (F
 synthetic images carries a ``warning`` (``registry.artifact_warning``), so that nobody takes its
 calls on real X-rays for a diagnosis.
 
+Who may call and what is kept of it (docs/security-serving.md): every request passes the
+:class:`~pneumonia.serving.gate.Gate` first, which gives it its request id, checks its bearer
+token (:mod:`pneumonia.serving.auth`) and, on the prediction routes, writes its audit line
+(:mod:`pneumonia.serving.audit`); the routes only add what they learnt of the images.
+
 Drift (docs/monitoring.md): each replica keeps the probabilities of its last
 :data:`~pneumonia.metrics.drift.DEFAULT_WINDOW` classified images (not those the guard refused or
 flagged: they get no answer, and their scores are not the model's view of an X-ray) in a
@@ -33,6 +38,7 @@ evenly, so each sees the same distribution, and no state crosses processes.
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) in the
 # signatures of the class-based routes that Serve wraps.
 import asyncio
+import logging
 import os
 import threading
 from pathlib import Path
@@ -56,7 +62,11 @@ from pneumonia.metrics.drift import (
 from pneumonia.models.ood import NOT_AN_XRAY, POLICIES, Scored
 from pneumonia.runtime import RAY_ENV
 from pneumonia.serving import protocol
+from pneumonia.serving.audit import DEFAULT_BACKUPS, AuditLog, replica_path
+from pneumonia.serving.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
+from pneumonia.serving.auth import Authenticator, resolve_tokens, token_digests
 from pneumonia.serving.errors import HTTPError, json_error, json_errors
+from pneumonia.serving.gate import Gate, GateSettings, Note, note_of
 from pneumonia.serving.model import ServedModel
 from pneumonia.serving.page import add_page
 
@@ -79,10 +89,14 @@ PROBABILITY_BOUNDARIES = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 
 # is the number of features): below 1 the images it passes (a growing share near 1 is data moving
 # towards the edge), above 1 what it refuses (near-misses to photos and blank frames, 16x and more).
 OOD_SCORE_MULTIPLES = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 8, 16]
+UNAUTHORIZED_COUNTER = "pneumonia_unauthorized"
+AUDIT_ERRORS_COUNTER = "pneumonia_audit_write_errors"
 DRIFT_EVERY_IMAGES = 50
 """Classified images between two updates of the drift gauge: 5% of the window, so the value
 cannot move much in between, and the PSI (~0.1 ms over 1000 images) is never computed per request;
 observing one value into a histogram costs ~1 µs."""
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- the service
@@ -93,7 +107,14 @@ def _undecodable(name: str, error: ImageDecodeError) -> HTTPError:
     return HTTPError(413 if isinstance(error, ImageTooLargeError) else 400, f"{name}: {error}")
 
 
+def _replica_gate() -> GateSettings:
+    """The gate settings of the replica this process runs (Serve copies ``api`` before replicas
+    exist, so the gate asks for them per request; outside a replica this fails: no route answers)."""
+    return serve.get_replica_context().servable_object.gate
+
+
 api = add_page(json_errors(FastAPI(title="pneumonia", description="Chest X-ray pneumonia classifier")))
+api.add_middleware(Gate, settings=_replica_gate)  # before @serve.ingress copies the app
 
 
 @serve.deployment(
@@ -124,10 +145,13 @@ class Classifier:
 
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0,
                  max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_pending: int = DEFAULT_MAX_PENDING, ood_policy: str | None = None):
+                 max_pending: int = DEFAULT_MAX_PENDING, ood_policy: str | None = None,
+                 tokens: dict[str, str] | None = None, audit_log: str | None = None,
+                 audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES, audit_backups: int = DEFAULT_BACKUPS):
         from ray.serve import metrics
 
         self.model = ServedModel(artifact, max_pixels=max_pixels, ood_policy=ood_policy)
+        self.gate = self._gate(metrics, tokens, audit_log, audit_max_bytes, audit_backups)
         self.max_bytes = max_bytes
         self.max_pending = max_pending
         self._pending = 0  # requests in the prediction routes now (one event loop: no lock)
@@ -168,6 +192,26 @@ class Classifier:
         self._drift_lock = threading.Lock()
         self.last_batch_sizes: list[int] = []  # the recent batch sizes, for tests and operators
         self.model.score(np.zeros((1, *self.model.spec.shape), np.uint8))  # compile before traffic
+
+    def _gate(self, metrics, tokens, audit_log, audit_max_bytes, audit_backups) -> GateSettings:
+        """Who may call this replica (``tokens``: name -> SHA-256, none: anyone) and its own audit file."""
+        unauthorized = metrics.Counter(
+            UNAUTHORIZED_COUNTER, description="requests refused for a missing or invalid token", tag_keys=("reason",))
+        audit = None
+        if audit_log:
+            errors = metrics.Counter(AUDIT_ERRORS_COUNTER, description="audit lines lost (a write error, a full queue)")
+            audit = AuditLog(replica_path(audit_log), audit_max_bytes, audit_backups, on_error=lambda n: errors.inc(n))
+        return GateSettings(
+            authenticator=Authenticator(tokens) if tokens else None, audit=audit,
+            model={"model": self.model.name, "version": self.model.version, "site": self.model.calibration["site"],
+                   "threshold": self.model.threshold},
+            on_unauthorized=lambda reason: unauthorized.inc(tags={"reason": reason}))
+
+    def __del__(self):
+        """Write the queued audit lines before the replica goes."""
+        gate = getattr(self, "gate", None)
+        if gate is not None and gate.audit is not None:
+            gate.audit.close(timeout_s=5)
 
     # -- inference
 
@@ -248,12 +292,14 @@ class Classifier:
             files = form.getlist("file")
             if not files:
                 raise HTTPError(400, "multipart request has no 'file' fields")
-            items = []
+            items, kinds = [], []
             for upload in files:
                 if isinstance(upload, str):
                     raise HTTPError(400, "'file' fields must be files, not text")
                 data = await upload.read()
                 items.append((upload.filename or f"file{len(items)}", data))
+                kinds.append(upload.content_type)
+            await note_of(request.scope.get("state")).inputs([(data, kind) for (_, data), kind in zip(items, kinds)])
             return items
         if content_type not in IMAGE_TYPES:
             raise HTTPError(415, f"unsupported media type {content_type or '(none)'}; send image/jpeg, "
@@ -263,6 +309,7 @@ class Classifier:
             raise HTTPError(413, f"request body of {len(body):,} bytes is above the limit of {self.max_bytes:,}")
         if not body:
             raise HTTPError(400, "empty request body")
+        await note_of(request.scope.get("state")).inputs([(body, content_type)])
         return [("body", body)]
 
     def _check_size(self, name: str, data: bytes | np.ndarray) -> None:
@@ -277,12 +324,14 @@ class Classifier:
             raise _undecodable(name, image)
         return image
 
-    async def _classify(self, items: list[tuple[str, bytes | np.ndarray]]) -> list[Scored]:
+    async def _classify(self, items: list[tuple[str, bytes | np.ndarray]], note: Note) -> list[Scored]:
         """Probabilities for named images (encoded bytes or decoded pixels), via the batch queue;
-        the first image that cannot be decoded answers for the request."""
+        the first image that cannot be decoded answers for the request. ``note`` keeps the
+        results for the request's audit line."""
         for name, data in items:
             self._check_size(name, data)
         results = await asyncio.gather(*(self.predict_batch(data) for _, data in items))
+        note.results(results, self.model.threshold)
         for (name, _), result in zip(items, results):
             if isinstance(result, ImageDecodeError):
                 raise _undecodable(name, result)
@@ -312,7 +361,8 @@ class Classifier:
     async def predict(self, request: Request):
         async def work():
             items = await self._body_images(request)
-            answers = [self.model.answer(scored) for scored in await self._classify(items)]
+            scored = await self._classify(items, note_of(request.scope.get("state")))
+            answers = [self.model.answer(answer) for answer in scored]
             if len(items) == 1 and items[0][0] == "body":
                 return JSONResponse(answers[0])  # plain JSON types: skips FastAPI's generic encoder
             return JSONResponse({"predictions": [{"file": name, **answer} for (name, _), answer in zip(items, answers)]})
@@ -329,7 +379,7 @@ class Classifier:
                 raise HTTPError(400, "/explain takes one image")
             name, data = items[0]
             image = await self._decode(name, data)
-            scored = (await self._classify([(name, image)]))[0]  # the guard first: no heatmap for a non-X-ray
+            scored = (await self._classify([(name, image)], note_of(request.scope.get("state"))))[0]  # the guard first
             if scored.out_of_distribution:
                 return self.model.answer(scored)
             result = await asyncio.to_thread(self.model.explain, data, image, layers)
@@ -378,7 +428,9 @@ class Classifier:
             except ValueError:
                 raise HTTPError(400, "body is not valid JSON") from None
             images = protocol.request_images(payload, self.model.spec.shape)
-            scored = await self._classify(images)
+            note = note_of(request.scope.get("state"))
+            await note.inputs([(data, payload["inputs"][0].get("datatype")) for _, data in images])
+            scored = await self._classify(images, note)
             return protocol.infer_response(
                 name, self.model.version, payload,
                 probabilities=[None if s.out_of_distribution else s.probability for s in scored],
@@ -403,7 +455,15 @@ def build_app(args: dict[str, Any] | None = None):
     config's `args`): artifact (path to a version folder or a registry; default
     $PNEUMONIA_ARTIFACT or ./registry, resolved to its latest version now, so every replica serves
     the same version), max_batch_size, batch_wait_timeout_s, max_bytes, max_pixels, max_pending,
-    ood_policy (reject or flag: overrides the artifact's out-of-distribution policy)."""
+    ood_policy (reject or flag: overrides the artifact's out-of-distribution policy);
+    token_file (bearer tokens, :mod:`pneumonia.serving.auth`; default $PNEUMONIA_TOKEN_FILE, else
+    $PNEUMONIA_TOKENS, else none: open), no_auth (true: open on purpose, whatever the environment
+    says), audit_log (a path: each replica writes ``<stem>.<host>-<pid><suffix>`` beside it,
+    :mod:`pneumonia.serving.audit`), audit_max_bytes (rotation size, default 100 MiB), audit_backups
+    (rotated files kept per replica, default 10).
+
+    The token file is read here, once: the replicas get each token's name and SHA-256, never the
+    token (the arguments travel through Serve's controller)."""
     args = dict(args or {})
     artifact = str(resolve_artifact(str(Path(args.pop("artifact", default_artifact())).expanduser().resolve())))
     options = {
@@ -414,8 +474,29 @@ def build_app(args: dict[str, Any] | None = None):
         "max_pending": int(args.pop("max_pending", DEFAULT_MAX_PENDING)),
         "ood_policy": args.pop("ood_policy", None),
     }
+    token_file, no_auth = args.pop("token_file", None), _flag(args.pop("no_auth", False))
+    tokens = resolve_tokens(str(Path(token_file).expanduser()) if token_file else None, no_auth)
+    if not tokens and not no_auth:
+        logger.warning("no tokens (token_file, $PNEUMONIA_TOKEN_FILE or $PNEUMONIA_TOKENS): every route is "
+                       "open to whoever reaches the service; say no_auth=true if that is intended")
+    options["tokens"] = token_digests(tokens) or None
+    audit_log = args.pop("audit_log", None)
+    options["audit_log"] = str(Path(audit_log).expanduser().resolve()) if audit_log else None
+    options["audit_max_bytes"] = int(args.pop("audit_max_bytes", DEFAULT_AUDIT_MAX_BYTES))
+    options["audit_backups"] = int(args.pop("audit_backups", DEFAULT_BACKUPS))
+    if options["audit_max_bytes"] < 1024 or options["audit_backups"] < 1:
+        raise ValueError("audit_max_bytes must be at least 1024 and audit_backups at least 1")
     if options["ood_policy"] not in (None, *POLICIES):
         raise ValueError(f"ood_policy must be one of {', '.join(POLICIES)}, not {options['ood_policy']!r}")
     if args:
         raise ValueError(f"unknown application arguments: {', '.join(sorted(args))}")
     return Classifier.bind(artifact, **options)
+
+
+def _flag(value: Any) -> bool:
+    """A boolean app argument: true/false as YAML gives it, or as text from `serve run ... no_auth=true`."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"no_auth must be true or false, not {value!r}")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)

@@ -1,12 +1,14 @@
 """A small HTTP client for the service: send X-ray files to POST /predict, collect the answers.
 
-Standard library only, so that a hospital integration script needs nothing but Python.
+Standard library only, so that a hospital integration script needs nothing but Python. A service
+that wants a token gets it as ``Authorization: Bearer <token>`` (:func:`client_token`).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -14,12 +16,27 @@ from pathlib import Path
 
 from pneumonia.data.labels import IMAGE_EXTENSIONS
 from pneumonia.errors import PneumoniaError
+from pneumonia.serving.auth import load_tokens
 
 CONTENT_TYPES = {".png": "image/png", ".dcm": "application/dicom", ".dicom": "application/dicom"}
 SENDABLE = IMAGE_EXTENSIONS | set(CONTENT_TYPES)
 """Endings of the files taken from a folder given to :func:`image_files`."""
 ANSWER_KEYS = ("label", "probability", "threshold", "version")
 """What every answer of our POST /predict holds (format_predictions prints them)."""
+TOKEN_VARIABLE = "PNEUMONIA_TOKEN"
+"""The client's token itself, when no token file is given (the service's are PNEUMONIA_TOKEN_FILE/_TOKENS)."""
+
+
+def client_token(token_file: str | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """The token to send: the one token in ``token_file`` (``name:token`` or ``token``), else
+    $PNEUMONIA_TOKEN; None for none."""
+    if token_file:
+        tokens = load_tokens(token_file)
+        if len(tokens) != 1:
+            raise PneumoniaError(f"token file {token_file} holds {len(tokens)} tokens; a client sends one: "
+                                 "give a file with yours alone")
+        return tokens[0].secret
+    return (os.environ if environ is None else environ).get(TOKEN_VARIABLE, "").strip() or None
 
 
 def check_url(url: str) -> str:
@@ -59,28 +76,33 @@ def image_files(names: list[str | Path]) -> list[Path]:
     return files
 
 
-def predict_files(url: str, files: list[str | Path], timeout_s: float = 60) -> list[dict]:
+def predict_files(url: str, files: list[str | Path], timeout_s: float = 60, token: str | None = None) -> list[dict]:
     """One row per image file (folders give their images): the service's answer, or
-    {"status", "error"} when it refused the file.
+    {"status", "error"} when it refused the file. ``token`` goes as ``Authorization: Bearer``.
 
-    Raises PneumoniaError for a bad URL, a missing or unreadable file, an unreachable service or one
-    that does not answer like ours (nothing to report per file).
+    Raises PneumoniaError for a bad URL, a missing or unreadable file, an unreachable service, one
+    that does not answer like ours, or one that refuses the token (nothing to report per file).
     """
     base = check_url(url).rstrip("/")
-    return [_predict_one(base, path, timeout_s) for path in image_files(files)]
+    return [_predict_one(base, path, timeout_s, token) for path in image_files(files)]
 
 
-def _predict_one(base: str, path: Path, timeout_s: float) -> dict:
+def _predict_one(base: str, path: Path, timeout_s: float, token: str | None = None) -> dict:
     try:
         data = path.read_bytes()
     except OSError as error:
         raise PneumoniaError(f"cannot read {path}: {error.strerror or error}") from None
-    request = urllib.request.Request(base + "/predict", data=data,
-                                     headers={"Content-Type": CONTENT_TYPES.get(path.suffix.lower(), "image/jpeg")})
+    headers = {"Content-Type": CONTENT_TYPES.get(path.suffix.lower(), "image/jpeg")}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base + "/predict", data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return {"file": str(path), **_answer(base, response.read())}
     except urllib.error.HTTPError as error:
+        if error.code == 401:  # every file would be refused alike
+            raise PneumoniaError(f"{base}/predict answered 401: {_refusal(error)}; give the service's token with "
+                                 f"--token-file FILE (or ${TOKEN_VARIABLE})") from None
         return {"file": str(path), "status": error.code, "error": _refusal(error)}
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         raise PneumoniaError(_unreachable(base, error, timeout_s)) from None

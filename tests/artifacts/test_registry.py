@@ -282,6 +282,113 @@ def test_unreadable_metadata_is_refused(copy_of_latest):
         load_artifact(copy_of_latest)
 
 
+# ----------------------------------------------------------------------------- loading is safe
+
+
+def _rehash(folder: Path) -> None:
+    """Record the current sha256 of every file, as a forger who can rewrite metadata.json would."""
+    from pneumonia.storage import sha256_of
+
+    files = {path.relative_to(folder).as_posix(): sha256_of(path) for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.name != "metadata.json"}
+    _edit_metadata(folder, files=files)
+
+
+def test_a_symbolic_link_inside_an_artifact_is_refused_even_when_its_target_matches(copy_of_latest, tmp_path):
+    model = copy_of_latest / "model.keras"
+    elsewhere = tmp_path / "elsewhere.keras"
+    model.rename(elsewhere)
+    model.symlink_to(elsewhere)  # same bytes, same sha256: the link itself is refused
+    with pytest.raises(ArtifactError, match=r"symbolic links \(model\.keras\)"):
+        load_artifact(copy_of_latest)
+
+
+def test_a_linked_variables_folder_is_refused(copy_of_latest, tmp_path):
+    variables = copy_of_latest / "saved_model" / "variables"
+    shutil.move(variables, tmp_path / "variables")
+    variables.symlink_to(tmp_path / "variables")
+    with pytest.raises(ArtifactError, match="saved_model/variables"):
+        load_artifact(copy_of_latest)
+
+
+def test_a_listed_file_outside_the_artifact_is_refused(copy_of_latest):
+    metadata = json.loads((copy_of_latest / "metadata.json").read_text())
+    _edit_metadata(copy_of_latest, files={**metadata["files"], "../escape.txt": "0" * 64})
+    with pytest.raises(ArtifactError, match="outside the artifact: ../escape.txt"):
+        load_artifact(copy_of_latest)
+
+
+def test_an_unlisted_file_where_tensorflow_reads_is_refused(copy_of_latest):
+    (copy_of_latest / "saved_model" / "assets").mkdir(exist_ok=True)
+    (copy_of_latest / "saved_model" / "assets" / "vocabulary.txt").write_text("x")
+    with pytest.raises(ArtifactError, match="saved_model/assets/vocabulary.txt not listed"):
+        load_artifact(copy_of_latest)
+
+
+def test_a_registry_path_that_escapes_its_root_is_refused(registry, tmp_path):
+    root = tmp_path / "registry"
+    (root / "pneumonia-cnn").mkdir(parents=True)
+    shutil.copytree(registry[1].path, tmp_path / "outside" / "v0001")
+    # LATEST naming a path, not a version
+    (root / "pneumonia-cnn" / "LATEST").write_text("../../outside/v0001\n")
+    with pytest.raises(ArtifactError, match="does not name a version"):
+        resolve_artifact(root)
+    # a version folder that is a link to elsewhere
+    (root / "pneumonia-cnn" / "LATEST").write_text("v0001\n")
+    (root / "pneumonia-cnn" / "v0001").symlink_to(tmp_path / "outside" / "v0001")
+    for location in (root, root / "pneumonia-cnn", root / "pneumonia-cnn" / "LATEST"):
+        with pytest.raises(ArtifactError, match="resolves outside"):
+            resolve_artifact(location)
+    # a name folder that is a link to elsewhere
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(registry[0] / "pneumonia-cnn", tmp_path / "linked-name")
+    (other / "pneumonia-cnn").symlink_to(tmp_path / "linked-name")
+    with pytest.raises(ArtifactError, match="resolves outside"):
+        resolve_artifact(other)
+    assert resolve_artifact(tmp_path / "linked-name") == tmp_path / "linked-name" / "v0002"  # named itself: fine
+
+
+def test_a_saved_model_that_reads_files_is_refused_even_with_matching_hashes(copy_of_latest):
+    """A forged artifact (metadata.json rewritten to match) whose signature reads a file."""
+    import tensorflow as tf
+
+    class Reader(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, *SPEC.shape], tf.uint8)])
+        def serve(self, image):
+            leaked = tf.cast(tf.strings.length(tf.io.read_file("/etc/hostname")), tf.float32)
+            return {"probability": tf.reduce_mean(tf.cast(image, tf.float32), axis=[1, 2, 3]) * 0.0 + leaked}
+
+    shutil.rmtree(copy_of_latest / "saved_model")
+    module = Reader()
+    tf.saved_model.save(module, str(copy_of_latest / "saved_model"), signatures={"serving_default": module.serve})
+    _rehash(copy_of_latest)
+    with pytest.raises(ArtifactError, match="ReadFile"):
+        load_artifact(copy_of_latest)
+
+
+def test_the_keras_model_is_verified_again_when_it_loads_later(copy_of_latest):
+    import zipfile
+
+    artifact = load_artifact(copy_of_latest)
+    with zipfile.ZipFile(copy_of_latest / "model.keras", "a") as archive:
+        archive.writestr("extra.txt", "x")  # replaced after load_artifact verified it
+    with pytest.raises(ArtifactError, match="model.keras does not match"):
+        artifact.keras_model()
+
+
+def test_scoring_actors_verify_the_shipped_files_again(registry):
+    """The driver verifies and ships the bytes; an actor writes them out and verifies them again."""
+    from pneumonia.scoring.pipeline import pack_artifact, unpack_artifact
+
+    packed = pack_artifact(str(registry[2].path))
+    damaged = dict(packed.files)
+    damaged["model.keras"] = damaged["model.keras"][:-1] + bytes([damaged["model.keras"][-1] ^ 1])
+    with pytest.raises(ArtifactError, match="model.keras does not match"):
+        unpack_artifact(damaged)
+    assert unpack_artifact(packed.files).version == "v0002"
+
+
 def test_importing_the_registry_loads_neither_tensorflow_nor_ray():
     """The serving process imports this module; TensorFlow must load only when a model does."""
     code = ("import sys, pneumonia.artifacts.registry; "

@@ -8,6 +8,7 @@ before Ray starts, the same probabilities as the Serve app, and the RayJob manif
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -30,7 +31,7 @@ from pneumonia.scoring.outputs import default_output, output_schema
 from tests.helpers import real_data
 from tests.serving.test_serving_ops import _export
 
-COLUMNS = ["path", "label", "probability", "threshold", "ood_score", "out_of_distribution", "model", "version", "error"]
+COLUMNS = ["path", "sha256", "label", "probability", "threshold", "ood_score", "out_of_distribution", "model", "version", "error"]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -179,7 +180,8 @@ def test_a_manifests_columns_are_carried_beside_the_scores_by_path(tmp_path):
     keeps its row with empty manifest columns."""
     from pneumonia.scoring.outputs import merge, output_schema
 
-    scores = pa.table({"path": ["b.png", "a.png", "old.png"], "label": ["PNEUMONIA", "NORMAL", "NORMAL"],
+    scores = pa.table({"path": ["b.png", "a.png", "old.png"], "sha256": ["0" * 64] * 3,
+                       "label": ["PNEUMONIA", "NORMAL", "NORMAL"],
                        "probability": [0.9, 0.1, 0.2], "threshold": [0.5] * 3, "ood_score": [1.0] * 3,
                        "out_of_distribution": [False] * 3, "model": ["m"] * 3, "version": ["v0001"] * 3,
                        "error": [None] * 3}, schema=output_schema())
@@ -225,6 +227,20 @@ def test_a_rerun_with_everything_scored_skips_it_all_without_starting_ray(tmp_pa
     assert (result.files, result.skipped, result.scored, result.rows) == (3, 3, 0, 6)
     assert not Path(f"{output}.parts").exists()
     assert _read(output).column_names == COLUMNS and _read(output).num_rows == 6
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_an_output_written_before_the_sha256_column_reads_with_it_empty(tmp_path, suffix):
+    from pneumonia.scoring.outputs import read_previous
+
+    old = pa.table({"path": ["a.png"], "label": ["NORMAL"], "probability": [0.1], "threshold": [0.5],
+                    "ood_score": [None], "out_of_distribution": [False], "model": ["m"], "version": ["v0001"],
+                    "error": [None]})
+    output = tmp_path / f"scores{suffix}"
+    (pq.write_table if suffix == ".parquet" else pacsv.write_csv)(old, output)
+    (table,) = read_previous(str(output), progress=lambda line: None)
+    assert table.column_names == COLUMNS
+    assert table.to_pylist()[0]["sha256"] is None and table.to_pylist()[0]["label"] == "NORMAL"
 
 
 def _with_drift_reference(registry: Path, folder: Path, reference: dict) -> Path:
@@ -336,6 +352,9 @@ def test_an_archive_is_scored_with_the_same_answers_as_serving(ray_cluster, guar
     assert broken["error"] and broken["label"] is None and broken["probability"] is None
     assert all(row["error"] is None and row["model"] == "pneumonia-cnn" and row["version"] == "v0001"
                and row["threshold"] == 0.5 for row in by_name.values())
+    # every row names the bytes it scored, the corrupt file's too (it was read, not decoded)
+    assert all(row["sha256"] == hashlib.sha256(Path(row["path"]).read_bytes()).hexdigest()
+               for row in [*by_name.values(), broken])
 
     served = _serve(guarded_registry)
     assert {name: row["probability"] for name, row in by_name.items()} == {
@@ -421,7 +440,7 @@ def test_a_csv_manifest_scored_through_the_command_into_a_csv_uri(ray_cluster, r
     rows = {row["path"]: row for row in table.to_pylist()}
     assert set(rows) == {x.name for x in xrays} | {"missing.jpeg"}  # as the manifest names them
     assert [rows[x.name]["accession"] for x in xrays] == ["ACC0", "ACC1", "ACC2"]
-    assert rows["missing.jpeg"]["error"].startswith("cannot read")
+    assert rows["missing.jpeg"]["error"].startswith("cannot read") and not rows["missing.jpeg"]["sha256"]  # CSV: ""
     assert all(rows[x.name]["label"] in ("NORMAL", "PNEUMONIA") for x in xrays)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -98,10 +100,10 @@ class ServeProcess:
     """`python -m pneumonia serve` in its own session (a process group, as under systemd or in a
     container), with its output collected; killed if a test leaves it running."""
 
-    def __init__(self, registry, port: int):
+    def __init__(self, registry, port: int, *flags: str):
         self.port, self.url, self.lines = port, f"http://127.0.0.1:{port}", []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pneumonia", "serve", "--artifact", str(registry), "--port", str(port)],
+            [sys.executable, "-m", "pneumonia", "serve", "--artifact", str(registry), "--port", str(port), *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""},
             start_new_session=True)
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
@@ -221,3 +223,64 @@ def test_sigterm_to_the_whole_process_group_stops_cleanly_and_leaves_no_process(
         os.killpg(server.process.pid, signal.SIGTERM)
         _assert_clean_stop(server, server.stopped())
     assert not any(os.path.exists(f"/proc/{pid}") for pid in haproxy)
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, list[str], dict]:
+    """(status, the answer's X-Request-ID headers, JSON body) of one POST."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers.get_all("X-Request-ID") or [], json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get_all("X-Request-ID") or [], json.loads(error.read())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_pneumonia_serve_with_tokens_and_an_audit_log(tmp_path):
+    """What reviewers run: `pneumonia serve --token-file T --audit-log A`; /healthz is open, /predict
+    is 401 without or with a wrong token and 200 with the right one (`pneumonia predict
+    --token-file` too), and the audit log has one line per prediction request, with the image's
+    SHA-256, the model's version and the answer's request id, and never the token."""
+    from tests.serving.test_serving_ops import _export
+
+    artifact = _export(tmp_path / "registry", width=8)
+    token = "ward-7-" + "0123456789abcdef" * 2
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"ward-7:{token}\n")
+    image = tmp_path / "xray.png"
+    image.write_bytes(_png(np.random.default_rng(1).integers(0, 256, (80, 60), dtype=np.uint8)))
+    body = image.read_bytes()
+    audit = tmp_path / "audit" / "audit.jsonl"
+    flags = ("--token-file", str(tokens), "--audit-log", str(audit))
+    with ServeProcess(tmp_path / "registry", _free_port(), *flags) as server:
+        with urllib.request.urlopen(f"{server.url}/healthz", timeout=30) as response:
+            assert response.status == 200  # no token needed
+        missing = _post(f"{server.url}/predict", body, {})
+        wrong = _post(f"{server.url}/predict", body, {"Authorization": "Bearer " + "w" * 32})
+        right = _post(f"{server.url}/predict", body, {"Authorization": f"Bearer {token}"})
+        assert (missing[0], wrong[0], right[0]) == (401, 401, 200), (missing, wrong, right)
+        assert "error" in missing[2] and right[2]["version"] == artifact.version
+        assert all(len(answer[1]) == 1 for answer in (missing, wrong, right))  # one X-Request-ID each
+        client = subprocess.run([sys.executable, "-m", "pneumonia", "predict", "--url", server.url, str(image),
+                                 "--token-file", str(tokens), "--json"], capture_output=True, text=True, timeout=60)
+        assert client.returncode == 0, client.stderr
+        deadline = time.monotonic() + 60
+        while len(lines := [json.loads(line) for path in sorted(audit.parent.glob("audit.*.jsonl"))
+                            for line in path.read_text().splitlines()]) < 4:
+            assert time.monotonic() < deadline, f"audit lines: {lines}; output: {server.output[-2000:]}"
+            time.sleep(0.5)
+        server.process.send_signal(signal.SIGINT)
+        assert server.stopped() == 0, server.output[-3000:]
+    assert "audit log: " in server.output and token not in server.output
+    lines.sort(key=lambda line: line["time"])
+    assert [line["status"] for line in lines] == [401, 401, 200, 200]
+    assert [line["token"] for line in lines] == [None, None, "ward-7", "ward-7"]
+    assert [line["request_id"] for line in lines[:3]] == [missing[1][0], wrong[1][0], right[1][0]]
+    for line in lines:
+        assert line["route"] == "/predict" and line["version"] == artifact.version and line["latency_ms"] >= 0
+    for line in lines[2:]:
+        (entry,) = line["images"]
+        assert entry["sha256"] == hashlib.sha256(body).hexdigest() and entry["bytes"] == len(body)
+        assert entry["label"] in ("NORMAL", "PNEUMONIA") and 0 <= entry["probability"] <= 1
+    assert token not in "".join(path.read_text() for path in audit.parent.iterdir())

@@ -17,6 +17,9 @@
   const TIMEOUT_MS = 120000;    // an answer slower than this is reported, not waited for forever
   const MAX_RETRY_AFTER_S = 30; // a 503's Retry-After longer than this is capped (one retry only)
   const NOT_RECORDED = 'not recorded';
+  // A service started with tokens answers 401 without one: the page asks for it once and keeps it
+  // in sessionStorage (this tab only, gone when the tab closes), never in localStorage or a cookie.
+  const TOKEN_KEY = 'pneumonia.token';
   const PREVIEWABLE = /\.(jpe?g|png)$/i;
 
   const input = document.getElementById('file-input');
@@ -35,6 +38,8 @@
   const cards = new Set(); // every card on the page, to free their pictures on "Clear answers"
   const queue = [];
   let running = 0;
+  let tokenQuestion = null; // the one pending question for the token, shared by concurrent 401s
+  let tokenDeclined = false; // the person cancelled the question: not asked again until a reload
 
   // ------------------------------------------------------------------ small helpers
 
@@ -270,6 +275,55 @@
 
   // ------------------------------------------------------------------ talking to the service
 
+  function storedToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch {
+      return null; // storage disabled: the token lives as long as the question's answer
+    }
+  }
+
+  function withToken(options) {
+    const token = storedToken();
+    if (!token) return options;
+    return { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${token}` } };
+  }
+
+  /** Ask for the token (once for several 401s at once); true when a new one was given. */
+  function askToken(rejected) {
+    if (tokenDeclined) return Promise.resolve(false);
+    if (!tokenQuestion) {
+      tokenQuestion = Promise.resolve().then(() => {
+        const answer = window.prompt(rejected
+          ? 'The service did not accept that access token. Enter it again (kept in this tab only):'
+          : 'This service needs an access token. Enter it (kept in this tab only, until it closes):');
+        const token = (answer || '').trim();
+        if (!token) {
+          tokenDeclined = true;
+          return false;
+        }
+        try {
+          sessionStorage.setItem(TOKEN_KEY, token);
+        } catch {
+          return false;
+        }
+        return true;
+      }).finally(() => { tokenQuestion = null; });
+    }
+    return tokenQuestion;
+  }
+
+  /** fetch with this tab's token; on a 401, ask for the token and try once more with it. */
+  async function call(url, options = {}) {
+    const sent = storedToken();
+    const response = await fetch(url, withToken(options));
+    if (response.status !== 401) return response;
+    const current = storedToken();
+    if (current && current !== sent) return fetch(url, withToken(options)); // another request got it meanwhile
+    if (await askToken(Boolean(sent))) return fetch(url, withToken(options));
+    return response;
+  }
+
   /** Status, parsed JSON (null when the body is not JSON) and text of a response. */
   async function read(response) {
     const text = await response.text();
@@ -294,7 +348,7 @@
     form.append('file', file, file.name);
     const options = { method: 'POST', body: form };
     if (typeof AbortSignal !== 'undefined' && AbortSignal.timeout) options.signal = AbortSignal.timeout(TIMEOUT_MS);
-    return read(await fetch(apiUrl('explain?layers=true'), options));
+    return read(await call(apiUrl('explain?layers=true'), options));
   }
 
   const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
@@ -468,7 +522,7 @@
 
   async function loadModel() {
     try {
-      const reply = await read(await fetch(apiUrl('model'), { headers: { Accept: 'application/json' } }));
+      const reply = await read(await call(apiUrl('model'), { headers: { Accept: 'application/json' } }));
       if (reply.status !== 200 || !reply.body || typeof reply.body !== 'object') throw new Error(errorMessage(reply));
       showModel(reply.body);
     } catch (error) {
