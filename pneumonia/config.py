@@ -226,6 +226,19 @@ class TuneSection(_Section):
     space: dict[str, ParamSpec] = Field(min_length=1, description="dotted config key -> distribution")
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking with MLflow (pneumonia.artifacts.tracking): params, per-epoch metrics, lineage.
+
+    The store: ``uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` in the run's
+    storage folder (``./mlflow.db`` for object-store storage). A store that cannot be reached costs
+    one warning, never the run.
+    """
+
+    enabled: bool = Field(True, description="false (or --no-tracking): log nothing to MLflow")
+    uri: str | None = Field(None, description="MLflow tracking URI, e.g. http://mlflow:5000 or sqlite:///runs/mlflow.db")
+    experiment: str = Field("pneumonia", min_length=1, description="MLflow experiment the runs go to")
+
+
 class ExperimentConfig(_Section):
     """Everything one training run needs besides the data location (and, for a sweep, `tune`)."""
 
@@ -237,6 +250,7 @@ class ExperimentConfig(_Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     stress: StressConfig = Field(default_factory=StressConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneSection | None = None
 
     @model_validator(mode="after")
@@ -255,7 +269,7 @@ class ExperimentConfig(_Section):
         base = self.model_dump(exclude={"tune"})
         for key, spec in self.tune.space.items():
             section = key.split(".", 1)[0]
-            if section in ("tune", "run", "scaling") or not _has_key(base, key):
+            if section in ("tune", "run", "scaling", "tracking") or not _has_key(base, key):
                 raise ValueError(f"tune.space: {key!r} is not a searchable config key")
             for value in spec.candidates():
                 trial = apply_params(base, {key: value})

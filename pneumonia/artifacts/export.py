@@ -23,6 +23,7 @@ service, ``pneumonia score`` and ``pneumonia evaluate`` compare recent probabili
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,15 @@ import numpy as np
 
 from pneumonia.artifacts.publish import data_fingerprint, export_artifact
 from pneumonia.artifacts.runs import manifest_above, sweep_manifest, validation_metrics
+from pneumonia.artifacts.tracking import (
+    Tracker,
+    default_uri,
+    flatten,
+    numbers,
+    register_artifact,
+    resolve_uri,
+    source_run,
+)
 from pneumonia.config import config_from_dict
 from pneumonia.data.pipeline import load_images
 from pneumonia.data.records import carve_validation
@@ -55,12 +65,13 @@ class Exported:
     metrics: dict[str, Any]
     operating_point: SafeOperatingPoint | None = None  # how the threshold was chosen (with --data)
     ood: dict[str, Any] | None = None  # the out-of-distribution guard's metadata (with --data)
+    tracking: dict[str, Any] | None = None  # the MLflow runs and model version (metadata "tracking")
 
     def to_json(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "version": self.version, "threshold": self.threshold,
                 "target_recall": self.target_recall, "metrics": self.metrics,
                 "operating_point": self.operating_point.to_json() if self.operating_point else None,
-                "out_of_distribution": self.ood}
+                "out_of_distribution": self.ood, "tracking": self.tracking}
 
     def summary(self) -> str:
         """Terminal text: where the artifact went and how far to trust its threshold."""
@@ -71,7 +82,15 @@ class Exported:
         guard = ("no out-of-distribution guard (export with --data to fit one)" if self.ood is None else
                  f"out-of-distribution guard: {self.ood['method']}, threshold {self.ood['threshold']:.1f} "
                  f"({self.ood['validation_pass_rate']:.1%} of validation X-rays pass), policy {self.ood['policy']}")
-        return f"exported {self.version} to {self.artifact}\n  {how}\n  {guard}"
+        text = f"exported {self.version} to {self.artifact}\n  {how}\n  {guard}"
+        tracking = self.tracking or {}
+        if tracking.get("export_run_id"):
+            registered = tracking.get("registered_model")
+            text += (f"\n  MLflow: export run {tracking['export_run_id']}"
+                     + (f", training run {tracking['run_id']}" if tracking.get("run_id") else "")
+                     + (f", model {registered['name']} version {registered['version']}" if registered else "")
+                     + f" in {tracking['tracking_uri']}")
+        return text
 
 
 def _manifest_data(checkpoint: str) -> str | None:
@@ -130,13 +149,83 @@ def fit_ood_guard(dual, train_part, validation_features: np.ndarray, spec, seed:
     return fit_guard(features, training.labels, validation_features)
 
 
+def export_tracker(checkpoint: str, registry: str, settings, tracking_uri: str | None = None, track: bool = True,
+                   warn: Callable[[str], None] | None = None) -> tuple[Tracker, dict[str, str] | None]:
+    """(the tracker export logs with, the training run the checkpoint came from or None). The store:
+    ``tracking_uri``, else the one the training run was tracked in (its run folder or manifest says),
+    else the checkpoint's ``tracking`` settings, ``$MLFLOW_TRACKING_URI``, or ``mlflow.db`` in the
+    run's storage folder (in the registry for a checkpoint from no known run)."""
+    recorded, storage_root = source_run(checkpoint)
+    uri = None
+    if track:
+        uri = tracking_uri or resolve_uri(settings.enabled, settings.uri, recorded and recorded.get("tracking_uri"),
+                                          default_uri(storage_root or str(registry)))
+    tracker = Tracker(uri, (recorded or {}).get("experiment", settings.experiment), **({"warn": warn} if warn else {}))
+    return tracker, recorded
+
+
 def export(checkpoint: str, registry: str, data_root: str | None = None, name: str = "pneumonia-cnn",
-           ood_policy: str = "reject") -> Exported:
+           ood_policy: str = "reject", tracking_uri: str | None = None, track: bool = True) -> Exported:
     """Export ``checkpoint`` to the registry. With ``data_root``: the threshold chosen on the
     validation carve, and an out-of-distribution guard fitted on the training carve (its policy
-    for what it refuses, ``reject`` or ``flag``, goes into the artifact)."""
+    for what it refuses, ``reject`` or ``flag``, goes into the artifact).
+
+    Tracked (unless ``track`` is False) in an MLflow run nested under the checkpoint's training run,
+    in that run's store unless ``tracking_uri`` names another; the version is registered in MLflow's
+    model registry under the same name, and the run ids go into metadata.json as ``tracking``."""
     model, info = load_checkpoint(checkpoint)
     config = config_from_dict(info.config, source=f"checkpoint {checkpoint}")
+    tracker, training_run = export_tracker(checkpoint, registry, config.tracking, tracking_uri, track)
+    same_store = bool(training_run) and tracker.uri == training_run.get("tracking_uri")
+    parent = training_run["run_id"] if same_store else None
+    run_id = tracker.start(f"export {name}", "export", parent=parent, params={
+        "checkpoint": checkpoint, "registry": str(registry), "name": name, "data": data_root, "ood_policy": ood_policy,
+        **flatten(info.config, "training."), "checkpoint_epoch": info.epoch,
+    }, tags={**({"pneumonia.training_run_id": training_run["run_id"]} if training_run else {})})
+    try:
+        exported = _export(checkpoint, registry, model, info, config, data_root, name, ood_policy,
+                           _tracking_entry(tracker, run_id, training_run, same_store))
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+    if run_id:
+        tracker.log_metrics(run_id, {"threshold": exported.threshold, "target_recall": exported.target_recall,
+                                     **numbers(exported.metrics, "val_")})
+        artifact = _artifact(exported)
+        tracker.log_files(run_id, [artifact.path / "metadata.json"])
+        tracker.set_tags(run_id, {"pneumonia.version": exported.version, "pneumonia.artifact": exported.artifact,
+                                  "dataset.fingerprint": artifact.metadata.get("data_fingerprint")})
+        number = register_artifact(tracker, artifact, parent or run_id, {"pneumonia.export_run_id": run_id})
+        if number is not None and exported.tracking is not None:
+            exported.tracking["registered_model"] = {"name": name, "version": number}
+        tracker.end(run_id)
+    return exported
+
+
+def _tracking_entry(tracker: Tracker, run_id: str | None, training_run: dict | None, same_store: bool) -> dict | None:
+    """metadata.json's ``tracking``: the store, the training run (its id in that store) and the export run."""
+    if not tracker.active and not training_run:
+        return None
+    if not tracker.active:
+        return {"tracking_uri": training_run.get("tracking_uri"), "run_id": training_run.get("run_id"),
+                "export_run_id": None}
+    return {"tracking_uri": tracker.uri, "run_id": training_run["run_id"] if same_store else None,
+            "export_run_id": run_id,
+            **({"training_run": training_run} if training_run and not same_store else {})}
+
+
+def _artifact(exported: Exported):
+    from pathlib import Path
+
+    from pneumonia.artifacts.registry import Artifact
+
+    path = Path(exported.artifact)
+    return Artifact(path, exported.version, json.loads((path / "metadata.json").read_text()))
+
+
+def _export(checkpoint: str, registry: str, model, info, config, data_root: str | None, name: str, ood_policy: str,
+            tracking: dict | None) -> Exported:
+    """The export itself (see :func:`export`)."""
     objective = config.objective
     target = objective.target_recall
     fingerprint, point, guard, drift_reference = None, None, None, None
@@ -169,8 +258,10 @@ def export(checkpoint: str, registry: str, data_root: str | None = None, name: s
             training_config=info.config, tuning_config=(sweep_manifest(checkpoint) or {}).get("config", {}).get("tune"),
             data_fingerprint=fingerprint, training_data=training_data(checkpoint, info.members, data_root),
             guard=guard, ood_policy=ood_policy, drift_reference=drift_reference, name=name,
+            tracking=tracking,
         )
     except ValueError as error:
         raise PneumoniaError(str(error)) from None
     return Exported(str(artifact.path), artifact.version, threshold, target, metrics, point,
-                    artifact.metadata.get("out_of_distribution"))
+                    artifact.metadata.get("out_of_distribution"), tracking)
+

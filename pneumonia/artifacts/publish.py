@@ -68,6 +68,7 @@ def export_artifact(
     guard: Any = None,
     ood_policy: str = "reject",
     drift_reference: dict | None = None,
+    tracking: dict | None = None,
     name: str = DEFAULT_NAME,
 ) -> Artifact:
     """Export a training checkpoint (path or URI) as the next version of ``name`` in a local registry.
@@ -78,6 +79,8 @@ def export_artifact(
     None records that nobody said (``{"synthetic": null}``).
     ``drift_reference`` (:func:`pneumonia.metrics.drift.reference_distribution` of the validation
     probabilities) is what the service measures drift against; None records that there is none.
+    ``tracking`` (:mod:`pneumonia.artifacts.tracking`: the MLflow store and the training and export
+    runs) links the version to the runs that made it; None when nothing was tracked.
     ``guard`` (a :class:`pneumonia.models.ood.Guard`) is baked into the signature as a second output,
     ``ood_score``, and recorded with ``ood_policy`` under ``out_of_distribution``.
     Raises ValueError for impossible settings and ArtifactError for a checkpoint that cannot be
@@ -101,6 +104,7 @@ def export_artifact(
         "training_data": training_data if training_data is not None else {"synthetic": None},
         "out_of_distribution": guard.metadata(ood_policy) if guard is not None else None,
         "drift_reference": drift_reference,
+        "tracking": tracking,
         "source_checkpoint": str(checkpoint) if is_uri(str(checkpoint)) else str(Path(checkpoint).resolve()),
     }, strict=True)
     name_dir = Path(registry).expanduser().resolve() / name

@@ -10,6 +10,9 @@ checks read: folder and file names, the manifest (name, data, config, creation t
     <storage>/<run>/members/member_<i>/      an ensemble's member runs; <run>/ensemble its checkpoint
     <storage>/<sweep>/pneumonia_sweep.json   manifest of a sweep (`pneumonia tune`)
     <storage>/<sweep>/trials/<trial id>/     each trial's training run
+    <run folder>/pneumonia_tracking.json     the MLflow store and run id of a run, trial or member
+    <storage>/mlflow.db                      the embedded MLflow store (pneumonia.artifacts.tracking)
+    <storage>/mlartifacts/                   its runs' files
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ def resolve_storage(storage: str) -> str:
     return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
 
 
-def write_manifest(storage: str, name: str, manifest_name: str, data_root: str, config: dict[str, Any]) -> None:
-    """Record a new run or sweep: what ``--resume`` and export read back."""
+def write_manifest(storage: str, name: str, manifest_name: str, data_root: str, config: dict[str, Any],
+                   tracking: dict[str, str] | None = None) -> None:
+    """Record a new run or sweep: what ``--resume`` and export read back. ``tracking``: the MLflow
+    store and run id it is tracked in (:mod:`pneumonia.artifacts.tracking`), None when it is not."""
     write_text(join(storage, name, manifest_name), json.dumps({
         "name": name, "data": data_root, "config": config,
-        "created": datetime.now(UTC).isoformat(),
+        "created": datetime.now(UTC).isoformat(), "tracking": tracking,
     }, indent=2))
 
 

@@ -106,3 +106,14 @@ def artifact_name(text: str) -> str:
 
 
 PORT = number(int, 1, 65535)
+
+
+def add_tracking_flags(parser: argparse.ArgumentParser, recorded: bool = False) -> None:
+    """``--tracking-uri`` and ``--no-tracking`` (pneumonia.artifacts.tracking): where the command's MLflow run goes."""
+    where = ("default: the store the model's training run was tracked in, else $MLFLOW_TRACKING_URI, else "
+             "mlflow.db beside it" if recorded else
+             "default: tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tracking-uri", metavar="URI",
+                       help=f"MLflow tracking store, e.g. http://mlflow:5000 or sqlite:///runs/mlflow.db ({where})")
+    group.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow (tracking.enabled: false)")

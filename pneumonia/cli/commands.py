@@ -64,9 +64,15 @@ def train_overrides(args) -> dict[str, Any]:
         "data.image_size": args.image_size,
         "run.storage": storage(args),
         "run.name": args.name,
+        **tracking_overrides(args),
     }
     overrides.update(parse_set_option(args.set or []))
     return overrides
+
+
+def tracking_overrides(args) -> dict[str, Any]:
+    """--tracking-uri and --no-tracking as config keys (tracking.uri, tracking.enabled)."""
+    return {"tracking.uri": args.tracking_uri, "tracking.enabled": False if args.no_tracking else None}
 
 
 def cmd_train(args) -> None:
@@ -99,7 +105,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    overrides = {"run.storage": storage(args), "run.name": args.name, "tune.num_samples": args.samples}
+    overrides = {"run.storage": storage(args), "run.name": args.name, "tune.num_samples": args.samples,
+                 **tracking_overrides(args)}
     overrides.update(parse_set_option(args.set or []))
     config = with_overrides(load_config(args.config), overrides)
     if not args.resume:
@@ -140,7 +147,8 @@ def cmd_export(args) -> None:
     from pneumonia.artifacts.export import export  # lazy: scikit-learn
 
     _check_export_args(args)
-    exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name, ood_policy=args.ood_policy)
+    exported = export(args.checkpoint, args.registry, data_root=args.data, name=args.name, ood_policy=args.ood_policy,
+                      tracking_uri=args.tracking_uri, track=not args.no_tracking)
     emit(exported.to_json(), args.json, exported.summary())
 
 

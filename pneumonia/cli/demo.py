@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from pneumonia.artifacts.tracking import ENV_URI
 from pneumonia.cli.common import require_output_folder, shutdown_ray
 from pneumonia.config import load_config, with_overrides
 from pneumonia.data.labels import CLASS_NAMES
@@ -48,6 +50,8 @@ def cmd_demo(args) -> None:
     sweep_config = with_overrides(load_config(_quick_sweep_config()), {
         "run.storage": str(out / "sweeps"), "tune.num_samples": args.samples, "train.epochs": args.epochs,
         "scaling.workers": args.workers,
+        # Every step in one MLflow store (`mlflow ui --backend-store-uri sqlite:///demo_out/mlflow.db`).
+        "tracking.uri": os.environ.get(ENV_URI) or f"sqlite:///{out / 'mlflow.db'}",
     })
     config = with_overrides(sweep_config.model_copy(update={"tune": None}), {"run.storage": str(out / "runs")})
     print(f"[2/6] training the untuned baseline (xraynet, {args.epochs} epochs) on {args.workers} Ray workers")
@@ -96,4 +100,7 @@ def cmd_demo(args) -> None:
         print(format_predictions([{**row, "file": str(Path(row["file"]).relative_to(data))} for row in rows]))
         print(f"POST {url}/predict answered {len(rows)} requests; stopping the service", flush=True)
     print("service stopped")
+    uri = sweep_config.tracking.uri
+    print(f"experiment tracking: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:")
+          else f"experiment tracking: {uri}")
 

@@ -4,6 +4,7 @@ report, its out-of-distribution rate and an HTML report on request."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pneumonia.artifacts.registry import load_artifact, read_metadata
 from pneumonia.cli.common import emit, require_folder, require_output_folder
@@ -14,11 +15,13 @@ from pneumonia.models.checkpoint import load_checkpoint
 
 
 def cmd_evaluate(args) -> None:
+    from pneumonia.artifacts.tracking import record_run, tracker_for_source
     from pneumonia.evaluation.evaluate import evaluate_artifact, evaluate_checkpoint  # lazy: scikit-learn
     from pneumonia.metrics.binary import format_table  # lazy: scikit-learn
     from pneumonia.metrics.drift import drift_summary
 
     _check_evaluate_args(args)
+    tracker, recorded = tracker_for_source(args.checkpoint, args.artifact, args.tracking_uri, not args.no_tracking)
     if args.artifact is not None:
         evaluation = evaluate_artifact(args.artifact, args.data, split=args.split, threshold=args.threshold)
         source = {"artifact": args.artifact}
@@ -58,6 +61,17 @@ def cmd_evaluate(args) -> None:
                                 for name, item in summary["metrics"].items() if item.get("low") is not None}
         payload["report"] = str(files.html)
         text += f"\nreport: {files.html} (95% CIs by patient bootstrap in {files.json})"
+    run_id = record_run(
+        tracker, f"evaluate {evaluation.split}", "evaluate", recorded=recorded,
+        params={**source, "data": args.data, "split": evaluation.split, "threshold": evaluation.metrics["threshold"],
+                "stress": bool(args.stress), "shifts": args.shifts},
+        metrics={**evaluation.metrics, "skipped": evaluation.skipped,
+                 **({"ood_rate": evaluation.ood["rate"]} if evaluation.ood else {}),
+                 **{f"stress.{key}": value for key, value in (payload.get("stress") or {}).get("summary", {}).items()}},
+        tags={"dataset.root": args.data},
+        files=sorted(path for path in Path(args.report).iterdir() if path.is_file()) if args.report else ())
+    if run_id:
+        payload["tracking"] = {"tracking_uri": tracker.uri, "run_id": run_id}
     emit(payload, args.json, text)
 
 

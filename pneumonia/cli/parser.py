@@ -10,7 +10,16 @@ import argparse
 from pneumonia.cli import commands
 from pneumonia.cli import demo as demo_command
 from pneumonia.cli import evaluate as evaluate_command
-from pneumonia.cli.arguments import PORT, Parser, artifact_name, config_number, number, service_url, shift_names
+from pneumonia.cli.arguments import (
+    PORT,
+    Parser,
+    add_tracking_flags,
+    artifact_name,
+    config_number,
+    number,
+    service_url,
+    shift_names,
+)
 from pneumonia.cli.calibrate import add_parser as add_calibrate_parser
 from pneumonia.cli.score import add_parser as add_score_parser
 from pneumonia.data.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MIN_IMAGES
@@ -56,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="run name (default train-<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue the named (or latest) run")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. data.augment.enabled=true")
+    add_tracking_flags(train)
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=commands.cmd_train)
 
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of trials (overrides tune.num_samples)")
     tune.add_argument("--resume", action="store_true", help="continue the named (or latest) sweep")
     tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key")
+    add_tracking_flags(tune)
     tune.add_argument("--json", action="store_true")
     tune.set_defaults(func=commands.cmd_tune)
 
@@ -87,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "blur, noise, JPEG, framing, resolution): per-shift ROC-AUC and precision at the "
                                "target recall, and the worst case")
     evaluate.add_argument("--shifts", type=shift_names, help="comma-separated subset of the stress shifts (default: all)")
+    add_tracking_flags(evaluate, recorded=True)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=evaluate_command.cmd_evaluate)
 
@@ -99,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what serving does with an image the guard says is not a chest X-ray: reject "
                         "(HTTP 422) or flag (200 with out_of_distribution: true and no label); default reject")
     export.add_argument("--name", type=artifact_name, default="pneumonia-cnn", help="model name in the registry")
+    add_tracking_flags(export, recorded=True)
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=commands.cmd_export)
 

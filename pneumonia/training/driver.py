@@ -25,13 +25,14 @@ from pneumonia.artifacts.runs import (
     validation_metrics,
     write_manifest,
 )
+from pneumonia.artifacts.tracking import Tracker, dataset_tags, entry, flatten, numbers, tracker_for
 from pneumonia.config import ExperimentConfig, config_from_dict
 from pneumonia.data.records import (
     carve_validation,
     check_readable,
     class_counts,
 )
-from pneumonia.errors import PneumoniaError
+from pneumonia.errors import Interrupted, PneumoniaError
 from pneumonia.local_ray import init_ray
 from pneumonia.storage import exists, join, qualify, write_text
 from pneumonia.training.fit import TrainResult, check_resources, fit_run
@@ -54,6 +55,7 @@ def train(
     change them, e.g. to add epochs).
     """
     storage = resolve_storage(config.run.storage)
+    manifest = None
     if resume:
         name = config.run.name or latest_run(storage)
         manifest = load_manifest(storage, name)
@@ -77,8 +79,44 @@ def train(
         f"({len({r.patient_id for r in val_part})} patients held out)"
         + (f"; skipped {len(dataset.skipped)} non-image files" if dataset.skipped else "")
     )
-    write_manifest(storage, name, RUN_MANIFEST, dataset.root, config.model_dump())
+    tracker, tracking = _start_tracking(config, storage, name, manifest, dataset.root, train_part, val_part, progress)
+    write_manifest(storage, name, RUN_MANIFEST, dataset.root, config.model_dump(), tracking=tracking)
+    try:
+        result = _train(config, train_part, val_part, storage, name, resume, progress, tracking)
+    except BaseException as error:
+        tracker.end(tracking and tracking["run_id"], "KILLED" if isinstance(error, (KeyboardInterrupt, Interrupted))
+                    else "FAILED")
+        raise
+    if tracking:
+        run_id = tracking["run_id"]
+        tracker.log_metrics(run_id, numbers(result.metrics, "checkpoint.val_"), step=result.best_epoch)
+        tracker.log_metrics(run_id, {"best_epoch": result.best_epoch, "epochs_completed": result.epochs_completed})
+        tracker.log_files(run_id, [history_location(storage, name), join(storage, name, RESULT_FILE)])
+        tracker.set_tags(run_id, {"pneumonia.best_checkpoint": result.best_checkpoint})
+        tracker.end(run_id)
+    return result
 
+
+def _start_tracking(config: ExperimentConfig, storage: str, name: str, manifest: dict | None, data_root: str,
+                    train_part, val_part, progress) -> tuple[Tracker, dict | None]:
+    """The run's MLflow run: a new one, or on resume the one its manifest recorded (None: untracked)."""
+    if manifest is not None:
+        recorded = manifest.get("tracking") if config.tracking.enabled else None  # --no-tracking on resume
+        tracker = Tracker(recorded["tracking_uri"] if recorded else None, config.tracking.experiment, progress)
+        return tracker, entry(tracker, tracker.start(name, "train", resume=recorded and recorded["run_id"]))
+    tracker = tracker_for(config.tracking, storage, progress)
+    if not tracker.active:
+        return tracker, None
+    run_id = tracker.start(name, "train", params=flatten(config.model_dump(exclude={"tune"})),
+                           tags={**dataset_tags(data_root, train_part, val_part), "pneumonia.run_dir": join(storage, name)})
+    tracking = entry(tracker, run_id)
+    if tracking:
+        progress(f"tracking: MLflow run {run_id} in {tracker.uri}")
+    return tracker, tracking
+
+
+def _train(config: ExperimentConfig, train_part, val_part, storage: str, name: str, resume: bool, progress,
+           tracking: dict | None) -> TrainResult:
     init_ray()
     if config.ensemble.members == 1:
         check_resources(config)
@@ -89,8 +127,8 @@ def train(
         f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
     )
     if config.ensemble.members > 1:
-        return train_ensemble(config, train_part, val_part, storage, name, resume, progress)
-    result = fit_run(config, train_part, val_part)
+        return train_ensemble(config, train_part, val_part, storage, name, resume, progress, tracking)
+    result = fit_run(config, train_part, val_part, tracking=tracking)
     return _summarize(result, config, storage, name)
 
 

@@ -66,13 +66,14 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
 
 
 def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: list[ImageRecord],
-            callbacks: list | None = None, label: str = "", watch: bool = True):
+            callbacks: list | None = None, label: str = "", watch: bool = True, tracking: dict | None = None):
     """One Ray Train run (config.run.storage absolute, config.run.name set); returns Ray's Result.
 
     A run whose name already has a snapshot in storage continues from its latest checkpoint:
     that is how --resume, Ray's worker-failure recovery and restored Tune trials all work.
     With ``watch`` (a driver's own run, not a Tune trial: the sweep's driver watches those), a
     :class:`~pneumonia.training.supervision.ResourceWatch` says why the workers wait and stops a starved run.
+    ``tracking`` (:func:`pneumonia.artifacts.tracking.entry`): the MLflow run that rank 0 logs every epoch into.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -84,6 +85,7 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
             "train": records_to_rows(train_part),
             "val": records_to_rows(val_part),
             "label": label,  # prefixes the epoch lines when several runs print side by side
+            "tracking": tracking,  # Train V2 takes no logger callbacks: rank 0 logs into this MLflow run
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.workers,

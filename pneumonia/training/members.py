@@ -32,6 +32,7 @@ from pneumonia.artifacts.runs import (
     member_name,
     validation_metrics,
 )
+from pneumonia.artifacts.tracking import child_run, close_children, flatten
 from pneumonia.config import ExperimentConfig, config_from_dict
 from pneumonia.data.pipeline import load_images, predict_probabilities
 from pneumonia.data.records import ImageRecord
@@ -55,13 +56,18 @@ def member_config(base: dict[str, Any], index: int, storage: str) -> ExperimentC
     })
 
 
-def run_member(params: dict[str, Any], *, base: dict[str, Any], storage: str, train_rows, val_rows) -> None:
-    """A Tune trial: one member's distributed training run, its epochs forwarded to Tune."""
+def run_member(params: dict[str, Any], *, base: dict[str, Any], storage: str, train_rows, val_rows,
+               tracking: dict[str, str] | None = None) -> None:
+    """A Tune trial: one member's distributed training run, its epochs forwarded to Tune (and, with
+    ``tracking``, logged to a run nested under the ensemble's MLflow run)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     config = member_config(base, int(params["member"]), storage)
+    index = config.train.seed - base["train"]["seed"]
+    own = child_run(tracking, join(storage, config.run.name), config.run.name, "train",
+                    params=flatten(config.model_dump(exclude={"tune"})), tags={"pneumonia.member": str(index)})
     fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
-            label=f"member {config.train.seed - base['train']['seed']}", watch=False)
+            label=f"member {index}", watch=False, tracking=own)
 
 
 def concurrent_members(config: ExperimentConfig) -> int:
@@ -84,6 +90,7 @@ def train_members(
     val_part: list[ImageRecord],
     resume: bool = False,
     progress: Callable[[str], None] = print,
+    tracking: dict[str, str] | None = None,
 ) -> list[tuple[str, dict[str, float]]]:
     """Train every member (config.run.storage absolute, config.run.name set); returns each
     member's best checkpoint (qualified path) and that checkpoint's reported metrics."""
@@ -95,7 +102,8 @@ def train_members(
                     hint="lower ensemble.max_concurrent, scaling.workers or scaling.cpus_per_worker")
     run_dir = join(config.run.storage, config.run.name)
     storage = join(run_dir, MEMBERS_FOLDER)
-    trainable = trial_function(run_member, config.model_dump(exclude={"tune"}), train_part, val_part, storage=storage)
+    trainable = trial_function(run_member, config.model_dump(exclude={"tune"}), train_part, val_part, storage=storage,
+                               tracking=tracking)
     progress(f"ensemble of {members} members ({at_once} at a time), each {config.scaling.workers} worker(s) "
              f"for {config.train.epochs} epochs")
     tuner_path = join(run_dir, "tuner")
@@ -112,6 +120,8 @@ def train_members(
 
     grid, statuses = run_trials(trainable, tuner_path, resume, new_tuner, config, f"ensemble run {config.run.name}",
                                 history_of=lambda trial: history_location(storage, member_name(trial.config["member"])))
+    close_children(tracking, grid, statuses, lambda result: join(storage, member_name(int(result.config["member"]))),
+                   warn=progress)
     raise_if_interrupted(statuses, members, f"ensemble run {config.run.name}", "members",
                          f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`")
     metric, mode = config.run.checkpoint_metric, config.run.checkpoint_mode
@@ -155,9 +165,10 @@ def score_ensemble(checkpoint: str, config: ExperimentConfig, val_part: list[Ima
 
 
 def train_ensemble(config: ExperimentConfig, train_part, val_part, storage: str, name: str, resume: bool,
-                    progress: Callable[[str], None]) -> TrainResult:
-    """Members in parallel (pneumonia.training.members), combined into one checkpoint in <run>/ensemble."""
-    members = train_members(config, train_part, val_part, resume=resume, progress=progress)
+                    progress: Callable[[str], None], tracking: dict[str, str] | None = None) -> TrainResult:
+    """Members in parallel (pneumonia.training.members), combined into one checkpoint in <run>/ensemble;
+    with ``tracking``, each member is an MLflow run nested under the ensemble's."""
+    members = train_members(config, train_part, val_part, resume=resume, progress=progress, tracking=tracking)
     target = join(storage, name, ENSEMBLE_FOLDER)
     with staged_directory(target) as local:
         if local.exists():

@@ -30,9 +30,19 @@ from pneumonia.artifacts.runs import (
     validation_metrics,
     write_manifest,
 )
+from pneumonia.artifacts.tracking import (
+    Tracker,
+    child_run,
+    close_children,
+    dataset_tags,
+    entry,
+    flatten,
+    numbers,
+    tracker_for,
+)
 from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
 from pneumonia.data.records import carve_validation
-from pneumonia.errors import ConfigError, PneumoniaError
+from pneumonia.errors import ConfigError, Interrupted, PneumoniaError
 from pneumonia.local_ray import init_ray
 from pneumonia.storage import exists, join, qualify, staged_directory
 from pneumonia.training.fit import check_resources, fit_run
@@ -104,15 +114,21 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], storage: str, tri
     return config.model_copy(update={"run": run, "tune": None})
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: str, train_rows, val_rows) -> None:
-    """A Tune trial: one distributed training run, its epochs forwarded to Tune."""
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: str, train_rows, val_rows,
+              tracking: dict[str, str] | None = None) -> None:
+    """A Tune trial: one distributed training run, its epochs forwarded to Tune (and, with
+    ``tracking``, logged to an MLflow run nested under the sweep's)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base, params, trials_storage, trial_id)
+    own = child_run(tracking, join(trials_storage, trial_id), trial_id, "tune",
+                    params=flatten(config.model_dump(exclude={"tune"})),
+                    tags={"pneumonia.trial_id": trial_id, **{f"pneumonia.searched.{key}": str(value)
+                                                             for key, value in params.items()}})
     fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
-            label=f"trial {trial_id}", watch=False)
+            label=f"trial {trial_id}", watch=False, tracking=own)
 
 
 def tune(
@@ -122,9 +138,6 @@ def tune(
     progress: Callable[[str], None] = print,
 ) -> TuneResult:
     """Run (or resume) the sweep described by ``config.tune`` on data_root."""
-    from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     storage = resolve_storage(config.run.storage)
     if resume:
         name = config.run.name or latest_run(storage, SWEEP_MANIFEST, "sweep")
@@ -143,15 +156,60 @@ def tune(
     sweep = config.tune
     assert sweep is not None
     dataset, train_part, val_part = carve_validation(data_root, config)
+    tracker, tracking = _start_tracking(config, storage, name, manifest if resume else None, dataset.root,
+                                        train_part, val_part, progress)
     if not resume:
-        write_manifest(storage, name, SWEEP_MANIFEST, dataset.root, config.model_dump())
+        write_manifest(storage, name, SWEEP_MANIFEST, dataset.root, config.model_dump(), tracking=tracking)
+    try:
+        result = _sweep(config, name, storage, resume, train_part, val_part, progress, tracking)
+    except BaseException as error:
+        tracker.end(tracking and tracking["run_id"], "KILLED" if isinstance(error, (KeyboardInterrupt, Interrupted))
+                    else "FAILED")
+        raise
+    if tracking:
+        run_id = tracking["run_id"]
+        tracker.log_metrics(run_id, {"best_objective": result.objective, "best_threshold": result.threshold,
+                                     **numbers(result.metrics, "best.val_")})
+        tracker.set_tags(run_id, {"pneumonia.best_checkpoint": result.best_checkpoint,
+                                  **{f"pneumonia.best.{key}": str(value) for key, value in result.best_params.items()}})
+        tracker.log_files(run_id, [result.results_csv, result.results_json, *result.plots,
+                                   join(result.sweep_dir, "best_config.yaml")])
+        tracker.end(run_id)
+    return result
+
+
+def _start_tracking(config: ExperimentConfig, storage: str, name: str, manifest: dict | None, data_root: str,
+                    train_part, val_part, progress) -> tuple[Tracker, dict | None]:
+    """The sweep's parent MLflow run (each trial nests its own under it): new, or the one a resumed
+    sweep's manifest recorded (None: untracked)."""
+    if manifest is not None:
+        recorded = manifest.get("tracking") if config.tracking.enabled else None  # --no-tracking on resume
+        tracker = Tracker(recorded["tracking_uri"] if recorded else None, config.tracking.experiment, progress)
+        return tracker, entry(tracker, tracker.start(name, "tune", resume=recorded and recorded["run_id"]))
+    tracker = tracker_for(config.tracking, storage, progress)
+    if not tracker.active:
+        return tracker, None
+    run_id = tracker.start(name, "tune", params=flatten(config.model_dump()),
+                           tags={**dataset_tags(data_root, train_part, val_part), "pneumonia.run_dir": join(storage, name)})
+    tracking = entry(tracker, run_id)
+    if tracking:
+        progress(f"tracking: MLflow run {run_id} (one nested run per trial) in {tracker.uri}")
+    return tracker, tracking
+
+
+def _sweep(config: ExperimentConfig, name: str, storage: str, resume: bool, train_part, val_part, progress,
+           tracking: dict | None) -> TuneResult:
+    from ray import tune as ray_tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sweep = config.tune
 
     init_ray()
     check_resources(config, copies=sweep.max_concurrent_trials, extra_cpus=DRIVER_CPU,
                     hint="lower tune.max_concurrent_trials, scaling.workers or scaling.cpus_per_worker (e.g. 0.9)")
     trials_storage = join(storage, name, TRIALS_FOLDER)  # each trial's training run, named by its trial id
     trainable = trial_function(run_trial, config.model_dump(exclude={"tune"}), train_part, val_part,
-                               trials_storage=trials_storage)
+                               trials_storage=trials_storage, tracking=tracking)
     sweep_path = join(storage, name)
     progress(
         f"sweep {name}: {sweep.num_samples} trials of {config.scaling.workers}-worker training, "
@@ -194,6 +252,7 @@ def tune(
 
     grid, statuses = run_trials(trainable, sweep_path, resume, new_tuner, config, f"sweep {name}",
                                 history_of=lambda trial: history_location(trials_storage, trial.trial_id))
+    close_children(tracking, grid, statuses, lambda result: join(trials_storage, Path(result.path).name), warn=progress)
     resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"
     try:
         return summarize_sweep(grid, config, sweep_path, statuses)  # the table first, even of an interrupted sweep

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from pneumonia.artifacts.runs import history_location, read_history
+from pneumonia.artifacts.tracking import worker_logger
 from pneumonia.config import ExperimentConfig, config_from_dict
 from pneumonia.data.pipeline import decode_threads, load_images, predict_probabilities, training_dataset
 from pneumonia.data.preprocess import PreprocessSpec
@@ -138,6 +139,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # After a restart, epochs past the checkpoint we resumed from are dropped: they are redone.
     history_file = history_location(config.run.storage, config.run.name)
     history = [row for row in read_history(history_file) if row["epoch"] <= start_epoch]
+    # One MLflow run per training run, not per worker: the driver made it, rank 0 logs each epoch.
+    log_epoch = worker_logger(loop_config.get("tracking")) if rank == 0 else None
 
     class ReportEpoch(tf.keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -177,6 +180,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                           + format_epoch_line(metrics, config.train.epochs), flush=True)
                     history.append(metrics)
                     write_text(history_file, json.dumps(history, indent=1))
+                    if log_epoch is not None:
+                        log_epoch(metrics, epoch + 1)
                 reported = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
                 ray.train.report(metrics, checkpoint=reported)
 

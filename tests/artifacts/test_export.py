@@ -194,3 +194,51 @@ def test_an_unreadable_marker_makes_the_training_data_unknown_not_real(tmp_path)
     (tmp_path / MARKER_FILE).write_text("{not json")
     facts = training_data(str(tmp_path / "loose" / "ckpt"), [], str(tmp_path))
     assert facts["synthetic"] is None and facts["roots"] == [str(tmp_path)] and MARKER_FILE in facts["problem"]
+
+
+def test_export_links_the_version_to_the_training_run_in_its_store(setup, tmp_path, capsys):
+    """A checkpoint of a tracked run: export logs a run nested under the training run, in the store the
+    manifest names, writes the run ids into metadata.json and registers the version with MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from pneumonia.artifacts.tracking import Tracker, default_uri
+    from pneumonia.models.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+
+    checkpoint, data = setup
+    model, _ = load_checkpoint(str(checkpoint))
+    uri = default_uri(str(tmp_path / "runs"))
+    training_run = Tracker(uri).start("train-1", "train")
+    run_dir = tmp_path / "runs" / "train-1"
+    trained = run_dir / "checkpoint_000002"
+    save_checkpoint(trained, model, CheckpointInfo(epoch=2, config=CONFIG, preprocess=SPEC,
+                                                   metrics={"val_threshold": 0.42}))
+    (run_dir / "pneumonia_run.json").write_text(json.dumps({
+        "name": "train-1", "data": str(data), "config": CONFIG,
+        "tracking": {"tracking_uri": uri, "run_id": training_run, "experiment": "pneumonia"}}))
+    code, out, err = run(capsys, "export", "--checkpoint", str(trained), "--registry", str(tmp_path / "r"), "--json")
+    assert code == 0, err
+    printed = json.loads(out.strip().splitlines()[-1])
+    tracking = printed["tracking"]
+    assert tracking["tracking_uri"] == uri and tracking["run_id"] == training_run
+    assert tracking["registered_model"] == {"name": "pneumonia-cnn", "version": "1"}
+    metadata = json.loads((tmp_path / "r" / "pneumonia-cnn" / "v0001" / "metadata.json").read_text())
+    assert metadata["tracking"]["run_id"] == training_run  # needs export_artifact(tracking=...)
+    assert metadata["tracking"]["export_run_id"] == tracking["export_run_id"]
+
+    client = MlflowClient(uri, registry_uri=uri)
+    version = client.get_model_version("pneumonia-cnn", "1")
+    assert version.run_id == training_run and version.source.startswith(f"runs:/{training_run}/registry/pneumonia-cnn/v0001")
+    assert version.tags["pneumonia.version"] == "v0001" and float(version.tags["threshold"]) == pytest.approx(0.42)
+    assert version.tags["sha256.model.keras"] == metadata["files"]["model.keras"]
+    export_run = client.get_run(tracking["export_run_id"])
+    assert export_run.data.tags["mlflow.parentRunId"] == training_run and export_run.info.status == "FINISHED"
+    assert not (tmp_path / "r" / "mlflow.db").exists()  # the training run's store, not a new one
+
+    # --no-tracking: nothing logged, but the training run it came from is still recorded.
+    code, out, err = run(capsys, "export", "--checkpoint", str(trained), "--registry", str(tmp_path / "off"),
+                         "--no-tracking", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["tracking"] == {"tracking_uri": uri, "run_id": training_run,
+                                                                    "export_run_id": None}
+    assert not list(tmp_path.joinpath("off").rglob("mlflow.db"))
+    assert len(client.search_model_versions("name='pneumonia-cnn'")) == 1

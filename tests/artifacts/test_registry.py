@@ -33,7 +33,8 @@ SETTINGS = dict(threshold=0.37, target_recall=np.float32(0.75),  # numpy numbers
 METADATA_KEYS = {
     "name", "version", "created", "git_commit", "package_version", "format_version", "classes", "input",
     "threshold", "target_recall", "validation_metrics", "training_config", "tuning_config",
-    "data_fingerprint", "training_data", "out_of_distribution", "drift_reference", "source_checkpoint", "files",
+    "data_fingerprint", "training_data", "out_of_distribution", "drift_reference", "tracking", "source_checkpoint",
+    "files",
 }
 
 

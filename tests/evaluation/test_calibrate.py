@@ -209,3 +209,25 @@ def test_a_sample_the_guard_mostly_refuses_is_refused_for_that_reason(registry, 
     sample = _site(tmp_path / "site", sick=100, healthy=60, seed=4)
     with pytest.raises(SampleTooSmall, match="did not classify 120 of 160 images .* unlike the X-rays pneumonia-cnn v0001"):
         calibrate(_exported(registry), str(sample), "elsewhere")
+
+
+def test_a_published_calibration_is_tracked_and_registered_with_its_site(registry, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pneumonia.cli import main
+
+    sample = _site(tmp_path / "site", sick=110, healthy=60, seed=4)
+    code = main(["calibrate", "--artifact", _exported(registry), "--data", str(sample), "--site", "east-wing", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    payload = json.loads(captured.out.strip().splitlines()[-1])
+    tracking = payload["tracking"]
+    uri = f"sqlite:///{registry / 'mlflow.db'}"  # the source records no store: the registry's own
+    assert tracking["tracking_uri"] == uri
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(tracking["run_id"])
+    assert run.data.params["site"] == "east-wing" and run.data.metrics["threshold"] == pytest.approx(payload["threshold"])
+    version = client.get_model_version("pneumonia-cnn", tracking["registered_model"]["version"])
+    assert version.run_id == tracking["run_id"] and version.tags["site"] == "east-wing"
+    assert version.tags["pneumonia.version"] == payload["version"]
+    assert version.tags["pneumonia.calibrated_from"] == "v0001"

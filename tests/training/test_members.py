@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,23 @@ def test_members_train_in_parallel_and_combine_into_one_checkpoint(ensemble_run)
     assert is_ensemble(model)
     seeds = {read_info(member).config["train"]["seed"] for member in info.members}
     assert seeds == {0, 1}, "members differ by their seed"
+    _check_tracking(storage, result)
+
+
+def _check_tracking(storage, result) -> None:
+    """The ensemble is one MLflow run with a nested run per member, each with its epochs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(run for run in runs if run.info.run_name == "ens")
+    members = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.info.run_name for run in members) == ["member_0", "member_1"]
+    assert {run.info.status for run in [parent, *members]} == {"FINISHED"}
+    for run in members:
+        history = client.get_metric_history(run.info.run_id, "val_stress_worst_roc_auc")
+        assert sorted(metric.step for metric in history) == [1, 2, 3, 4]
+    assert parent.data.metrics["checkpoint.val_roc_auc"] == pytest.approx(result.metrics["roc_auc"])
 
 
 def test_ensemble_exports_and_scores_like_any_checkpoint(ensemble_run, synthetic_data, tmp_path):
@@ -75,7 +93,10 @@ def test_ensemble_exports_and_scores_like_any_checkpoint(ensemble_run, synthetic
         capture_output=True, text=True, timeout=300,
     )
     assert exported.returncode == 0, exported.stderr
-    artifact = json.loads(exported.stdout.strip().splitlines()[-1])["artifact"]
+    printed = json.loads(exported.stdout.strip().splitlines()[-1])
+    artifact = printed["artifact"]
+    manifest = json.loads((Path(result.run_dir) / "pneumonia_run.json").read_text())
+    assert printed["tracking"]["run_id"] == manifest["tracking"]["run_id"]  # the ensemble's run
     metadata = json.loads((registry / "pneumonia-cnn" / "v0001" / "metadata.json").read_text())
     assert metadata["ensemble"]["members"] == 2
     scored = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,7 @@ def test_tuning_and_thresholding_raise_precision_at_the_target_recall(ray_cluste
     assert result.metrics["recall"] >= 0 and result.objective == result.metrics["precision_at_recall"]
 
     exported = export(result.best_checkpoint, str(tmp_path / "registry"), data_root=str(imbalanced_data))
+    _check_tracking(tmp_path, result, exported)
     # Export re-chooses the threshold on validation by objective.threshold_rule (lower_bound: the
     # patient-bootstrap lower bound of recall reaches the target), so it is at most the sweep's
     # point threshold, which only asks the point estimate to reach it.
@@ -146,3 +148,35 @@ def test_tunes_table_leads_with_the_objective_and_its_best_epoch():
     assert list(ordered)[:4] == [best_key("val_precision_at_recall"), "val_precision_at_recall", "val_roc_auc", "epoch"]
     assert ordered[best_key("val_precision_at_recall")] == 0.86 and ordered["val_precision_at_recall"] == 0.80
     assert ordered["loss"] == 0.4  # nothing dropped
+
+
+def _check_tracking(storage: Path, result, exported) -> None:
+    """One MLflow parent run for the sweep with a nested run per trial, each with its epochs; the
+    export is registered against the best trial's run, whose id metadata.json records."""
+    from mlflow.tracking import MlflowClient
+
+    from pneumonia.artifacts.tracking import recorded_in
+
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    by_name = {run.info.run_name: run for run in runs}
+    parent = by_name["sweep"]
+    trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+              and run.data.tags.get("pneumonia.command") == "tune"]
+    assert sorted(run.info.run_name for run in trials) == sorted(trial["trial_id"] for trial in result.trials)
+    assert {run.info.status for run in trials} == {"FINISHED"} and parent.info.status == "FINISHED"
+    for run in trials:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_precision_at_recall")]
+        assert steps and steps == sorted(steps) and steps[0] == 1, (run.info.run_name, steps)
+        assert "train.learning_rate" in run.data.params
+    assert parent.data.metrics["best_objective"] == pytest.approx(result.objective)
+    assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"results.csv", "learning_curves.png"}
+    assert "baseline" in by_name  # the baseline training run, in the same store
+
+    best_trial = recorded_in(str(Path(result.best_checkpoint).parent))
+    assert exported.tracking["run_id"] == best_trial["run_id"]
+    metadata = json.loads((Path(exported.artifact) / "metadata.json").read_text())
+    assert metadata["tracking"]["run_id"] == best_trial["run_id"]  # needs export_artifact(tracking=...)
+    version = client.get_model_version("pneumonia-cnn", exported.tracking["registered_model"]["version"])
+    assert version.run_id == best_trial["run_id"] and version.tags["pneumonia.version"] == exported.version

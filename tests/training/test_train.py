@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -54,6 +55,33 @@ def test_two_workers_learn_the_synthetic_signal(trained):
     epochs = [row["epoch"] for row in trained.history]
     assert epochs == list(range(1, 13))
     assert all("val_roc_auc" in row and "roc_auc" in row for row in trained.history)
+
+
+def tracked_runs(storage: Path):
+    """Every MLflow run in the embedded store of ``storage`` (its mlflow.db)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_a_two_worker_run_is_one_mlflow_run_with_a_point_per_epoch(trained):
+    storage = Path(trained.run_dir).parent
+    assert (storage / "mlflow.db").is_file()
+    client, runs = tracked_runs(storage)
+    runs = [run for run in runs if run.data.tags.get("pneumonia.command") == "train"]
+    assert len(runs) == 1, [run.info.run_name for run in runs]  # one run, not one per worker
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "learns"
+    assert run.data.params["scaling.workers"] == "2" and run.data.params["train.schedule"] == "cosine"
+    assert run.data.tags["dataset.fingerprint"].startswith("sha256:") and int(run.data.tags["dataset.train.NORMAL"]) > 0
+    assert run.data.tags["pneumonia.git_commit"] and run.data.tags["pneumonia.package_version"]
+    history = client.get_metric_history(run.info.run_id, "val_roc_auc")
+    assert sorted(metric.step for metric in history) == list(range(1, 13))
+    assert run.data.metrics["checkpoint.val_roc_auc"] == pytest.approx(trained.metrics["roc_auc"])
+    assert {item.path for item in client.list_artifacts(run.info.run_id)} >= {"history.json", "pneumonia_result.json"}
+    manifest = json.loads((Path(trained.run_dir) / "pneumonia_run.json").read_text())
+    assert manifest["tracking"]["run_id"] == run.info.run_id
 
 
 def test_keeps_only_the_best_k_checkpoints(trained):
@@ -109,6 +137,14 @@ def test_evaluate_cli_prints_metrics_as_json(trained, synthetic_data):
     assert metrics["roc_auc"] >= 0.85
     for name in ("accuracy", "precision", "recall", "specificity", "f1", "pr_auc", "loss"):
         assert 0 <= metrics[name] <= (1 if name != "loss" else 100)
+    # Tracked in the training run's store, nested under that run.
+    storage = Path(trained.run_dir).parent
+    assert metrics["tracking"]["tracking_uri"] == f"sqlite:///{storage / 'mlflow.db'}"
+    client, runs = tracked_runs(storage)
+    evaluation = client.get_run(metrics["tracking"]["run_id"])
+    training = [run for run in runs if run.data.tags.get("pneumonia.command") == "train"]
+    assert evaluation.data.tags["mlflow.parentRunId"] == training[0].info.run_id
+    assert evaluation.data.metrics["roc_auc"] == pytest.approx(metrics["roc_auc"])
 
 
 def _worker_pids() -> list[int]:
@@ -126,7 +162,8 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_
     from pneumonia.artifacts.runs import HISTORY_FILE
     from pneumonia.training.driver import train
 
-    config = small_config(tmp_path, **{"train.epochs": 10, "data.image_size": 32, "run.name": "killed", "run.max_failures": 2})
+    config = small_config(tmp_path, **{"train.epochs": 10, "data.image_size": 32, "run.name": "killed", "run.max_failures": 2,
+                                       "tracking.enabled": False})
     outcome: dict = {}
 
     def run():
@@ -163,6 +200,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_
     # but it is a real checkpoint: never epoch 0.
     assert min(row["start_epoch"] for row in restarted) >= 1
     assert set(_worker_pids()).isdisjoint(pids) or not _worker_pids()
+    assert not list(tmp_path.rglob("mlflow.db"))  # tracking off: no store
 
 
 def test_resume_continues_an_interrupted_run(ray_cluster, synthetic_data, tmp_path):
@@ -183,6 +221,9 @@ def test_resume_continues_an_interrupted_run(ray_cluster, synthetic_data, tmp_pa
     assert second.epochs_completed == 4
     new_rows = [row for row in second.history if row["epoch"] > 2]
     assert [row["start_epoch"] for row in new_rows] == [2, 2]
+    client, runs = tracked_runs(tmp_path)  # the resumed run goes on in the same MLflow run
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_roc_auc")) == [1, 2, 3, 4]
 
 
 def test_a_new_run_refuses_to_overwrite_an_existing_one(ray_cluster, synthetic_data, tmp_path):
@@ -227,9 +268,17 @@ def test_checkpoints_go_to_a_uri_storage(ray_cluster, synthetic_data, tmp_path):
     from pneumonia.models.checkpoint import load_checkpoint
     from pneumonia.training.driver import train
 
+    with socket.socket() as probe:  # a port nothing listens on: a tracking server that is down
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
     storage = f"file://{tmp_path}/remote"
-    result = train(small_config(tmp_path, **{"train.epochs": 2, "run.storage": storage, "run.name": "uri"}),
-                   str(synthetic_data), progress=lambda _: None)
+    lines: list[str] = []
+    result = train(small_config(tmp_path, **{"train.epochs": 2, "run.storage": storage, "run.name": "uri",
+                                             "tracking.uri": dead}),
+                   str(synthetic_data), progress=lines.append)
+    warnings = [line for line in lines if "WARNING" in line or "tracking" in line]
+    assert len(warnings) == 1 and "cannot reach the MLflow tracking server" in warnings[0], warnings
+    assert not list(tmp_path.rglob("mlflow.db"))
     assert result.best_checkpoint.startswith(f"file://{tmp_path}/remote/uri/checkpoint_")
     assert result.epochs_completed == 2
     model, info = load_checkpoint(result.best_checkpoint)

@@ -505,6 +505,8 @@
     row(provenance, 'training data', synthetic);
     row(provenance, 'data fingerprint', card.data_fingerprint, { class: 'hash' });
     row(provenance, 'git commit', card.git_commit, { class: 'hash' });
+    const tracking = object(card.tracking);
+    row(provenance, 'MLflow run', tracking.run_id ? `${tracking.run_id}${tracking.tracking_uri ? ` (${tracking.tracking_uri})` : ''}` : null, { class: 'hash' });
 
     const screening = section('Out-of-distribution guard');
     if (Object.keys(guard).length) {
