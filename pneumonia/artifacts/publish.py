@@ -160,7 +160,7 @@ def _publish_staged(name_dir: Path, fill) -> Artifact:
     staging = name_dir / f".staging-{uuid.uuid4().hex}"
     try:
         metadata = {**fill(staging), "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "git_commit": _git_commit()}
+                    "git_commit": git_commit()}
         version_dir = _publish(staging, name_dir, metadata)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -258,7 +258,7 @@ def _next_version(name_dir: Path) -> str:
     return f"v{max(numbers, default=0) + 1:04d}"
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     """HEAD of the git checkout this package's code is tracked in; "unknown" for an installed copy
     (which may sit inside some other repository) or when git is missing or slow."""
     package_dir = Path(pneumonia.__file__).resolve().parent

@@ -26,9 +26,9 @@ stays what serving loads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import pneumonia
+from pneumonia.artifacts.publish import git_commit
 from pneumonia.artifacts.runs import MANIFEST_DEPTH, RUN_MANIFEST, SWEEP_MANIFEST, parent
-from pneumonia.errors import ConfigError
+from pneumonia.errors import ConfigError, Interrupted
 from pneumonia.storage import exists, is_uri, join, read_bytes, write_text
 
 ENV_URI = "MLFLOW_TRACKING_URI"
@@ -50,7 +51,6 @@ TRACKING_FILE = "pneumonia_tracking.json"
 PROBE_TIMEOUT_S = 3.0
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 """MLflow's HTTP client retries for minutes by default: one quick try instead (a user's own setting wins)."""
-GIT_TIMEOUT_S = 5
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
@@ -110,19 +110,6 @@ def numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The finite-or-not real numbers of a dict (bools and text dropped), keys prefixed."""
     return {f"{prefix}{key}": float(value) for key, value in values.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
-def git_commit() -> str:
-    """HEAD of the checkout this package's code is tracked in, or "unknown" (an installed copy, which
-    may sit inside some other repository; git missing or slow)."""
-    package_dir = Path(pneumonia.__file__).resolve().parent
-    try:
-        for command in (["ls-files", "--error-unmatch", "__init__.py"], ["rev-parse", "HEAD"]):
-            result = subprocess.run(["git", "-C", str(package_dir), *command], capture_output=True,
-                                    text=True, timeout=GIT_TIMEOUT_S, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() or "unknown"
 
 
 def standard_tags(command: str) -> dict[str, str]:
@@ -292,6 +279,16 @@ class Tracker:
     def end(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id:
             self.call("end run", lambda: self.client.set_terminated(run_id, status=status))
+
+    @contextlib.contextmanager
+    def ended_on_error(self, run_id: str | None):
+        """Inside the block, an exception ends the run first: KILLED for Ctrl-C or SIGTERM (an
+        interrupted run that may resume), FAILED for anything else."""
+        try:
+            yield
+        except BaseException as error:
+            self.end(run_id, "KILLED" if isinstance(error, (KeyboardInterrupt, Interrupted)) else "FAILED")
+            raise
 
     def register(self, name: str, version: str, run_id: str | None, source: str,
                  tags: dict[str, Any]) -> str | None:

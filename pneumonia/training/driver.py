@@ -32,7 +32,7 @@ from pneumonia.data.records import (
     check_readable,
     class_counts,
 )
-from pneumonia.errors import Interrupted, PneumoniaError
+from pneumonia.errors import PneumoniaError
 from pneumonia.local_ray import init_ray
 from pneumonia.storage import exists, join, qualify, write_text
 from pneumonia.training.fit import TrainResult, check_resources, fit_run
@@ -81,12 +81,8 @@ def train(
     )
     tracker, tracking = _start_tracking(config, storage, name, manifest, dataset.root, train_part, val_part, progress)
     write_manifest(storage, name, RUN_MANIFEST, dataset.root, config.model_dump(), tracking=tracking)
-    try:
+    with tracker.ended_on_error(tracking and tracking["run_id"]):
         result = _train(config, train_part, val_part, storage, name, resume, progress, tracking)
-    except BaseException as error:
-        tracker.end(tracking and tracking["run_id"], "KILLED" if isinstance(error, (KeyboardInterrupt, Interrupted))
-                    else "FAILED")
-        raise
     if tracking:
         run_id = tracking["run_id"]
         tracker.log_metrics(run_id, numbers(result.metrics, "checkpoint.val_"), step=result.best_epoch)

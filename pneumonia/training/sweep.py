@@ -42,7 +42,7 @@ from pneumonia.artifacts.tracking import (
 )
 from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
 from pneumonia.data.records import carve_validation
-from pneumonia.errors import ConfigError, Interrupted, PneumoniaError
+from pneumonia.errors import ConfigError, PneumoniaError
 from pneumonia.local_ray import init_ray
 from pneumonia.storage import exists, join, qualify, staged_directory
 from pneumonia.training.fit import check_resources, fit_run
@@ -160,12 +160,8 @@ def tune(
                                         train_part, val_part, progress)
     if not resume:
         write_manifest(storage, name, SWEEP_MANIFEST, dataset.root, config.model_dump(), tracking=tracking)
-    try:
+    with tracker.ended_on_error(tracking and tracking["run_id"]):
         result = _sweep(config, name, storage, resume, train_part, val_part, progress, tracking)
-    except BaseException as error:
-        tracker.end(tracking and tracking["run_id"], "KILLED" if isinstance(error, (KeyboardInterrupt, Interrupted))
-                    else "FAILED")
-        raise
     if tracking:
         run_id = tracking["run_id"]
         tracker.log_metrics(run_id, {"best_objective": result.objective, "best_threshold": result.threshold,
