@@ -55,6 +55,20 @@ def sha256_of(path: str | Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def check_listed_files(folder: Path, files: dict[str, str], listing: Path, error: type[Exception], what: str) -> None:
+    """Every file of ``files`` (relative path -> sha256), as the file ``listing`` lists them, lies
+    inside ``folder`` (``what``: "the artifact"), is there and has its sha256; ``error`` saying which one does not. Checkpoints
+    and serving artifacts are verified by this before anything reads them."""
+    for relative, expected in sorted(files.items()):
+        if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+            raise error(f"{listing} lists a file outside {what}: {relative}")
+        path = folder / relative
+        if not path.is_file():
+            raise error(f"{folder} is incomplete: {relative} is missing")
+        if sha256_of(path) != expected:
+            raise error(f"{folder} is corrupt: {relative} does not match its sha256 in {listing.name}")
+
+
 def read_bytes(location: str) -> bytes:
     """Whole file contents from a local path or URI."""
     if not is_uri(location):

@@ -37,7 +37,6 @@ from pneumonia.artifacts.registry import (
     Artifact,
     ArtifactError,
     VerifiedArtifact,
-    sha256_of,
     verify_files,
 )
 from pneumonia.data.labels import CLASS_NAMES
@@ -46,7 +45,7 @@ from pneumonia.errors import CheckpointError, DataError
 from pneumonia.models.checkpoint import MODEL_FILE, load_model_from_directory, read_info
 from pneumonia.models.ensemble import is_ensemble, member_models
 from pneumonia.models.ood import SCORE_NAME, model_with_features, tf_scores
-from pneumonia.storage import is_uri, json_ready, local_directory, write_atomic
+from pneumonia.storage import is_uri, json_ready, local_directory, sha256_of, write_atomic
 
 if TYPE_CHECKING:
     from pneumonia.data.records import ImageRecord

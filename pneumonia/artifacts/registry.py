@@ -41,7 +41,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ from pneumonia.errors import CheckpointError, PneumoniaError
 from pneumonia.models.checkpoint import MODEL_FILE, load_model_from_directory
 from pneumonia.models.ood import SCORE_NAME
 from pneumonia.models.safe_load import check_saved_model
-from pneumonia.storage import is_uri, sha256_of
+from pneumonia.storage import check_listed_files, is_uri
 
 FORMAT_VERSION = 1
 DEFAULT_NAME = "pneumonia-cnn"
@@ -348,14 +348,7 @@ def verify_files(folder: Path, files: Any) -> None:
     if links:
         raise ArtifactError(f"{folder} holds symbolic links ({', '.join(links[:5])}); an artifact holds its own "
                             "files only")
-    for relative, expected in sorted(files.items()):
-        if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
-            raise ArtifactError(f"{folder / METADATA_FILE} lists a file outside the artifact: {relative}")
-        path = folder / relative
-        if not path.is_file():
-            raise ArtifactError(f"{folder} is incomplete: {relative} is missing")
-        if sha256_of(path) != expected:
-            raise ArtifactError(f"{folder} is corrupt: {relative} does not match its sha256 in {METADATA_FILE}")
+    check_listed_files(folder, files, folder / METADATA_FILE, ArtifactError, "the artifact")
     extra = sorted(path.relative_to(folder).as_posix() for path in (folder / SAVED_MODEL_DIR).rglob("*")
                    if path.is_file() and path.relative_to(folder).as_posix() not in files)
     if extra:

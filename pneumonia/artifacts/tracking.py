@@ -388,6 +388,25 @@ def tracker_for(settings, storage: str, warn: Callable[[str], None] = _stderr, r
     return Tracker(uri, settings.experiment, warn, check=check)
 
 
+def start_tracking(settings, storage: str, name: str, command: str, manifest: dict | None, params: dict[str, Any],
+                   tags: dict[str, str], progress: Callable[[str], None], what: str = "") -> tuple[Tracker, dict | None]:
+    """(tracker, entry) of a training run or sweep called ``name``: a new MLflow run with ``params``
+    and ``tags``, or, resuming (``manifest`` given), the run the manifest recorded; the entry is None
+    when untracked (tracking off, or off when the run began). ``what`` adds to the progress line."""
+    if manifest is not None:
+        recorded = manifest.get("tracking") if settings.enabled else None  # --no-tracking on resume
+        tracker = Tracker(recorded["tracking_uri"] if recorded else None, settings.experiment, progress)
+        return tracker, entry(tracker, tracker.start(name, command, resume=recorded and recorded["run_id"]))
+    tracker = tracker_for(settings, storage, progress)
+    if not tracker.active:
+        return tracker, None
+    run_id = tracker.start(name, command, params=params, tags=tags)
+    tracking = entry(tracker, run_id)
+    if tracking:
+        progress(f"tracking: MLflow run {run_id}{what} in {tracker.uri}")
+    return tracker, tracking
+
+
 def dataset_tags(data_root: str, train_part, val_part) -> dict[str, str]:
     """The data a run learns from: root, fingerprint of the training carve, counts per class."""
     from pneumonia.artifacts.publish import data_fingerprint  # lazy: the publishing stack

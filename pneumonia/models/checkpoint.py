@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from pneumonia import __version__
@@ -28,7 +28,7 @@ from pneumonia.data.preprocess import PreprocessSpec
 from pneumonia.errors import CheckpointError
 from pneumonia.models.safe_load import load_keras_model
 from pneumonia.runtime import require_legacy_keras
-from pneumonia.storage import local_directory, sha256_of
+from pneumonia.storage import check_listed_files, local_directory, sha256_of
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
@@ -141,15 +141,7 @@ def verify_checkpoint_files(directory: str | Path, info: CheckpointInfo) -> None
     if MODEL_FILE not in info.files:
         _unverified(directory, f"its {INFO_FILE} records no sha256 of {MODEL_FILE} (written before they were)")
         return
-    for name, expected in sorted(info.files.items()):
-        relative = PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts:
-            raise CheckpointError(f"{directory / INFO_FILE} lists a file outside the checkpoint: {name}")
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{directory} is incomplete: {name} is missing")
-        if sha256_of(path) != expected:
-            raise CheckpointError(f"{directory} is corrupt: {name} does not match its sha256 in {INFO_FILE}")
+    check_listed_files(directory, info.files, directory / INFO_FILE, CheckpointError, "the checkpoint")
 
 
 def _unverified(directory: Path, reason: str) -> None:

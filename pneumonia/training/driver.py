@@ -25,7 +25,7 @@ from pneumonia.artifacts.runs import (
     validation_metrics,
     write_manifest,
 )
-from pneumonia.artifacts.tracking import Tracker, dataset_tags, entry, flatten, numbers, tracker_for
+from pneumonia.artifacts.tracking import dataset_tags, flatten, numbers, start_tracking
 from pneumonia.config import ExperimentConfig, config_from_dict
 from pneumonia.data.records import (
     carve_validation,
@@ -79,7 +79,9 @@ def train(
         f"({len({r.patient_id for r in val_part})} patients held out)"
         + (f"; skipped {len(dataset.skipped)} non-image files" if dataset.skipped else "")
     )
-    tracker, tracking = _start_tracking(config, storage, name, manifest, dataset.root, train_part, val_part, progress)
+    tracker, tracking = start_tracking(
+        config.tracking, storage, name, "train", manifest, flatten(config.model_dump(exclude={"tune"})),
+        {**dataset_tags(dataset.root, train_part, val_part), "pneumonia.run_dir": join(storage, name)}, progress)
     write_manifest(storage, name, RUN_MANIFEST, dataset.root, config.model_dump(), tracking=tracking)
     with tracker.ended_on_error(tracking and tracking["run_id"]):
         result = _train(config, train_part, val_part, storage, name, resume, progress, tracking)
@@ -92,23 +94,6 @@ def train(
         tracker.end(run_id)
     return result
 
-
-def _start_tracking(config: ExperimentConfig, storage: str, name: str, manifest: dict | None, data_root: str,
-                    train_part, val_part, progress) -> tuple[Tracker, dict | None]:
-    """The run's MLflow run: a new one, or on resume the one its manifest recorded (None: untracked)."""
-    if manifest is not None:
-        recorded = manifest.get("tracking") if config.tracking.enabled else None  # --no-tracking on resume
-        tracker = Tracker(recorded["tracking_uri"] if recorded else None, config.tracking.experiment, progress)
-        return tracker, entry(tracker, tracker.start(name, "train", resume=recorded and recorded["run_id"]))
-    tracker = tracker_for(config.tracking, storage, progress)
-    if not tracker.active:
-        return tracker, None
-    run_id = tracker.start(name, "train", params=flatten(config.model_dump(exclude={"tune"})),
-                           tags={**dataset_tags(data_root, train_part, val_part), "pneumonia.run_dir": join(storage, name)})
-    tracking = entry(tracker, run_id)
-    if tracking:
-        progress(f"tracking: MLflow run {run_id} in {tracker.uri}")
-    return tracker, tracking
 
 
 def _train(config: ExperimentConfig, train_part, val_part, storage: str, name: str, resume: bool, progress,

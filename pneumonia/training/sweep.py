@@ -31,14 +31,12 @@ from pneumonia.artifacts.runs import (
     write_manifest,
 )
 from pneumonia.artifacts.tracking import (
-    Tracker,
     child_run,
     close_children,
     dataset_tags,
-    entry,
     flatten,
     numbers,
-    tracker_for,
+    start_tracking,
 )
 from pneumonia.config import ExperimentConfig, ParamSpec, apply_params, config_from_dict
 from pneumonia.data.records import carve_validation
@@ -156,8 +154,10 @@ def tune(
     sweep = config.tune
     assert sweep is not None
     dataset, train_part, val_part = carve_validation(data_root, config)
-    tracker, tracking = _start_tracking(config, storage, name, manifest if resume else None, dataset.root,
-                                        train_part, val_part, progress)
+    tracker, tracking = start_tracking(
+        config.tracking, storage, name, "tune", manifest if resume else None, flatten(config.model_dump()),
+        {**dataset_tags(dataset.root, train_part, val_part), "pneumonia.run_dir": join(storage, name)}, progress,
+        what=" (one nested run per trial)")
     if not resume:
         write_manifest(storage, name, SWEEP_MANIFEST, dataset.root, config.model_dump(), tracking=tracking)
     with tracker.ended_on_error(tracking and tracking["run_id"]):
@@ -173,24 +173,6 @@ def tune(
         tracker.end(run_id)
     return result
 
-
-def _start_tracking(config: ExperimentConfig, storage: str, name: str, manifest: dict | None, data_root: str,
-                    train_part, val_part, progress) -> tuple[Tracker, dict | None]:
-    """The sweep's parent MLflow run (each trial nests its own under it): new, or the one a resumed
-    sweep's manifest recorded (None: untracked)."""
-    if manifest is not None:
-        recorded = manifest.get("tracking") if config.tracking.enabled else None  # --no-tracking on resume
-        tracker = Tracker(recorded["tracking_uri"] if recorded else None, config.tracking.experiment, progress)
-        return tracker, entry(tracker, tracker.start(name, "tune", resume=recorded and recorded["run_id"]))
-    tracker = tracker_for(config.tracking, storage, progress)
-    if not tracker.active:
-        return tracker, None
-    run_id = tracker.start(name, "tune", params=flatten(config.model_dump()),
-                           tags={**dataset_tags(data_root, train_part, val_part), "pneumonia.run_dir": join(storage, name)})
-    tracking = entry(tracker, run_id)
-    if tracking:
-        progress(f"tracking: MLflow run {run_id} (one nested run per trial) in {tracker.uri}")
-    return tracker, tracking
 
 
 def _sweep(config: ExperimentConfig, name: str, storage: str, resume: bool, train_part, val_part, progress,
