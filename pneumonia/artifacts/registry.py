@@ -49,6 +49,7 @@ import numpy as np
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.preprocess import PreprocessSpec
 from pneumonia.errors import CheckpointError, PneumoniaError
+from pneumonia.metrics.drift import check_reference
 from pneumonia.models.checkpoint import MODEL_FILE, load_model_from_directory
 from pneumonia.models.ood import SCORE_NAME
 from pneumonia.models.safe_load import check_saved_model
@@ -331,6 +332,8 @@ def _check_metadata(metadata: dict, folder: Path) -> tuple[PreprocessSpec, float
         threshold = float(metadata["threshold"])
         if not 0 <= threshold <= 1:
             raise ValueError(f"threshold {threshold} is not a probability")
+        if metadata.get("drift_reference") is not None:  # what serving, scoring and evaluation measure drift against
+            check_reference(metadata["drift_reference"])
     except (KeyError, TypeError, ValueError) as error:
         raise ArtifactError(f"{folder / METADATA_FILE} is invalid: {error}") from None
     return spec, threshold

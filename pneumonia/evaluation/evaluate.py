@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.artifacts.registry import ArtifactError, load_artifact, read_metadata
+from pneumonia.artifacts.registry import load_artifact, read_metadata
 from pneumonia.config import check_shift_names, config_from_dict
 from pneumonia.data.pipeline import decode_threads, load_images, predict_probabilities
 from pneumonia.data.preprocess import PreprocessSpec
@@ -21,7 +21,7 @@ from pneumonia.data.records import carve_validation, class_counts, discover, eva
 from pneumonia.data.shifts import load_sources, shifted_images, stratified_subset
 from pneumonia.errors import DataError
 from pneumonia.metrics.binary import binary_metrics
-from pneumonia.metrics.drift import check_reference, drift_status
+from pneumonia.metrics.drift import drift_status
 from pneumonia.models import checkpoint as checkpoints
 from pneumonia.storage import local_directory
 
@@ -134,12 +134,7 @@ def evaluate_artifact(location: str, data_root: str, split: str = "test", thresh
     """Score a serving artifact at its stored threshold (or the one given). Its metadata is read
     and the data found before the model loads (a wrong --data or --split fails in a second)."""
     metadata = read_metadata(location)
-    reference = metadata.get("drift_reference")
-    if reference is not None:
-        try:
-            check_reference(reference)  # now, not after the split is scored
-        except ValueError as error:
-            raise ArtifactError(f"{location}: {error}") from None
+    reference = metadata.get("drift_reference")  # checked by read_metadata, before the split is scored
     dataset, records = split_records(data_root, split, metadata.get("training_config"))
     artifact = load_artifact(location)
     chosen = artifact.threshold if threshold is None else threshold

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia import local_ray
-from pneumonia.artifacts.registry import ArtifactError
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS
 from pneumonia.errors import Interrupted, PneumoniaError
-from pneumonia.metrics.drift import check_reference, drift_status, drift_summary
+from pneumonia.metrics.drift import drift_status, drift_summary
 from pneumonia.scoring.inputs import ScoreInput, first_line, list_input
 from pneumonia.scoring.outputs import (
     already_scored,
@@ -107,12 +106,7 @@ def score(
     if batch_size < 1:
         raise PneumoniaError(f"--batch-size must be at least 1, got {batch_size}")
     packed = pack_artifact(artifact)
-    reference = packed.metadata.get("drift_reference")
-    if reference is not None:
-        try:
-            check_reference(reference)  # now, not after hours of scoring
-        except ValueError as error:
-            raise ArtifactError(f"--artifact {artifact}: {error}") from None
+    reference = packed.metadata.get("drift_reference")  # checked with the metadata, before any scoring
     found = list_input(input)
     output = output or default_output(input)
     if not is_uri(output):

@@ -56,7 +56,6 @@ from pneumonia.metrics.drift import (
     PSI_RECALIBRATE,
     PSI_WATCH,
     DriftWindow,
-    check_reference,
     drift_status,
 )
 from pneumonia.models.ood import NOT_AN_XRAY, POLICIES, Scored
@@ -181,12 +180,7 @@ class Classifier:
         self._drift_psi = metrics.Gauge(
             DRIFT_GAUGE, description=f"PSI of this replica's last {DEFAULT_WINDOW} classified images' probabilities "
             f"against the artifact's drift reference ({PSI_WATCH:g} watch, {PSI_RECALIBRATE:g} re-calibrate)")
-        self.drift_reference = self.model.metadata.get("drift_reference")
-        if self.drift_reference is not None:
-            try:
-                check_reference(self.drift_reference)
-            except ValueError as error:
-                raise ValueError(f"{artifact}: {error}") from None
+        self.drift_reference = self.model.metadata.get("drift_reference")  # checked when the artifact loaded
         self.drift_window = DriftWindow(DEFAULT_WINDOW)
         self._drift_measured_at = 0  # drift_window.total when the gauge was last updated
         self._drift_lock = threading.Lock()
