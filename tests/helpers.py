@@ -38,3 +38,15 @@ def real_data(*parts: str) -> Path:
         pytest.skip(f"{path} is not present (set PNEUMONIA_SHARED_DATA to use another copy)")
     return path
 
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of the CLI in-process; argparse's exit counts as a status."""
+    from pneumonia.cli import main
+
+    try:
+        code = main([str(item) for item in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -47,8 +47,13 @@ def cmd_synth(args) -> None:
 
 
 def cmd_data_summarize(args) -> None:
-    require_folder(args.directory, None, "data folder")
-    summary = summarize(args.directory)
+    if args.directory and args.data_option and args.directory != args.data_option:
+        raise PneumoniaError(f"two data folders given ({args.directory} and --data {args.data_option}): give one")
+    directory = args.directory or args.data_option
+    if not directory:
+        raise PneumoniaError("no data folder given: pneumonia data summarize DIR (or --data DIR)")
+    require_folder(directory, None if args.directory else "--data", "data folder")
+    summary = summarize(directory)
     emit(summary.to_json(), args.json, summary.format())
 
 

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = subcommands.add_parser("data", help="inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     summarize = data_commands.add_parser("summarize", help="counts, patients, sizes and problems")
-    summarize.add_argument("directory")
+    # Positional, or --data as every other command names its dataset (a user types either).
+    summarize.add_argument("directory", nargs="?", help="a Kermany-layout folder (or --data DIR)")
+    summarize.add_argument("--data", dest="data_option", metavar="DIR", help="the same folder, as other commands take it")
     summarize.add_argument("--json", action="store_true")
     summarize.set_defaults(func=commands.cmd_data_summarize)
 
