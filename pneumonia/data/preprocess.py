@@ -403,10 +403,22 @@ def prepare_image(image: Image.Image, spec: PreprocessSpec = PreprocessSpec()) -
         if image.mode != target_mode:
             image = image.convert(target_mode)
         image = _resize(image, spec.image_size, spec.resize)
-    pixels = normalize_intensity(np.asarray(image, dtype=np.uint8), spec.normalize)
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    return pixels
+    pixels = np.asarray(image, dtype=np.uint8)
+    return prepare_pixels(pixels[:, :, None] if pixels.ndim == 2 else pixels, spec)
+
+
+def prepare_pixels(pixels: np.ndarray, spec: PreprocessSpec = PreprocessSpec()) -> np.ndarray:
+    """The last step of :func:`prepare_image`, alone: uint8 pixels already at the model's input
+    shape (``spec.shape``) -> the model's input (the intensity normalisation).
+
+    Every decoded file goes through it, and so do pixels a client resized itself (the serving
+    protocol's ``pixels`` tensor): both reach the model normalised the same way. Anything that is
+    not a uint8 array of ``spec.shape`` raises ImageDecodeError.
+    """
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.shape != spec.shape:
+        got = f"{pixels.dtype} {list(pixels.shape)}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise ImageDecodeError(f"pixels must be uint8 of shape {list(spec.shape)}, not {got}")
+    return normalize_intensity(pixels, spec.normalize)
 
 
 def normalize_intensity(pixels: np.ndarray, method: str) -> np.ndarray:

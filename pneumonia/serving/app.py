@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from pneumonia.artifacts.registry import resolve_artifact
@@ -66,7 +66,7 @@ from pneumonia.serving.audit import DEFAULT_MAX_BYTES as DEFAULT_AUDIT_MAX_BYTES
 from pneumonia.serving.auth import Authenticator, resolve_tokens, token_digests
 from pneumonia.serving.errors import HTTPError, json_error, json_errors
 from pneumonia.serving.gate import Gate, GateSettings, Note, note_of
-from pneumonia.serving.model import ServedModel
+from pneumonia.serving.model import ClientPixels, ServedModel
 from pneumonia.serving.page import add_page
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/dicom", "image/dicom", "application/octet-stream"}
@@ -404,7 +404,7 @@ class Classifier:
     async def model_metadata(self, name: str):
         if name != self.model.name:
             return json_error(404, f"unknown model {name!r}; this server has {self.model.name!r}")
-        return protocol.model_metadata(name, self.model.version, self.model.spec.shape)
+        return protocol.model_metadata(name, self.model.version, self.model.spec.shape, self.model.spec.normalize)
 
     @api.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str):
@@ -417,22 +417,27 @@ class Classifier:
         async def work():
             if name != self.model.name:
                 raise HTTPError(404, f"unknown model {name!r}; this server has {self.model.name!r}")
-            try:
-                payload = await request.json()
-            except ValueError:
-                raise HTTPError(400, "body is not valid JSON") from None
-            images = protocol.request_images(payload, self.model.spec.shape)
+            body = await request.body()
+            if len(body) > self.max_bytes:
+                raise HTTPError(413, f"request body of {len(body):,} bytes is above the limit of {self.max_bytes:,}")
+            # JSON, or the binary tensor extension: a JSON header, then the raw tensors.
+            payload, binary = protocol.split_body(body, request.headers.get(protocol.HEADER_LENGTH))
+            images = protocol.request_images(payload, self.model.spec.shape, binary)
+            protocol.requested_outputs(payload)  # a wrong output name is a 400 before any work
             note = note_of(request.scope.get("state"))
             await note.inputs([(data, payload["inputs"][0].get("datatype")) for _, data in images])
-            scored = await self._classify(images, note)
-            return protocol.infer_response(
+            # A client's pixels still get the model's intensity normalisation (ServedModel.decode).
+            scored = await self._classify([(item_name, ClientPixels(data) if isinstance(data, np.ndarray) else data)
+                                           for item_name, data in images], note)
+            content, headers = protocol.encode_response(protocol.infer_response(
                 name, self.model.version, payload,
                 probabilities=[None if s.out_of_distribution else s.probability for s in scored],
                 labels=[s.label(self.model.threshold) for s in scored],
                 parameters={"threshold": self.model.threshold, **self.model.warned(),
                             **({"site": self.model.calibration["site"]} if self.model.calibration["site"] else {})},
                 ood_scores=[s.ood_score for s in scored] if self.model.guard else None,
-            )
+            ), payload)
+            return Response(content, headers=headers)
 
         return await self._guarded(work())
 

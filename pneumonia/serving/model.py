@@ -14,14 +14,30 @@ from __future__ import annotations
 import base64
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pneumonia.artifacts.registry import artifact_warning, calibration_of, load_artifact
-from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, PreprocessSpec, decode_image, open_image
+from pneumonia.data.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    PreprocessSpec,
+    decode_image,
+    open_image,
+    prepare_pixels,
+)
 from pneumonia.models.explain import DEFAULT_ALPHA, DISPLAY_SIDE, GradCam
 from pneumonia.models.ood import Scored, judge
+
+
+@dataclass(frozen=True, eq=False)
+class ClientPixels:
+    """Pixels a client resized to the model's input shape itself (the protocol's ``pixels``
+    tensor): not yet the model's input, since the model's intensity normalisation still applies."""
+
+    array: np.ndarray
 
 
 class ServedModel:
@@ -50,12 +66,16 @@ class ServedModel:
 
     # -- load / preprocess / predict
 
-    def decode(self, item: bytes | np.ndarray) -> np.ndarray | ImageDecodeError:
-        """Model input pixels of an encoded image (decoded pixels pass through); a file that
-        cannot be decoded returns its error, so that one bad image never fails a batch."""
+    def decode(self, item: bytes | ClientPixels | np.ndarray) -> np.ndarray | ImageDecodeError:
+        """Model input pixels of an encoded image, or of a client's pixels (:class:`ClientPixels`:
+        the same last step, ``prepare_pixels``, as a decoded file); a model input already decoded
+        here (an ``np.ndarray``) passes through. What cannot be decoded returns its error, so that
+        one bad image never fails a batch."""
         if isinstance(item, np.ndarray):
             return item
         try:
+            if isinstance(item, ClientPixels):
+                return prepare_pixels(item.array, self.spec)
             return decode_image(item, self.spec, self.max_pixels)
         except ImageDecodeError as error:  # ImageTooLargeError included
             return error
