@@ -56,8 +56,11 @@ _RECORD = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\]]+\] ")
 Unix time, '00:00:1796028858.713991'), thread id, file:line]."""
 _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 _PYTHON_OUTPUT = re.compile(r"^(Traceback \(most recent call last\)|\S+\.py:\d+: )")
-_RAY_PREFIX = re.compile(r"^((?:\x1b\[[0-9;]*m)*\([^()]*pid=[^()]*\)(?:\x1b\[[0-9;]*m)* )")
-"""What Ray puts before a line it forwards from a worker: '(RayTrainWorker pid=123) ', maybe coloured."""
+_RAY_PREFIX = re.compile(r"^((?:\x1b\[[0-9;]*m)*\(.*?pid=[^()]*\)(?:\x1b\[[0-9;]*m)* )")
+"""What Ray puts before a line it forwards from a worker: '(RayTrainWorker pid=123) ', maybe coloured;
+Ray Data's actors have parentheses in their names: '(MapWorker(MapBatches(read)->MapBatches(Scorer)) pid=7) '."""
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+"""A terminal escape sequence (colour, cursor): Ray colours its workers' prefixes and some messages."""
 
 
 def _level(text: str | None) -> int:
@@ -103,10 +106,12 @@ def filter_native_log(text: str, min_level: int | None = None) -> str:
 class QuietNativeLogStream:
     """A text stream (the CLI's sys.stderr) that passes on whole lines that :class:`NativeLogFilter`
     keeps: Ray forwards its workers' output there, and a worker may load TensorFlow before it
-    imports this package (Ray Train's own modules import it), so only the driver can quiet it."""
+    imports this package (Ray Train's own modules import it), so only the driver can quiet it.
+    Into a file or a pipe (not a terminal) the lines go without terminal colour codes."""
 
     def __init__(self, stream, min_level: int | None = None):
         self.stream = stream
+        self._plain = not _is_terminal(stream)
         # The workers' level: what they were asked to hide is hidden from what they forward.
         self._filter = NativeLogFilter(_level(RAY_ENV["TF_CPP_MIN_LOG_LEVEL"]) if min_level is None else min_level)
         self._pending = ""
@@ -117,6 +122,8 @@ class QuietNativeLogStream:
             lines = (self._pending + text).split("\n")
             self._pending = lines.pop()
             kept = "".join(line + "\n" for line in lines if self._filter.keep(line))
+        if kept and self._plain:
+            kept = _ANSI.sub("", kept)
         if kept:
             self.stream.write(kept)
         return len(text)
@@ -125,7 +132,7 @@ class QuietNativeLogStream:
         with self._lock:
             pending, self._pending = self._pending, ""
         if pending and self._filter.keep(pending):
-            self.stream.write(pending)
+            self.stream.write(_ANSI.sub("", pending) if self._plain else pending)
         self.stream.flush()
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the real stream's
@@ -192,10 +199,32 @@ def require_legacy_keras(tf) -> None:
                           "before anything imports TensorFlow (or set TF_USE_LEGACY_KERAS=1)")
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+def plain_output_environment(streams=None) -> dict[str, str]:
+    """The variables that keep Ray's output free of terminal colour codes when ``streams`` (this
+    process's stdout and stderr) are not both terminals: written to a log file or a pipe, the
+    codes are noise. Ray colours the '(Worker pid=N)' prefix of every line it forwards from a
+    worker unless ``RAY_COLOR_PREFIX=0`` (read in the driver as it prints); ``NO_COLOR`` is the
+    common convention other tools (tqdm's and rich's users among them) honour."""
+    streams = (sys.stdout, sys.stderr) if streams is None else streams
+    if all(_is_terminal(stream) for stream in streams):
+        return {}
+    return {"RAY_COLOR_PREFIX": "0", "NO_COLOR": "1"}
+
+
 def activate() -> None:
-    """Select legacy Keras and TensorFlow's log level for this process, and quiet TensorFlow's
-    import; call before anything imports TensorFlow. Idempotent; a value the user set wins."""
+    """Select legacy Keras and TensorFlow's log level for this process, quiet TensorFlow's
+    import, and (output to a file or a pipe) Ray's colour codes; call before anything imports
+    TensorFlow. Idempotent; a value the user set wins."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _TF_LOG_LEVEL)
+    for name, value in plain_output_environment().items():
+        os.environ.setdefault(name, value)
     if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowImport())

@@ -65,6 +65,10 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "probability"
 REQUIRED_FILES = (MODEL_FILE, f"{SAVED_MODEL_DIR}/saved_model.pb")
 SYNTHETIC_WARNING = "trained on synthetic data: not for real X-rays"
+SYNTHETIC_REFUSAL = ("this model was trained on synthetic data and refuses real X-rays; train one on real X-rays "
+                     "with `pneumonia demo --data DIR` (README, \"On real X-rays\")")
+"""What every refusal by the out-of-distribution guard of a synthetic-trained artifact adds: why
+a real X-ray was refused, and the way to a model that answers it (:func:`refusal_hint`)."""
 
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")  # version folders: v0001, v0002, ...
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # model names (a folder name)
@@ -269,6 +273,12 @@ def artifact_warning(metadata: dict) -> str | None:
     if isinstance(training, dict) and training.get("synthetic") is True:
         return SYNTHETIC_WARNING
     return None
+
+
+def refusal_hint(metadata: dict) -> str | None:
+    """What a refusal ("not a chest X-ray") from this artifact must add, or None: a guard fitted
+    on synthetic images refuses every real X-ray, and the refusal alone does not say why."""
+    return SYNTHETIC_REFUSAL if artifact_warning(metadata) else None
 
 
 def check_site_name(name: str) -> str:

@@ -280,8 +280,23 @@ def carve_validation(data_root: str, config: ExperimentConfig):
     records = training_records(dataset)
     train_part, val_part = split_by_patient(records, config.data.val_fraction, config.data.seed)
     if not val_part or not any(r.label == 0 for r in val_part) or not any(r.label == 1 for r in val_part):
+        # Few patients: often because the files are not images at all, which is then the real cause.
+        unreadable = _unreadable(records)
+        examples = "; ".join(f"{PurePosixPath(location).name}: {problem}" for location, problem in unreadable[:3])
+        if unreadable and len(unreadable) == len(records):
+            raise DataError(f"none of the {len(records)} training image files under {dataset.root} could be read as an image "
+                            f"(e.g. {examples}); put readable JPEG, PNG or DICOM X-rays there")
         raise PneumoniaError(
             f"too few patients in {data_root} to carve a validation split with both classes "
             f"(val_fraction={config.data.val_fraction}); add data or raise data.val_fraction"
+            + (f"; besides, {len(unreadable)} of its {len(records)} training image files could not be read (e.g. {examples})"
+               if unreadable else "")
         )
     return dataset, train_part, val_part
+
+
+def _unreadable(records: list[ImageRecord], limit: int = 2000) -> list[tuple[str, str]]:
+    """(location, why) of each record that is not a readable image; only for a small dataset (the
+    first ``limit`` records), where a failed carve makes the reason worth a few seconds."""
+    locations = [record.location for record in records[:limit]]
+    return [(location, problem) for location, (_, problem) in zip(locations, map(probe_image, locations)) if problem]

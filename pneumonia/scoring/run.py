@@ -7,14 +7,17 @@ reports on the whole input), against the artifact's ``drift_reference``."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pneumonia import local_ray
+from pneumonia.artifacts.registry import artifact_warning, refusal_hint
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS
 from pneumonia.errors import Interrupted, PneumoniaError
@@ -55,6 +58,8 @@ class ScoreResult:
     pipeline_s: float = 0.0  # from the start of the pipeline to the last result
     startup_s: float = 0.0  # from the start of the pipeline to the first result (actors loading)
     drift: dict[str, Any] | None = None  # PSI of the input's classified probabilities (metrics.drift.drift_status)
+    warning: str | None = None  # the artifact's own (registry.artifact_warning): trained on synthetic data
+    refusal_hint: str | None = None  # why its guard refuses real X-rays, and the way out (registry.refusal_hint)
 
     @property
     def images_per_s(self) -> float:
@@ -80,7 +85,10 @@ class ScoreResult:
             lines.append("rows with an error name the reason in their 'error' column; a re-run tries them again")
         if self.out_of_distribution:
             lines.append("rows with out_of_distribution true have no label: the model's guard says the image "
-                         "does not look like a pediatric chest X-ray")
+                         "does not look like a pediatric chest X-ray"
+                         + (f"; {self.refusal_hint}" if self.refusal_hint else ""))
+        if self.warning:
+            lines.append(f"warning: this model was {self.warning}")
         return "\n".join(lines)
 
 
@@ -117,7 +125,8 @@ def score(
     keep = [index for index, path in enumerate(found.paths) if path not in done]
     todo = ScoreInput(found.source, [found.paths[i] for i in keep], [found.locations[i] for i in keep])
     result = ScoreResult(output=output, model=packed.name, version=packed.version, files=len(found.paths),
-                         scored=0, skipped=len(found.paths) - len(keep), failed=0, ignored=found.ignored)
+                         scored=0, skipped=len(found.paths) - len(keep), failed=0, ignored=found.ignored,
+                         warning=artifact_warning(packed.metadata), refusal_hint=refusal_hint(packed.metadata))
     if todo.paths:
         progress(f"scoring {len(todo.paths):,} files from {input} with {packed.name} {packed.version}"
                  + (f" ({result.skipped:,} already scored, skipped)" if result.skipped else "")
@@ -143,8 +152,34 @@ def _run(todo: ScoreInput, packed: PackedArtifact, result: ScoreResult, *, gpu: 
     concurrency = concurrency or _default_concurrency(gpu)
     _check_resources(gpu, concurrency)
     shipped = ray.put(packed.files)
-    dataset = build_dataset(todo, packed, shipped, gpu=gpu, batch_size=batch_size, concurrency=concurrency,
-                            max_pixels=max_pixels)
+    with _quiet_ray_data():
+        dataset = build_dataset(todo, packed, shipped, gpu=gpu, batch_size=batch_size, concurrency=concurrency,
+                                max_pixels=max_pixels)
+        _stream(dataset, todo, result)
+
+
+@contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data's INFO lines off the console while scoring: the start and end of every dataset, and
+    the progress it logs every few seconds when stdout is not a terminal, would surround and split
+    the command's own lines. Its warnings and errors still print, and its log file (ray-data.log in
+    the Ray session's logs folder) keeps everything."""
+    import ray.data  # noqa: F401 - configures the 'ray.data' logger and its console handler
+
+    consoles = [handler for handler in logging.getLogger("ray.data").handlers
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
+    levels = [handler.level for handler in consoles]
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(consoles, levels):
+            handler.setLevel(level)
+
+
+def _stream(dataset, todo: ScoreInput, result: ScoreResult) -> None:
+    """Write each result block as a part file as it arrives, counting it into ``result``."""
     parts, run_ns, counts = parts_location(result.output), time.time_ns(), Counter()
     result.counts = {label: 0 for label in CLASS_NAMES}
     began = time.perf_counter()

@@ -7,8 +7,11 @@ arrived), ``request_id`` (the ``X-Request-ID`` of the answer), ``client`` (the p
 token's *name*, :mod:`pneumonia.serving.auth`; null when the service runs open or the token was
 missing or wrong), ``method``, ``route``, ``status``, the model's ``model``, ``version``, ``site``
 (whose calibration the threshold is; null for the shipped one) and ``threshold``, one entry per
-input image under ``images`` (``sha256``, ``bytes``, ``content_type``, and once scored
-``probability``, ``label``, ``ood_score``, ``out_of_distribution``) and ``latency_ms``.
+input image under ``images`` (``sha256``, ``bytes``, ``content_type``, once scored
+``probability``, ``label``, ``ood_score``, ``out_of_distribution``, and the image's own ``status``:
+200 classified or flagged, 400 undecodable, 413 too large, 422 refused by the guard; a multipart
+/predict answers 200 as a whole when any of its images got 200, so ``status`` alone would not
+say which were refused) and ``latency_ms``.
 
 What is never written: pixels or any part of an image, multipart file names (they often carry
 patient names), tokens, or any other header.

@@ -77,8 +77,10 @@ def image_files(names: list[str | Path]) -> list[Path]:
 
 
 def predict_files(url: str, files: list[str | Path], timeout_s: float = 60, token: str | None = None) -> list[dict]:
-    """One row per image file (folders give their images): the service's answer, or
-    {"status", "error"} when it refused the file. ``token`` goes as ``Authorization: Bearer``.
+    """One row per image file (folders give their images), each file its own request: the
+    service's answer, or {"status", "error"} when it refused the file (422 with
+    ``out_of_distribution`` true: not a chest X-ray; and the artifact's ``warning`` when its
+    answer had one). ``token`` goes as ``Authorization: Bearer``.
 
     Raises PneumoniaError for a bad URL, a missing or unreadable file, an unreachable service, one
     that does not answer like ours, or one that refuses the token (nothing to report per file).
@@ -103,7 +105,7 @@ def _predict_one(base: str, path: Path, timeout_s: float, token: str | None = No
         if error.code == 401:  # every file would be refused alike
             raise PneumoniaError(f"{base}/predict answered 401: {_refusal(error)}; give the service's token with "
                                  f"--token-file FILE (or ${TOKEN_VARIABLE})") from None
-        return {"file": str(path), "status": error.code, "error": _refusal(error)}
+        return {"file": str(path), "status": error.code, **_refusal_fields(error)}
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         raise PneumoniaError(_unreachable(base, error, timeout_s)) from None
 
@@ -122,12 +124,21 @@ def _answer(base: str, body: bytes) -> dict:
 
 def _refusal(error: urllib.error.HTTPError) -> str:
     """The service's own reason for a 4xx/5xx ({"error": ...}), else the HTTP reason phrase."""
+    return _refusal_fields(error)["error"]
+
+
+REFUSAL_KEYS = ("out_of_distribution", "ood_score", "ood_threshold", "warning")
+"""What a row keeps of a refusal's JSON beside its ``error`` (a 422 of the guard has them all)."""
+
+
+def _refusal_fields(error: urllib.error.HTTPError) -> dict:
+    """``error`` (the service's own reason, else the HTTP reason phrase) and REFUSAL_KEYS it sent."""
     try:
         body = json.loads(error.read())
     except (ValueError, OSError):
         body = None
-    message = body.get("error") if isinstance(body, dict) else None
-    return str(message or error.reason)
+    body = body if isinstance(body, dict) else {}
+    return {"error": str(body.get("error") or error.reason), **{key: body[key] for key in REFUSAL_KEYS if key in body}}
 
 
 def _unreachable(base: str, error: Exception, timeout_s: float) -> str:
@@ -138,11 +149,21 @@ def _unreachable(base: str, error: Exception, timeout_s: float) -> str:
     return f"cannot reach {base}: {text}; is `pneumonia serve` running there?"
 
 
+def outcome(row: dict) -> str:
+    """What happened to one file: classified, flagged (not a chest X-ray, no label), refused (the
+    guard's 422) or failed (any other error: undecodable, too large, ...)."""
+    if "error" in row:
+        return "refused" if row.get("out_of_distribution") is True else "failed"
+    return "flagged" if row.get("out_of_distribution") else "classified"
+
+
 def format_predictions(rows: list[dict]) -> str:
-    """The rows as a fixed-width table (errors inline)."""
+    """The rows as a fixed-width table (errors inline), then how many files had each outcome."""
     lines = [f"{'file':<44} {'label':<10} {'probability':>11}  threshold  version"]
     for row in rows:
-        if "error" in row:
+        if "error" in row and outcome(row) == "refused":
+            lines.append(f"{row['file']:<44} refused {row['status']}: {row['error']}")
+        elif "error" in row:
             lines.append(f"{row['file']:<44} error {row['status']}: {row['error']}")
         elif row.get("out_of_distribution"):  # the artifact's guard flags it: no label was given
             lines.append(f"{row['file']:<44} {'-':<10} {'-':>11}  not a chest X-ray (out-of-distribution "
@@ -150,6 +171,11 @@ def format_predictions(rows: list[dict]) -> str:
         else:
             lines.append(f"{row['file']:<44} {row['label']:<10} {row['probability']:>11.4f}  "
                          f"{row['threshold']:.4f}     {row['version']}")
+    outcomes = [outcome(row) for row in rows]
+    if len(rows) > 1:
+        lines.append(f"{len(rows)} files: " + ", ".join(f"{outcomes.count(kind)} {kind}" for kind in
+                                                        ("classified", "flagged", "refused", "failed")
+                                                        if outcomes.count(kind) or kind == "classified"))
     warnings = sorted({row["warning"] for row in rows if row.get("warning")})
     return "\n".join(lines + [f"warning: {warning}" for warning in warnings] + _calibrations(rows))
 

@@ -558,3 +558,102 @@ def test_a_command_that_runs_tensorflow_prints_no_start_up_noise(tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert completed.stderr == ""
     assert "roc_auc" in json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- issue 24: messages that name the cause
+
+
+def test_serve_without_an_artifact_says_what_it_looked_for_and_how_to_give_one(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("PNEUMONIA_ARTIFACT", raising=False)
+    code, _, err = run_cli(capsys, "serve")  # in an empty working directory (nothing_slow_starts)
+    assert_one_line_error(code, err, 1, "no artifact to serve: looked for ./registry (the default when neither "
+                          "--artifact nor $PNEUMONIA_ARTIFACT is given)", f"{tmp_path / 'registry'} does not exist",
+                          "give one with --artifact PATH", "`pneumonia export`")
+    monkeypatch.setenv("PNEUMONIA_ARTIFACT", str(tmp_path / "elsewhere"))
+    code, _, err = run_cli(capsys, "serve")
+    assert_one_line_error(code, err, 1, f"looked for $PNEUMONIA_ARTIFACT ({tmp_path / 'elsewhere'})", "--artifact PATH")
+
+
+def test_training_on_unreadable_files_names_them_not_the_patient_count(tmp_path, capsys):
+    """Two text files named .jpeg in a correct layout: too few patients to carve a validation split,
+    but the cause to fix is that nothing there is an image."""
+    root = tmp_path / "layout"
+    for split in ("train", "test"):
+        _class_folders(root / split, b"notes, not an X-ray", b"notes again", n=1)
+    code, _, err = run_cli(capsys, "train", "--data", root)
+    assert_one_line_error(code, err, 1, f"none of the 2 training image files under {root} could be read as an image",
+                          "IM-0000-0001.jpeg: not a recognised image", "person0_virus_0.jpeg")
+    assert "too few patients" not in err
+
+
+def test_predict_prints_each_files_outcome_and_a_refusals_warning(tmp_path, capsys):
+    """A refused file (the guard's 422 from a synthetic-trained model) reads as refused, with the
+    service's reason and the model's warning; a failed one as an error; then the counts."""
+    from pneumonia.artifacts.registry import SYNTHETIC_REFUSAL, SYNTHETIC_WARNING
+
+    refusal = {"error": f"body: the image does not look like a pediatric chest X-ray; it was not classified. "
+                        f"{SYNTHETIC_REFUSAL}", "out_of_distribution": True, "ood_score": 900.0,
+               "ood_threshold": 300.0, "warning": SYNTHETIC_WARNING}
+
+    def reply(handler, body):
+        if body == b"xray":
+            _like_our_service(handler, body)
+        elif body == b"real":
+            _send(handler, 422, json.dumps(refusal).encode())
+        else:
+            _send(handler, 400, b'{"error": "body: not a recognised image"}')
+
+    for name, content in (("a.jpeg", b"xray"), ("b.jpeg", b"real"), ("c.jpeg", b"text")):
+        (tmp_path / name).write_bytes(content)
+    server = _Server(reply)
+    try:
+        code, out, err = run_cli(capsys, "predict", "--url", server.url, *(tmp_path / n for n in ("a.jpeg", "b.jpeg", "c.jpeg")))
+    finally:
+        server.close()
+    assert_one_line_error(code, err, 1, "2 of 3 files were refused")
+    lines = out.splitlines()
+    assert lines[1].split()[1:3] == ["NORMAL", "0.2500"]
+    assert "b.jpeg" in lines[2] and "refused 422: body: the image does not look like a pediatric chest X-ray" in lines[2]
+    assert "pneumonia demo --data DIR" in lines[2]
+    assert "c.jpeg" in lines[3] and "error 400: body: not a recognised image" in lines[3]
+    assert lines[4] == "3 files: 1 classified, 1 refused, 1 failed"
+    assert f"warning: {SYNTHETIC_WARNING}" in lines
+
+
+def test_output_to_a_file_or_a_pipe_has_no_colour_codes():
+    """Ray colours its workers' '(Worker pid=N)' prefixes: RAY_COLOR_PREFIX=0 (and NO_COLOR) when
+    stdout or stderr is not a terminal, unless the user set them; the CLI's stderr drops any left."""
+    from pneumonia.runtime import QuietNativeLogStream, plain_output_environment
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert plain_output_environment((Terminal(), Terminal())) == {}
+    assert plain_output_environment((Terminal(), io.StringIO())) == {"RAY_COLOR_PREFIX": "0", "NO_COLOR": "1"}
+    line = "\x1b[36m(MapWorker(MapBatches(read)->MapBatches(Scorer)) pid=7)\x1b[0m scored \x1b[32m[repeated 2x]\x1b[39m\n"
+    for sink, expected in ((io.StringIO(), "(MapWorker(MapBatches(read)->MapBatches(Scorer)) pid=7) scored [repeated 2x]\n"),
+                           (Terminal(), line)):
+        stream = QuietNativeLogStream(sink, min_level=3)
+        stream.write(line)
+        stream.flush()
+        assert sink.getvalue() == expected
+    code = "import os; from pneumonia import runtime; runtime.activate(); print(os.environ.get('RAY_COLOR_PREFIX'))"
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_COLOR_PREFIX", "NO_COLOR")}
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert piped.stdout.strip() == "0", piped.stderr
+    own = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**env, "RAY_COLOR_PREFIX": "1"})
+    assert own.stdout.strip() == "1", own.stderr  # the user's choice wins
+
+
+def test_workers_tensorflow_lines_are_dropped_whatever_parentheses_their_names_hold():
+    """Ray Data's actors are named 'MapWorker(MapBatches(read)->MapBatches(Scorer))': their prefix
+    is recognised too, so `pneumonia score` prints no oneDNN/CUDA lines from them."""
+    from pneumonia.runtime import filter_native_log
+
+    prefix = "(MapWorker(MapBatches(read_and_decode)->MapBatches(Scorer)) pid=19352) "
+    text = (f"{prefix}WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            f"{prefix}I0000 00:00:1796589397.067092   19352 port.cc:153] oneDNN custom operations are on.\n"
+            f"{prefix}/x/actor.py:3: UserWarning: a real warning\n")
+    assert filter_native_log(text, 3) == f"{prefix}/x/actor.py:3: UserWarning: a real warning\n"
