@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pneumonia.artifacts.registry import artifact_warning, verify_artifact
+from pneumonia.artifacts.registry import ArtifactError, artifact_warning, verify_artifact
 from pneumonia.cli.common import (
     emit,
     one_line,
@@ -177,11 +177,19 @@ def cmd_serve(args) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)  # `kill`, `docker stop`: the same clean stop as Ctrl-C
-    artifact = args.artifact or os.environ.get("PNEUMONIA_ARTIFACT") or "registry"
+    artifact, source = serve_artifact(args.artifact)
     app_args = serve_security(args)
     # What a replica checks on load, short of TensorFlow, before Ray starts: a corrupt artifact
     # fails in a second with its reason, not after Serve has given up on the replicas.
-    metadata = verify_artifact(artifact).metadata
+    try:
+        metadata = verify_artifact(artifact).metadata
+    except ArtifactError:
+        if args.artifact or Path(artifact).expanduser().exists():
+            raise
+        raise ArtifactError(f"no artifact to serve: looked for {source}, and {Path(artifact).expanduser().absolute()} "
+                            "does not exist; give one with --artifact PATH (a registry, a model folder or a version "
+                            "folder such as registry/pneumonia-cnn/v0001), made by `pneumonia export` or "
+                            "`pneumonia demo`") from None
     try:
         with local_service.local_service(artifact, host=args.host, port=args.port, app_args=app_args) as url:
             print(f"serving {artifact} on {url} (POST /predict, /explain; GET /healthz, /model, /v2/...); "
@@ -197,6 +205,17 @@ def cmd_serve(args) -> None:
     except RuntimeError as error:  # Serve gave up deploying (its replicas' logs above say why)
         raise PneumoniaError(f"the service did not start: {one_line(error)}") from None
     print("service stopped", flush=True)
+
+
+def serve_artifact(given: str | None, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """(the artifact to serve, what named it, as a user reads it): --artifact, else
+    $PNEUMONIA_ARTIFACT, else ./registry."""
+    environ = os.environ if environ is None else environ
+    if given:
+        return given, f"--artifact {given}"
+    if environ.get("PNEUMONIA_ARTIFACT"):
+        return environ["PNEUMONIA_ARTIFACT"], f"$PNEUMONIA_ARTIFACT ({environ['PNEUMONIA_ARTIFACT']})"
+    return "registry", "./registry (the default when neither --artifact nor $PNEUMONIA_ARTIFACT is given)"
 
 
 def serve_security(args) -> dict[str, Any]:
