@@ -1,98 +1,204 @@
-"""`pneumonia demo`: the whole platform on synthetic data in minutes, on a local Ray."""
+"""`pneumonia demo`: the whole platform in minutes on a local Ray, on synthetic X-rays or (``--data``) real ones.
+
+Data -> an untuned baseline and a Ray Tune sweep of the same recipe -> the winner exported ->
+baseline and tuned compared on a held-out split at the same target recall -> a report -> a live
+service answering a few requests. The baseline is the sweep's recipe with the searched values fixed
+(pneumonia.training.sweep.untuned_config): same epochs, validation carve and selection rule, so
+the comparison is about tuning alone. With ``--json`` the last line is one JSON object.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pneumonia.artifacts.tracking import ENV_URI
-from pneumonia.cli.common import require_output_folder, shutdown_ray
+from pneumonia.cli.common import emit, require_output_folder, shutdown_ray
 from pneumonia.config import load_config, with_overrides
 from pneumonia.data.labels import CLASS_NAMES
-from pneumonia.data.synth import make_synthetic_dataset
+from pneumonia.data.records import discover, split_by_patient, training_records
+from pneumonia.data.synth import MARKER_FILE, make_synthetic_dataset
 from pneumonia.errors import PneumoniaError
 from pneumonia.local_ray import free_port
 from pneumonia.serving import local_service
 from pneumonia.serving.client import format_predictions, predict_files
-from pneumonia.training.driver import train
-from pneumonia.training.sweep import tune
+from pneumonia.training.sweep import score_rule, tune, untuned_config
+
+SYNTHETIC = {"image_size": 128, "confusable_fraction": 0.35, "confusable_strength": 0.6}
+"""The demo's synthetic task: a third of the healthy children show infiltrate-like shadows
+(pneumonia.data.synth), so what precision at 95% recall costs depends on the NORMAL class weight."""
+HOLDOUT_FRACTION = 0.15
+"""Of a train-only ``--data`` folder, the patients held out (before any training) to compare on."""
+HOLDOUT_MARKER = ".demo_holdout.json"
 
 
-def _quick_sweep_config() -> Path:
-    """tune_configs/quick.yaml of the checkout the demo runs in (or of this package's checkout)."""
+def _sweep_config_file(name: str) -> Path:
+    """tune_configs/<name> of the checkout the demo runs in (or of this package's checkout)."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base / "tune_configs" / "quick.yaml"
+        candidate = base / "tune_configs" / name
         if candidate.is_file():
             return candidate
-    raise PneumoniaError("tune_configs/quick.yaml not found: run the demo from the repository root")
+    raise PneumoniaError(f"tune_configs/{name} not found: run the demo from the repository root")
+
+
+def synthetic_data(out: Path, n: int, seed: int) -> tuple[Path, str]:
+    """(data root, what it is): the demo's synthetic dataset in ``out/data``, made once per seed."""
+    data = out / "data"
+    settings = {"n": n, "seed": seed, **SYNTHETIC}
+    if data.exists() and any(data.iterdir()):
+        marker = data / MARKER_FILE
+        written = json.loads(marker.read_text()) if marker.is_file() else {}
+        if any(written.get(key) != value for key, value in settings.items()):
+            raise PneumoniaError(f"{data} holds another dataset than --n {n} --seed {seed} asks for: "
+                                 "choose another --out (or remove that folder)")
+        return data, f"the synthetic dataset already in {data}"
+    summary = make_synthetic_dataset(data, **settings)
+    return data, f"{summary.total()} synthetic X-rays written to {data}"
+
+
+def real_data(source: str, out: Path, seed: int) -> tuple[Path, str, str]:
+    """(data root, what it is, the comparison split in words) for ``--data``.
+
+    A folder with a test/ split is used as it is. A train-only one gets a patient-grouped
+    HOLDOUT_FRACTION of its train images held out as test/ (files copied into ``out/real_data``)
+    before anything trains, so neither the baseline nor the sweep ever sees them."""
+    dataset = discover(source)
+    if "test" in dataset.splits:
+        return Path(source), f"the X-rays in {source}", f"the test split of {source}"
+    records = training_records(dataset)
+    kept, held = split_by_patient(records, HOLDOUT_FRACTION, seed)
+    where = (f"a patient-grouped {HOLDOUT_FRACTION:.0%} of {source}'s training images held out before training "
+             f"(seed {seed}; {source} has no test split)")
+    root = out / "real_data"
+    wanted = {"source": str(Path(source).resolve()), "seed": seed, "fraction": HOLDOUT_FRACTION}
+    if root.exists() and any(root.iterdir()):
+        marker = root / HOLDOUT_MARKER
+        if not marker.is_file() or json.loads(marker.read_text()) != wanted:
+            raise PneumoniaError(f"{root} holds another data copy than --data {source} --seed {seed}: "
+                                 "choose another --out (or remove that folder)")
+        return root, f"the copy of {source} already in {root}", where
+    for split, part in (("train", kept), ("test", held)):
+        for record in part:
+            target = root / split / record.class_name / Path(record.location).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(record.location, target)
+            except OSError:  # another file system
+                shutil.copyfile(record.location, target)
+    (root / HOLDOUT_MARKER).write_text(json.dumps(wanted))
+    return root, f"{len(kept)} training and {len(held)} held-out X-rays of {source} in {root}", where
+
+
+@dataclass
+class TuningOutcome:
+    """The untuned baseline and the sweep (each a pneumonia.training.sweep.TuneResult) and their
+    comparison on the test split at the same target recall."""
+
+    baseline: Any
+    tuned: Any
+    comparison: Any  # pneumonia.evaluation.compare.MatchedComparison, baseline first
+    tuned_test: Any  # the tuned checkpoint's Evaluation on the test split
+
+    @property
+    def helped(self) -> bool:
+        """Whether the tuned model's test precision at matched recall beats the baseline's."""
+        first, last = self.comparison.models
+        return last.test["precision"] > first.test["precision"]
+
+
+def baseline_and_tuned(sweep_config, data: str, name: str, progress=print) -> TuningOutcome:
+    """The demo's tuning story on ``data``: the untuned baseline (the sweep's recipe, searched values
+    fixed: pneumonia.training.sweep.untuned_config) and the sweep, each winner chosen by the same
+    rule, then both scored on the test split, each at its validation threshold for the target recall."""
+    from pneumonia.evaluation.compare import ModelScores, compare_at_target_recall  # lazy: scikit-learn
+    from pneumonia.evaluation.evaluate import VALIDATION, evaluate_checkpoint  # lazy: scikit-learn
+
+    sweep_config = with_overrides(sweep_config, {"run.name": f"tune-{name}"})
+    baseline = tune(untuned_config(sweep_config, name=f"baseline-{name}"), data, progress=progress)
+    tuned = tune(sweep_config, data, progress=progress)
+    shutdown_ray()
+    scores, tests = {}, {}
+    for label, result in (("baseline", baseline), ("tuned", tuned)):
+        tests[label] = evaluate_checkpoint(result.best_checkpoint, data)
+        scores[label] = ModelScores.from_evaluations(
+            evaluate_checkpoint(result.best_checkpoint, data, split=VALIDATION), tests[label])
+    objective = sweep_config.objective
+    comparison = compare_at_target_recall(scores, objective.target_recall, rule=objective.threshold_rule,
+                                          confidence=objective.confidence, samples=objective.bootstrap_samples)
+    return TuningOutcome(baseline, tuned, comparison, tests["tuned"])
 
 
 def cmd_demo(args) -> None:
-    """Synthetic data -> distributed training -> sweep -> serving artifact -> report -> a live
-    service answering a few requests, on a local Ray."""
+    """Data -> baseline and sweep -> serving artifact -> baseline vs tuned at matched recall ->
+    report -> a live service answering a few requests, on a local Ray."""
     from pneumonia.artifacts.export import export  # lazy: scikit-learn
-    from pneumonia.evaluation.compare import ModelScores, compare_at_target_recall  # lazy: scikit-learn
-    from pneumonia.evaluation.evaluate import VALIDATION, evaluate_artifact, evaluate_checkpoint  # lazy: scikit-learn
     from pneumonia.evaluation.report import write_report  # lazy: matplotlib and scikit-learn
-    from pneumonia.metrics.binary import format_table  # lazy: scikit-learn
 
     require_output_folder(args.out, "--out")
     out = Path(args.out).resolve()
-    data = out / "data"
-    if data.exists() and any(data.iterdir()):
-        print(f"[1/6] using the synthetic dataset already in {data}")
+    seed = args.seed
+    real = args.data is not None
+    if real:
+        data, what, split_words = real_data(args.data, out, seed)
     else:
-        summary = make_synthetic_dataset(data, n=args.n, seed=0, image_size=128)
-        print(f"[1/6] wrote {summary.total()} synthetic X-rays to {data}")
-    # One recipe, one budget, one validation carve for the baseline and the sweep: the baseline is
-    # the sweep's own recipe untuned (its learning rate, NORMAL class weight 1), so the comparison
-    # below is about tuning, not about more epochs or an easier validation split.
-    sweep_config = with_overrides(load_config(_quick_sweep_config()), {
-        "run.storage": str(out / "sweeps"), "tune.num_samples": args.samples, "train.epochs": args.epochs,
-        "scaling.workers": args.workers,
+        data, what = synthetic_data(out, args.n, seed)
+        split_words = "the held-out synthetic test split"
+    print(f"[1/6] data: {what}", flush=True)
+
+    overrides: dict[str, Any] = {
+        "run.storage": str(out / "sweeps"), "scaling.workers": args.workers,
+        # One seed for the validation carve, the weights and shuffling, and the search.
+        "data.seed": seed, "train.seed": seed, "tune.seed": seed,
         # Every step in one MLflow store (`mlflow ui --backend-store-uri sqlite:///demo_out/mlflow.db`).
         "tracking.uri": os.environ.get(ENV_URI) or f"sqlite:///{out / 'mlflow.db'}",
-    })
-    config = with_overrides(sweep_config.model_copy(update={"tune": None}), {"run.storage": str(out / "runs")})
-    print(f"[2/6] training the untuned baseline (xraynet, {args.epochs} epochs) on {args.workers} Ray workers")
-    result = train(config, str(data), progress=lambda line: print(line, flush=True))
-    evaluation = evaluate_checkpoint(result.best_checkpoint, str(data))
-    print(format_table(evaluation.metrics, f"test metrics of the best checkpoint at threshold 0.5 ({evaluation.split})"))
+    }
+    for key, value in (("tune.num_samples", args.samples), ("train.epochs", args.epochs),
+                       ("data.image_size", args.image_size)):
+        if value is not None:
+            overrides[key] = value
+    sweep_config = with_overrides(load_config(_sweep_config_file("quick_real.yaml" if real else "quick.yaml")),
+                                  overrides)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    objective, epochs = sweep_config.objective, sweep_config.train.epochs
+    searched = ", ".join(f"{key.split('.')[-1]}={value}" for key, value in
+                         ((key, _value_at(sweep_config.model_dump(), key)) for key in sweep_config.tune.space))
+    rule = score_rule(objective.metric)
 
-    print(f"[3/6] Ray Tune sweep ({args.samples} trials of {args.epochs} epochs): learning rate x NORMAL class weight, "
-          f"objective precision at recall >= {sweep_config.objective.target_recall}")
-    swept = tune(sweep_config, str(data), progress=lambda line: print(line, flush=True))
-    print(f"best trial: {swept.best_params}, precision {swept.objective:.3f} at threshold {swept.threshold:.3f}")
-    shutdown_ray()
+    print(f"[2/6] the untuned baseline: the sweep's recipe with {searched}, {epochs} epochs, "
+          f"{args.workers} Ray workers", flush=True)
+    print(f"[3/6] then a Ray Tune sweep: {sweep_config.tune.num_samples} trials of {epochs} epochs over "
+          f"{' x '.join(sweep_config.tune.space)}; a trial's score: {rule}", flush=True)
+    outcome = baseline_and_tuned(sweep_config, str(data), name=stamp, progress=lambda line: print(line, flush=True))
+    params = ", ".join(f"{key.split('.')[-1]}={_short(value)}" for key, value in outcome.tuned.best_params.items())
+    print(f"winner: {params}; validation score {outcome.tuned.objective:.3f} "
+          f"(baseline {outcome.baseline.objective:.3f})", flush=True)
 
-    print(f"[4/6] exporting the best checkpoint to the registry {out / 'registry'}")
-    exported = export(swept.best_checkpoint, str(out / "registry"), data_root=str(data))
-    print(f"artifact {exported.version}: {exported.artifact}\n  {exported.operating_point.summary()}")
+    print(f"[4/6] exporting the winner to the registry {out / 'registry'}", flush=True)
+    exported = export(outcome.tuned.best_checkpoint, str(out / "registry"), data_root=str(data))
+    print(f"artifact {exported.version}: {exported.artifact}", flush=True)
 
-    print("[5/6] evaluating the artifact on the held-out synthetic test split")
-    tuned = evaluate_artifact(exported.artifact, str(data))
-    files = write_report(out / "report", tuned.labels, tuned.probabilities, tuned.metrics["threshold"],
-                         title="Demo: tuned model on the synthetic test split",
-                         details={"artifact": exported.artifact, "data": str(data), "split": tuned.split},
-                         groups=tuned.patient_ids, threshold_choice=exported.operating_point.to_json())
-    print(format_table(tuned.metrics, "test metrics of the tuned artifact at its validation-chosen threshold"))
-    # Before and after tuning at the same target recall: at 0.5 the baseline can show a higher
-    # precision only because it flags fewer children (and misses more of the sick ones).
-    objective = sweep_config.objective
-    comparison = compare_at_target_recall(
-        {"baseline (untuned)": ModelScores.from_evaluations(
-            evaluate_checkpoint(result.best_checkpoint, str(data), split=VALIDATION), evaluation),
-         "tuned": ModelScores.from_evaluations(evaluate_artifact(exported.artifact, str(data), split=VALIDATION),
-                                               tuned)},
-        objective.target_recall, rule=objective.threshold_rule, confidence=objective.confidence,
-        samples=objective.bootstrap_samples,
-    )
-    print(comparison.table())
-    print(comparison.sentence())
-    print(f"report: {files.html}")
+    print(f"[5/6] baseline and tuned on {split_words}, each at its validation threshold for recall "
+          f">= {objective.target_recall:g}", flush=True)
+    comparison, tuned_test = outcome.comparison, outcome.tuned_test
+    print(comparison.table(), flush=True)
+    first, last = comparison.models
+    helped = outcome.helped
+    tuned_at = last.chosen.threshold
+    files = write_report(out / "report", tuned_test.labels, tuned_test.probabilities, tuned_at,
+                         title=f"Demo: tuned model on {split_words}",
+                         details={"artifact": exported.artifact, "data": str(data), "split": split_words,
+                                  "seed": seed, "comparison": comparison.to_json()},
+                         groups=tuned_test.patient_ids, threshold_choice=last.chosen.to_json())
+    print(f"report: {files.html}", flush=True)
 
     port = args.serve_port or free_port()
-    print(f"[6/6] serving {exported.version} with Ray Serve on http://127.0.0.1:{port}, sending test X-rays")
+    print(f"[6/6] serving {exported.version} with Ray Serve on http://127.0.0.1:{port}, sending test X-rays",
+          flush=True)
     samples = [path for label in CLASS_NAMES for path in sorted((data / "test" / label).iterdir())[:3]]
     # Loopback, open on purpose: the demo's own client sends no token (docs/security-serving.md).
     with local_service.local_service(exported.artifact, port=port, app_args={"no_auth": True}) as url:
@@ -104,3 +210,40 @@ def cmd_demo(args) -> None:
     print(f"experiment tracking: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:")
           else f"experiment tracking: {uri}")
 
+    verdict = _verdict(comparison, helped, seed, split_words)
+    payload = {
+        "seed": seed, "data": str(data), "split": split_words, "target_recall": objective.target_recall,
+        "baseline": _point(first), "tuned": _point(last), "tuning_helped": helped,
+        "best_params": outcome.tuned.best_params, "selection": rule,
+        "artifact": exported.artifact, "report": str(files.html), "verdict": verdict,
+    }
+    if args.json:
+        print(verdict)  # the same sentence, above the JSON line
+    emit(payload, args.json, verdict)
+
+
+def _point(model) -> dict[str, float]:
+    """A model's test precision and recall at its validation-chosen threshold."""
+    return {"precision": float(model.test["precision"]), "recall": float(model.test["recall"]),
+            "threshold": float(model.chosen.threshold)}
+
+
+def _verdict(comparison, helped: bool, seed: int, split_words: str) -> str:
+    """The demo's last sentence: whether tuning helped on this seed, plainly."""
+    first, last = comparison.models
+    figures = (f"test precision {last.test['precision']:.3f} against {first.test['precision']:.3f} "
+               f"(test recall {last.test['recall']:.3f} against {first.test['recall']:.3f}) on {split_words}")
+    if helped:
+        return f"Seed {seed}: tuning helped: the tuned model is more precise at the same target recall, {figures}."
+    return (f"Seed {seed}: tuning did NOT help: the tuned model is not more precise than the untuned baseline "
+            f"at the same target recall, {figures}.")
+
+
+def _value_at(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -152,15 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(func=commands.cmd_predict)
 
-    demo = subcommands.add_parser("demo", help="synthetic data -> training -> sweep -> artifact -> report")
+    demo = subcommands.add_parser("demo", help="data -> baseline and sweep -> artifact -> baseline vs tuned -> serving")
     demo.add_argument("--out", default="demo_out", help="working folder (default ./demo_out)")
-    demo.add_argument("--n", type=number(int, MIN_IMAGES), default=800)
+    demo.add_argument("--data", help="real X-rays instead of synthetic ones: a folder DIR/{train,test}/{NORMAL,PNEUMONIA} "
+                      "or DIR/train only (then a patient-grouped 15%% of train is held out to compare on); "
+                      "uses tune_configs/quick_real.yaml")
+    demo.add_argument("--seed", type=number(int, 0), default=0,
+                      help="seeds the synthetic data, the validation carve, training and the search (default 0)")
+    demo.add_argument("--n", type=number(int, MIN_IMAGES), default=800, help="synthetic images (default 800)")
+    demo.add_argument("--image-size", type=config_number("data.image_size"), default=None,
+                      help="pixels per side the models see (default: the sweep config's)")
     demo.add_argument("--workers", type=config_number("scaling.workers"), default=2)
-    demo.add_argument("--epochs", type=config_number("train.epochs"), default=6,
-                      help="epochs of the baseline and of every sweep trial (one budget for both; default 6)")
-    demo.add_argument("--samples", type=config_number("tune.num_samples"), default=4, help="sweep trials (default 4)")
+    demo.add_argument("--epochs", type=config_number("train.epochs"), default=None,
+                      help="epochs of the baseline and of every sweep trial (one budget for both; "
+                      "default: the sweep config's, 6 synthetic, 4 real)")
+    demo.add_argument("--samples", type=config_number("tune.num_samples"), default=None,
+                      help="sweep trials (default: the sweep config's, 4 synthetic, 3 real)")
     demo.add_argument("--serve-port", type=number(int, 0, 65535), default=0,
                       help="port for the final service (default 0: a free one)")
+    demo.add_argument("--json", action="store_true",
+                      help="last line: one JSON object (baseline, tuned, tuning_helped, artifact, report, seed)")
     demo.set_defaults(func=demo_command.cmd_demo)
 
     add_score_parser(subcommands)  # pneumonia score: batch scoring with Ray Data (pneumonia.scoring)

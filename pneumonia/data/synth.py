@@ -9,6 +9,13 @@ non-trivial signal: pneumonia shows up as soft opacities inside the lung
 fields, while global brightness/contrast is jittered so that a model cannot
 cheat with whole-image statistics.
 
+Like the real problem, the healthy class need not be clean: ``confusable_fraction`` of the NORMAL
+children get faint infiltrate-like shadows (in real films: thymus, overlapping soft tissue,
+crowded vessels or a little atelectasis on expiration). They are smooth where pneumonia is
+mottled, and fainter, but they overlap with faint viral cases, so a model that is told little
+about NORMAL (the minority class) flags them; what a high-recall operating point costs in
+precision then depends on the NORMAL class weight and the learning rate, as it does on real X-rays.
+
 Only numpy and Pillow are used so the generator runs anywhere the package
 imports, without TensorFlow or Ray.
 """
@@ -42,6 +49,8 @@ LUNG_CENTERS = ((-0.4, 0.0), (0.4, 0.0))
 LUNG_AXES = (0.29, 0.6)
 _LUNG_DARKNESS = 0.36
 _OPACITY_CEILING = 0.4
+CONFUSABLE_KIND = "normal_confusable"
+"""The drawing of a NORMAL child whose film shows infiltrate-like shadows (``confusable_fraction``)."""
 
 MARKER_FILE = ".dataset.json"
 """Written at the dataset root: says the images are synthetic, so that an artifact trained on them
@@ -68,7 +77,7 @@ class _Record:
     split: str
     label: str
     filename: str
-    kind: str  # "normal", "bacteria" or "virus"
+    kind: str  # "normal", "bacteria" or "virus" (a NORMAL one may be drawn as CONFUSABLE_KIND)
 
 
 # --------------------------------------------------------------------------
@@ -93,8 +102,10 @@ def render_xray(
     return _render(rng, size, kind, difficulty)
 
 
-def _render(rng: np.random.Generator, size: int, kind: str, difficulty: float) -> np.ndarray:
-    """Compose anatomy, optional infiltrates, noise and exposure jitter."""
+def _render(rng: np.random.Generator, size: int, kind: str, difficulty: float,
+            confusable_strength: float = 0.0) -> np.ndarray:
+    """Compose anatomy, optional infiltrates (or, for CONFUSABLE_KIND, infiltrate-like shadows of
+    ``confusable_strength``), noise and exposure jitter."""
     x, y = _body_grid(rng, size)
     body = _soft_ellipse(x, y, 0.0, 0.2, 0.92, 1.1, edge=0.08, power=3)
     neck = _soft_ellipse(x, y, 0.0, -1.0, 0.24, 0.3, edge=0.2)
@@ -107,7 +118,9 @@ def _render(rng: np.random.Generator, size: int, kind: str, difficulty: float) -
     img += _spine(x, y) * tissue
     img += _ribs(rng, x, y) * (lungs + 0.25 * body)
     img += _smooth_field(rng, size, cells=4, scale=0.05)
-    if kind != "normal":
+    if kind == CONFUSABLE_KIND:
+        img += _shadows(rng, x, y, size, confusable_strength) * lungs
+    elif kind != "normal":
         img += _infiltrates(rng, x, y, size, kind, difficulty) * lungs
     img += rng.standard_normal((size, size), dtype=np.float32) * (0.025 * (1 + difficulty))
     img = _exposure(rng, img)
@@ -197,6 +210,21 @@ def _infiltrates(rng: np.random.Generator, x, y, size: int, kind: str, difficult
     return _OPACITY_CEILING * np.tanh(opacity * mottle / _OPACITY_CEILING)
 
 
+def _shadows(rng: np.random.Generator, x, y, size: int, strength: float):
+    """Infiltrate-like shadows on a healthy child's film: 1-3 soft, broad patches, mostly
+    perihilar (near the heart and the lung roots), as dense as a faint viral infiltrate times
+    ``strength`` but smooth, without the mottled texture of fluid-filled alveoli."""
+    opacity = np.zeros_like(x)
+    for _ in range(int(rng.integers(1, 4))):
+        cx, cy = _point_in_lung(rng)
+        cx *= rng.uniform(0.5, 0.9)  # towards the hila
+        sigma = rng.uniform(0.12, 0.2)
+        amp = rng.uniform(0.18, 0.3) * strength
+        opacity += amp * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma * sigma))
+    smooth = 1.0 + _smooth_field(rng, size, cells=4, scale=0.05)
+    return _OPACITY_CEILING * np.tanh(opacity * smooth / _OPACITY_CEILING)
+
+
 def _point_in_lung(rng: np.random.Generator) -> tuple[float, float]:
     """Uniform-ish point in the inner part of a randomly chosen lung field."""
     cx, cy = LUNG_CENTERS[rng.integers(0, 2)]
@@ -239,6 +267,8 @@ def make_synthetic_dataset(
     pneumonia_fraction: float = 0.73,
     split_fractions: tuple[float, float, float] = (0.80, 0.04, 0.16),
     difficulty: float = 1.0,
+    confusable_fraction: float = 0.0,
+    confusable_strength: float = 0.6,
 ) -> SynthSummary:
     """Write ``n`` synthetic X-rays under ``out_dir`` in the Kermany layout.
 
@@ -250,14 +280,24 @@ def make_synthetic_dataset(
     datasets are never silently mixed. Raises ValueError for impossible arguments,
     FileExistsError for a non-empty ``out_dir`` and OutputError when it cannot be
     created or written.
+
+    ``confusable_fraction`` of the NORMAL images (0: none, the default) show infiltrate-like
+    shadows ``confusable_strength`` times as dense as a faint viral infiltrate (module docstring);
+    which ones is drawn from a stream of its own, so a fraction of 0 writes the same files as before.
     """
     _validate(n, image_size, pneumonia_fraction, split_fractions, difficulty)
+    _validate_confusable(confusable_fraction, confusable_strength)
     root = Path(out_dir)
     _prepare_root(root)
     write_marker(root, n=n, seed=seed, image_size=image_size, pneumonia_fraction=pneumonia_fraction,
-                 split_fractions=list(split_fractions), difficulty=difficulty)
+                 split_fractions=list(split_fractions), difficulty=difficulty,
+                 **({"confusable_fraction": confusable_fraction, "confusable_strength": confusable_strength}
+                    if confusable_fraction else {}))
 
-    layout_seq, render_seq = np.random.SeedSequence(seed).spawn(2)
+    # A third child stream picks the confusable NORMAL images: the first two (and so every file of
+    # a dataset without them) are the same as with two children.
+    layout_seq, render_seq, confusable_seq = np.random.SeedSequence(seed).spawn(3)
+    confusable = np.random.default_rng(confusable_seq)
     records, patients = _plan_records(
         np.random.default_rng(layout_seq), n, pneumonia_fraction, split_fractions
     )
@@ -266,7 +306,10 @@ def make_synthetic_dataset(
             for label in CLASSES:
                 (root / split / label).mkdir(parents=True, exist_ok=True)
         for record, image_seq in zip(records, render_seq.spawn(len(records))):
-            pixels = _render(np.random.default_rng(image_seq), image_size, record.kind, difficulty)
+            kind = record.kind
+            if kind == "normal" and confusable_fraction and confusable.random() < confusable_fraction:
+                kind = CONFUSABLE_KIND
+            pixels = _render(np.random.default_rng(image_seq), image_size, kind, difficulty, confusable_strength)
             path = root / record.split / record.label / record.filename
             Image.fromarray(pixels).save(path, format="JPEG", quality=_JPEG_QUALITY)
     except OSError as error:  # a full disk, a folder made read-only meanwhile
@@ -294,6 +337,13 @@ def _validate(n, image_size, pneumonia_fraction, split_fractions, difficulty) ->
         )
     if difficulty < 0:
         raise ValueError(f"difficulty must be >= 0, got {difficulty}")
+
+
+def _validate_confusable(fraction, strength) -> None:
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"confusable_fraction must be between 0 and 1, got {fraction}")
+    if not 0.0 < strength <= 2.0:
+        raise ValueError(f"confusable_strength must be in (0, 2], got {strength}")
 
 
 def _prepare_root(root: Path) -> None:

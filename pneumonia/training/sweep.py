@@ -1,10 +1,27 @@
 """Hyperparameter search with Ray Tune, where every trial is a distributed Ray Train run.
 
 Objective: precision at recall >= ``objective.target_recall`` on the patient-grouped validation
-split (ties broken by PR-AUC). Each trial reports every epoch (Ray Train's ``TuneReportCallback``
-forwards the workers' reports), so ASHA can stop poor trials early; Optuna's TPE (or random
-search) proposes the next configuration. Trials checkpoint every epoch into the sweep's storage,
-so an interrupted sweep resumes (``--resume``) losing at most the epochs since those checkpoints.
+split. Each trial reports every epoch (Ray Train's ``TuneReportCallback`` forwards the workers'
+reports), so ASHA can stop poor trials early; Optuna's TPE (or random search) proposes the next
+configuration. Trials checkpoint every epoch into the sweep's storage, so an interrupted sweep
+resumes (``--resume``) losing at most the epochs since those checkpoints.
+
+How the winner is chosen (the selection rule, also written in the results table's ``score_rule``):
+a trial's **score** is the mean of its objective over its last :data:`SMOOTHING_EPOCHS` epochs, not
+its best single epoch. On a validation split of a few dozen NORMAL images one epoch's precision
+at 95% recall swings by several points, and the maximum over trials x epochs of such a noisy
+number picks a lucky spike, not a better recipe (issue 24: a "winner" whose test precision was
+lower than the untuned baseline's). The winner is the trial with the highest score among those that
+ran every epoch (ASHA's stopped trials only when none did; ties broken by PR-AUC), and its model is
+its **last** epoch's checkpoint with that epoch's threshold: with ``train.ema_decay`` (weights
+EMA, as tune_configs/quick.yaml sets) the last checkpoints are steady. Trials therefore keep their
+latest checkpoints (``run.checkpoint_metric: epoch``). ASHA stops and Tune's "current best" ranks
+by the same score (reported as ``smoothed_objective`` every epoch). An untuned baseline compared
+with the winner should go through the same rule: :func:`untuned_config` makes it a one-trial sweep
+of the same recipe, epochs and validation carve, only the searched values fixed.
+
+Each trial has one folder, ``<sweep>/trials/<trial id>/``: Tune's experiment is ``<sweep>/trials``,
+so its trial files and the trial's training run (checkpoints, history.json) share the folder.
 
 The outcome: a results table (CSV and JSON), plots, and the best trial's config, checkpoint and
 decision threshold (the one that reached the objective on validation).
@@ -26,6 +43,7 @@ from pneumonia.artifacts.runs import (
     history_location,
     latest_run,
     load_manifest,
+    read_history,
     resolve_storage,
     validation_metrics,
     write_manifest,
@@ -47,12 +65,31 @@ from pneumonia.training.fit import check_resources, fit_run
 from pneumonia.training.launcher import DRIVER_CPU, finite, result_history, run_trials, trial_function
 from pneumonia.training.plots import plot_learning_curves, plot_objective_map
 from pneumonia.training.supervision import raise_if_interrupted
-from pneumonia.training.worker import best_key, rows_to_records
+from pneumonia.training.worker import rows_to_records
 
 OBJECTIVE = "val_precision_at_recall"
 """The default objective (``objective.metric``); a stress metric such as
 ``val_stress_worst_precision_at_recall`` (with ``stress.enabled``) favours shift-robust trials."""
 TIEBREAK = "val_pr_auc"
+SMOOTHING_EPOCHS = 3
+"""A trial's score is the mean of its objective over this many last epochs (module docstring)."""
+SCORE = "smoothed_objective"
+"""What each trial reports as its score every epoch (what ASHA and Tune's table rank by)."""
+CURRENT = "objective"
+"""The epoch's own objective, as reported next to the score (short names: Tune's table cuts at 20 characters)."""
+
+
+def score_rule(objective: str) -> str:
+    """The selection rule in words, for the results table and the demo."""
+    return (f"mean {objective} of the last {SMOOTHING_EPOCHS} epochs; winner among trials that ran every epoch; "
+            f"model: its last epoch's checkpoint")
+
+
+def smoothed(values: list[float]) -> float | None:
+    """The score of a trial whose objective went through ``values`` (epoch order): the mean of the
+    last :data:`SMOOTHING_EPOCHS` finite ones, None when there is none."""
+    numbers_ = [float(value) for value in values if finite(value)][-SMOOTHING_EPOCHS:]
+    return sum(numbers_) / len(numbers_) if numbers_ else None
 
 
 @dataclass
@@ -105,8 +142,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], storage: str, tri
     run = config.run.model_copy(update={
         "storage": storage,
         "name": trial_id,
-        # Keep the checkpoints that are best by the sweep's objective, not by ROC-AUC.
-        "checkpoint_metric": config.objective.metric,
+        # Keep the latest checkpoints: a trial's model is its last epoch's (the selection rule above).
+        "checkpoint_metric": "epoch",
         "checkpoint_mode": "max",
     })
     return config.model_copy(update={"run": run, "tune": None})
@@ -125,8 +162,46 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: s
                     params=flatten(config.model_dump(exclude={"tune"})),
                     tags={"pneumonia.trial_id": trial_id, **{f"pneumonia.searched.{key}": str(value)
                                                              for key, value in params.items()}})
-    fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[TuneReportCallback()],
+    objective = config.objective.metric
+    # Epochs a resumed trial ran before (its workers' history): the score spans them too.
+    earlier = {row["epoch"]: row.get(objective) for row in read_history(history_location(trials_storage, trial_id))}
+
+    class ReportScore(TuneReportCallback):
+        """Forward each epoch to Tune led by the trial's score, its objective and ROC-AUC under
+        short, distinct names (Tune's table shows the first four metrics, cut to 20 characters)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and finite(metrics[0].get(objective)) and "epoch" in metrics[0]:
+                row = metrics[0]
+                earlier[row["epoch"]] = row[objective]
+                values = [earlier[epoch] for epoch in sorted(earlier) if epoch <= row["epoch"]]
+                score = smoothed(values)
+                lead = {SCORE: float("nan") if score is None else score, CURRENT: row[objective], "roc_auc": row.get("val_roc_auc"),
+                        "epoch": row["epoch"]}
+                metrics = [{**lead, **row}, *metrics[1:]]
+            super().after_report(run_context, metrics, checkpoint)
+
+    fit_run(config, rows_to_records(train_rows), rows_to_records(val_rows), callbacks=[ReportScore()],
             label=f"trial {trial_id}", watch=False, tracking=own)
+
+
+def untuned_config(config: ExperimentConfig, name: str = "baseline") -> ExperimentConfig:
+    """The sweep's recipe untuned, as a one-trial sweep: every searched key fixed at the config's own
+    value (a NORMAL class weight of 1 unless the config says otherwise), no search, no early
+    stopping, same epochs, validation carve and selection rule, run as sweep ``name``."""
+    if config.tune is None:
+        raise ConfigError("the config has no `tune:` section (see tune_configs/quick.yaml)")
+    base = config.model_dump(exclude={"tune"})
+    space = {}
+    for key in config.tune.space:
+        node: Any = base
+        for part in key.split("."):
+            node = node[part]
+        space[key] = {"type": "choice", "values": [node]}
+    tune_section = {**config.tune.model_dump(), "num_samples": 1, "search": "random", "scheduler": "none",
+                    "max_concurrent_trials": 1, "space": space}
+    run = {**base["run"], "name": name}
+    return config_from_dict({**base, "run": run, "tune": tune_section}, source="untuned baseline")
 
 
 def tune(
@@ -211,7 +286,7 @@ def _sweep(config: ExperimentConfig, name: str, storage: str, resume: bool, trai
             trainable,
             param_space=search_space(sweep.space),
             tune_config=ray_tune.TuneConfig(
-                metric=best_key(config.objective.metric),  # the trial's best epoch, as the table below keeps
+                metric=SCORE,  # the trial's smoothed objective: what ASHA stops by and the winner is chosen by
                 mode="max",
                 num_samples=sweep.num_samples,
                 # random search's generator carries the cap itself (Tune would warn it ignores this)
@@ -221,14 +296,15 @@ def _sweep(config: ExperimentConfig, name: str, storage: str, resume: bool, trai
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=ray_tune.RunConfig(
-                name=name,
+                # Tune's experiment is <sweep>/trials: its trial folders are the trials' training runs.
+                name=f"{name}/{TRIALS_FOLDER}",
                 storage_path=storage,
                 verbose=1,
                 failure_config=ray_tune.FailureConfig(max_failures=1),
             ),
         )
 
-    grid, statuses = run_trials(trainable, sweep_path, resume, new_tuner, config, f"sweep {name}",
+    grid, statuses = run_trials(trainable, trials_storage, resume, new_tuner, config, f"sweep {name}",
                                 history_of=lambda trial: history_location(trials_storage, trial.trial_id))
     close_children(tracking, grid, statuses, lambda result: join(trials_storage, Path(result.path).name), warn=progress)
     resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"
@@ -252,56 +328,62 @@ def _searcher(sweep):
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
 
 
-def _best_row(rows: list[dict[str, Any]], objective: str = OBJECTIVE) -> dict[str, Any] | None:
-    eligible = [row for row in rows if row.get("checkpoint_path") and finite(row.get(objective))]
-    if not eligible:
-        return None
-    return max(eligible, key=lambda row: (row[objective], row.get(TIEBREAK, 0.0)))
+def trial_score(history: list[dict[str, Any]], objective: str = OBJECTIVE) -> tuple[float | None, dict[str, Any] | None]:
+    """(score, model row) of a trial: its smoothed objective (:func:`smoothed`) and the last epoch
+    that has a checkpoint (its model), or (None, None) when it has neither."""
+    score = smoothed([row.get(objective) for row in history])
+    with_checkpoint = [row for row in history if row.get("checkpoint_path")]
+    if score is None or not with_checkpoint:
+        return None, None
+    return score, with_checkpoint[-1]
 
 
 def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
                     statuses: dict[str, str] | None = None) -> TuneResult:
-    """Results table, plots and the best checkpoint across every trial and epoch.
+    """Results table, plots and the winner by the selection rule (module docstring).
 
     ``statuses`` (:func:`pneumonia.training.supervision.saved_statuses`) keep an interrupted sweep's table
     honest: a trial stopped mid-run is INTERRUPTED, one that never ran NOT_STARTED, never TERMINATED.
     """
     objective = config.objective.metric
+    rule = score_rule(objective)
     trials: list[dict[str, Any]] = []
-    best: tuple[tuple[float, float], dict[str, Any], dict[str, Any]] | None = None
+    candidates: list[tuple[bool, float, float, dict[str, Any], dict[str, Any]]] = []
     for result in grid:
         params = {key: value for key, value in (result.config or {}).items() if key in config.tune.space}
         history = result_history(result)
-        row = _best_row(history, objective)
+        score, row = trial_score(history, objective)
         last = history[-1] if history else {}
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        epochs = int(last.get("epoch", 0))
         trials.append({
             "trial_id": trial_id,
             "status": (statuses or {}).get(trial_id) or ("ERROR" if result.error else "TERMINATED"),
             **{f"param:{key}": value for key, value in params.items()},
-            "objective": row[objective] if row else None,
+            "objective": score,
+            "last_objective": row.get(objective) if row else None,
             "pr_auc": row.get(TIEBREAK) if row else None,
             "roc_auc": row.get("val_roc_auc") if row else None,
             "threshold": row.get("val_threshold") if row else None,
-            "best_epoch": row.get("epoch") if row else None,
-            "epochs": int(last.get("epoch", 0)),
+            "checkpoint_epoch": row.get("epoch") if row else None,
+            "epochs": epochs,
             "time_s": float(last.get("time_total_s", 0.0)),
+            "score_rule": rule,
             "checkpoint": row.get("checkpoint_path") if row else None,
             "curve": [(r.get("epoch"), r.get(objective)) for r in history],
             "error": str(result.error).splitlines()[0] if result.error else None,
         })
         if row is not None:
-            key = (row[objective], row.get(TIEBREAK, 0.0))
-            if best is None or key > best[0]:
-                best = (key, row, params)
-    if best is None:
+            candidates.append((epochs >= config.train.epochs, score, row.get(TIEBREAK, 0.0) or 0.0, row, params))
+    if not candidates:
         errors = [t["error"] for t in trials if t["error"]]
         raise PneumoniaError("no trial produced a checkpoint" + (f"; first error: {errors[0]}" if errors else ""))
-    _, row, params = best
+    _, score, _, row, params = max(candidates, key=lambda candidate: candidate[:3])
 
     # Written locally: in the sweep folder, or in a scratch folder uploaded next to a remote sweep.
     table = [{k: v for k, v in t.items() if k != "curve"} for t in trials]
-    table.sort(key=lambda t: (t["objective"] is not None, t["objective"] or 0, t["pr_auc"] or 0), reverse=True)
+    table.sort(key=lambda t: (t["objective"] is not None, t["epochs"], t["objective"] or 0, t["pr_auc"] or 0),
+               reverse=True)
     best_config = trial_config(config.model_dump(exclude={"tune"}), params, "", "best").model_dump(exclude={"run", "tune"})
     with staged_directory(sweep_path) as out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -321,7 +403,7 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
         best_checkpoint=qualify(row["checkpoint_path"], sweep_path),
         best_config=best_config,
         best_params=params,
-        objective=float(row[objective]),
+        objective=float(score),
         threshold=float(row["val_threshold"]),
         metrics=metrics,
         results_csv=outputs["results.csv"],
@@ -332,7 +414,8 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
 
 
 def _column_order(name: str) -> tuple[int, str]:
-    first = ["trial_id", "status", "objective", "pr_auc", "roc_auc", "threshold", "best_epoch", "epochs", "time_s"]
+    first = ["trial_id", "status", "objective", "last_objective", "pr_auc", "roc_auc", "threshold", "checkpoint_epoch",
+             "epochs", "time_s", "score_rule"]
     return (first.index(name), name) if name in first else (len(first) + (name == "checkpoint") + (name == "error"), name)
 
 
