@@ -49,7 +49,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from pneumonia.artifacts.registry import resolve_artifact
+from pneumonia.artifacts.registry import refusal_hint, resolve_artifact
 from pneumonia.data.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
 from pneumonia.metrics.drift import (
     DEFAULT_WINDOW,
@@ -104,6 +104,49 @@ logger = logging.getLogger(__name__)
 def _undecodable(name: str, error: ImageDecodeError) -> HTTPError:
     """413 for an image above the pixel limit, 400 for one that cannot be decoded."""
     return HTTPError(413 if isinstance(error, ImageTooLargeError) else 400, f"{name}: {error}")
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data"
+
+
+PART_OUTCOMES = ("classified", "flagged", "refused", "failed")
+
+
+def parts_answer(names: list[str], outcomes: list[Any], answer) -> JSONResponse:
+    """A multipart /predict's answer, one entry per part in the order sent: ``index``, ``file``,
+    ``status`` (what the single-image path answers for that image alone) and ``outcome``:
+
+    - ``classified`` (200): the model's answer (``answer(scored)``: label, probability, ...);
+    - ``flagged`` (200): the guard says it is not a chest X-ray, policy ``flag`` (no label);
+    - ``refused`` (422): the guard says it is not a chest X-ray, policy ``reject``: ``error``
+      (the 422 reason), ``out_of_distribution``, ``ood_score``, ``ood_threshold``;
+    - ``failed`` (400 undecodable, 413 too large): ``error``, the reason.
+
+    The request answers 200 with ``{"predictions": [...], "counts": {...}}`` when at least one
+    part was classified or flagged. When none was, it answers in the error shape,
+    ``{"error": ..., "predictions": [...], "counts": {...}}``, with the status the single-image
+    path would give: the parts' own status when they all share it (all undecodable: 400, all too
+    large: 413, all refused: 422); else 422 when some part was refused (the request was read, its
+    images are not chest X-rays), else 400.
+    """
+    parts = []
+    for index, (name, outcome) in enumerate(zip(names, outcomes)):
+        if isinstance(outcome, HTTPError):
+            kind = "refused" if outcome.status == 422 else "failed"
+            parts.append({"index": index, "file": name, "status": outcome.status, "outcome": kind,
+                          "error": outcome.message, **outcome.fields})
+        else:
+            kind = "flagged" if outcome.out_of_distribution else "classified"
+            parts.append({"index": index, "file": name, "status": 200, "outcome": kind, **answer(outcome)})
+    counts = {kind: sum(part["outcome"] == kind for part in parts) for kind in PART_OUTCOMES}
+    statuses = [part["status"] for part in parts]
+    if 200 in statuses:
+        return JSONResponse({"predictions": parts, "counts": counts})
+    status = statuses[0] if len(set(statuses)) == 1 else (422 if 422 in statuses else 400)
+    reasons = "; ".join(part["error"] for part in parts[:3]) + (f"; and {len(parts) - 3} more" if len(parts) > 3 else "")
+    return json_error(status, f"none of the {len(parts)} files could be classified: {reasons}",
+                      predictions=parts, counts=counts)
 
 
 def _replica_gate() -> GateSettings:
@@ -307,8 +350,14 @@ class Classifier:
         return [("body", body)]
 
     def _check_size(self, name: str, data: bytes | np.ndarray) -> None:
+        error = self._size_error(name, data)
+        if error is not None:
+            raise error
+
+    def _size_error(self, name: str, data: bytes | np.ndarray) -> HTTPError | None:
         if isinstance(data, bytes) and len(data) > self.max_bytes:
-            raise HTTPError(413, f"{name}: {len(data):,} bytes is above the limit of {self.max_bytes:,}")
+            return HTTPError(413, f"{name}: {len(data):,} bytes is above the limit of {self.max_bytes:,}")
+        return None
 
     async def _decode(self, name: str, data: bytes) -> np.ndarray:
         """One image's model input, decoded outside the batch queue (/explain needs the pixels)."""
@@ -320,19 +369,38 @@ class Classifier:
 
     async def _classify(self, items: list[tuple[str, bytes | np.ndarray]], note: Note) -> list[Scored]:
         """Probabilities for named images (encoded bytes or decoded pixels), via the batch queue;
-        the first image that cannot be decoded answers for the request. ``note`` keeps the
-        results for the request's audit line."""
-        for name, data in items:
-            self._check_size(name, data)
-        results = await asyncio.gather(*(self.predict_batch(data) for _, data in items))
-        note.results(results, self.model.threshold)
-        for (name, _), result in zip(items, results):
-            if isinstance(result, ImageDecodeError):
-                raise _undecodable(name, result)
-            if result.out_of_distribution and result.refused:
-                raise HTTPError(422, f"{name}: {NOT_AN_XRAY}; it was not classified", out_of_distribution=True,
-                                **result.guard_fields())
-        return results
+        the first image that cannot be classified answers for the request (its HTTPError)."""
+        outcomes = await self._classify_each(items, note)
+        for outcome in outcomes:
+            if isinstance(outcome, HTTPError):
+                raise outcome
+        return outcomes
+
+    async def _classify_each(self, items: list[tuple[str, bytes | np.ndarray]], note: Note) -> list[Scored | HTTPError]:
+        """Each named image's Scored, or the HTTPError its image alone would be answered with: 413
+        too large, 400 undecodable, 422 refused by the guard. One bad image never stops the others.
+        ``note`` keeps the results and each image's own ``status`` for the request's audit line."""
+        outcomes: list = [self._size_error(name, data) for name, data in items]
+        todo = [index for index, outcome in enumerate(outcomes) if outcome is None]
+        results = await asyncio.gather(*(self.predict_batch(items[index][1]) for index in todo))
+        for index, result in zip(todo, results):
+            outcomes[index] = result
+        note.results(outcomes, self.model.threshold)
+        for index, ((name, _), outcome) in enumerate(zip(items, outcomes)):
+            if isinstance(outcome, ImageDecodeError):
+                outcomes[index] = _undecodable(name, outcome)
+            elif isinstance(outcome, Scored) and outcome.out_of_distribution and outcome.refused:
+                outcomes[index] = self._refusal(name, outcome)
+        for entry, outcome in zip(note.images, outcomes):  # empty when the request is not audited
+            entry["status"] = outcome.status if isinstance(outcome, HTTPError) else 200
+        return outcomes
+
+    def _refusal(self, name: str, scored: Scored) -> HTTPError:
+        """The 422 of an image the guard refuses; an artifact trained on synthetic images says
+        that this is why a real X-ray is refused, and how to get a model that answers it."""
+        hint = refusal_hint(self.model.metadata)
+        return HTTPError(422, f"{name}: {NOT_AN_XRAY}; it was not classified" + (f". {hint}" if hint else ""),
+                         out_of_distribution=True, **scored.guard_fields(), **self.model.warned())
 
     async def _guarded(self, work):
         """Run a prediction route's work: admission first (overload is a quick JSON 503, not a
@@ -353,13 +421,18 @@ class Classifier:
 
     @api.post("/predict")
     async def predict(self, request: Request):
+        """One image as the raw body: its answer (200), or its error (400, 413, 422) for the
+        request. Several as multipart ``file`` fields: each part's answer or error side by side,
+        in the order sent (:func:`parts_answer`: 200 when any part was classified or flagged)."""
         async def work():
             items = await self._body_images(request)
-            scored = await self._classify(items, note_of(request.scope.get("state")))
-            answers = [self.model.answer(answer) for answer in scored]
-            if len(items) == 1 and items[0][0] == "body":
-                return JSONResponse(answers[0])  # plain JSON types: skips FastAPI's generic encoder
-            return JSONResponse({"predictions": [{"file": name, **answer} for (name, _), answer in zip(items, answers)]})
+            note = note_of(request.scope.get("state"))
+            if not _is_multipart(request):  # one image: its answer, or its error for the request
+                scored = await self._classify(items, note)
+                return JSONResponse(self.model.answer(scored[0]))  # plain JSON types: skips FastAPI's encoder
+            # Several: each part's own answer or error, side by side (parts_answer has the statuses).
+            outcomes = await self._classify_each(items, note)
+            return parts_answer([name for name, _ in items], outcomes, self.model.answer)
 
         return await self._guarded(work())
 

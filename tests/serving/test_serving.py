@@ -171,6 +171,38 @@ def test_multipart_with_several_files(server):
     assert [item["file"] for item in answer["predictions"]] == ["x0.png", "x1.png"]
 
 
+def multipart(parts: list[tuple[str, bytes, str]], boundary: str = "partsboundary") -> tuple[bytes, str]:
+    """(body, content type) of a multipart request with one `file` field per (name, data, type)."""
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+                    f"Content-Type: {kind}\r\n\r\n".encode() + data + b"\r\n" for name, data, kind in parts)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_answers_each_part_in_order_and_a_bad_one_fails_alone(server, shared_data):
+    """A real X-ray, a text file and a PNG: 200, the text file failed (its 400 reason) between two
+    classified images, each with its file name and index in the order sent (issue 24)."""
+    xray = sorted((shared_data / "chest_xray_val16").glob("*/*.jpeg"))[0]
+    body, kind = multipart([("chest.jpeg", xray.read_bytes(), "image/jpeg"), ("notes.txt", b"ward notes", "text/plain"),
+                            ("second.png", _png(np.full((40, 40), 90, np.uint8)), "image/png")])
+    status, answer = request(f"{server}/predict", body, kind)
+    assert status == 200, answer
+    parts = answer["predictions"]
+    assert [(part["index"], part["file"], part["outcome"], part["status"]) for part in parts] == [
+        (0, "chest.jpeg", "classified", 200), (1, "notes.txt", "failed", 400), (2, "second.png", "classified", 200)]
+    assert parts[0]["label"] in ("NORMAL", "PNEUMONIA") and 0 <= parts[0]["probability"] <= 1
+    assert parts[1]["error"].startswith("notes.txt: ") and "label" not in parts[1]
+    assert answer["counts"] == {"classified": 2, "flagged": 0, "refused": 0, "failed": 1}
+
+    # None readable: the single-image status (400) in the error shape, with every part's reason.
+    body, kind = multipart([("a.txt", b"first", "text/plain"), ("b.txt", b"second", "text/plain")])
+    status, answer = request(f"{server}/predict", body, kind)
+    assert status == 400 and answer["error"].startswith("none of the 2 files could be classified: a.txt: "), answer
+    assert [(part["file"], part["outcome"]) for part in answer["predictions"]] == [("a.txt", "failed"), ("b.txt", "failed")]
+    # One image as the raw body answers as before: its error alone.
+    status, answer = request(f"{server}/predict", b"ward notes", "image/jpeg")
+    assert status == 400 and list(answer) == ["error"], answer
+
+
 def test_parallel_requests_are_batched(server):
     body = _png(np.full((50, 50), 120, np.uint8))
     with ThreadPoolExecutor(max_workers=16) as pool:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pneumonia.models.ood import NOT_AN_XRAY
 from tests.serving.test_serving_ops import serve_port  # noqa: F401  (Serve started on a free port, per module)
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -47,8 +48,9 @@ def artifact(tmp_path_factory):
     return export_guarded(tmp_path_factory.mktemp("serving-ood"))
 
 
-def export_guarded(root):
-    """A small model's artifact whose guard passes INSIDE and refuses OUTSIDE (made to order)."""
+def export_guarded(root, training_data: dict | None = None):
+    """A small model's artifact whose guard passes INSIDE and refuses OUTSIDE (made to order);
+    ``training_data`` as export records it (``{"synthetic": True, ...}``: the demo's kind of model)."""
     from pneumonia.artifacts.publish import export_artifact
     from pneumonia.config import ExperimentConfig, ModelConfig
     from pneumonia.data.preprocess import PreprocessSpec, decode_image
@@ -68,7 +70,8 @@ def export_guarded(root):
     guard = Guard(means=features[:1].astype(np.float64), precision=np.eye(features.shape[1]),
                   threshold=distance / 2, pass_rate=0.99, fitted_on=1, calibrated_on=1, validation_pass_rate=1.0)
     return export_artifact(str(root / "ckpt"), root / "registry", threshold=0.5, target_recall=0.95,
-                           validation_metrics={}, training_config=ExperimentConfig().model_dump(), guard=guard)
+                           validation_metrics={}, training_config=ExperimentConfig().model_dump(), guard=guard,
+                           training_data=training_data)
 
 
 def _deploy(artifact, port: int, **args) -> str:
@@ -155,6 +158,64 @@ def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact,
     assert any(bound == pytest.approx(threshold, rel=1e-6) for bound in buckets), (threshold, buckets)
     drift = json.loads(urllib.request.urlopen(f"{url}/model", timeout=60).read())["drift"]
     assert drift["images"] == 1 and drift["level"] == "no reference" and drift["value"] is None
+
+
+def _multipart(parts: list[tuple[str, bytes]], boundary: str = "oodboundary") -> tuple[bytes, str]:
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+                    "Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for name, data in parts)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_synthetic_trained_models_refusals_say_why_and_multipart_answers_each_part(tmp_path_factory, tmp_path,
+                                                                                    serve_port):
+    """The demo's kind of model refuses real X-rays: every refusal (/predict, OIP infer, each refused
+    part of a multipart /predict) says it was trained on synthetic data and names `pneumonia demo
+    --data DIR`; a multipart request answers classified, refused and failed parts side by side, and
+    the audit line gives each image its own status (issue 24)."""
+    import time
+
+    from pneumonia.artifacts.registry import SYNTHETIC_REFUSAL, SYNTHETIC_WARNING
+
+    synthetic = export_guarded(tmp_path_factory.mktemp("serving-ood-synthetic"),
+                               training_data={"synthetic": True, "roots": ["/data/synthetic"]})
+    url = _deploy(synthetic, serve_port, audit_log=str(tmp_path / "audit.jsonl"))
+
+    status, answer = _post(f"{url}/predict", OUTSIDE)
+    assert status == 422 and answer["error"] == f"body: {NOT_AN_XRAY}; it was not classified. {SYNTHETIC_REFUSAL}"
+    assert "pneumonia demo --data DIR" in answer["error"] and answer["warning"] == SYNTHETIC_WARNING
+    infer = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                         "data": [base64.b64encode(OUTSIDE).decode()]}]}
+    status, answer = _post(f"{url}/v2/models/{synthetic.metadata['name']}/infer", json.dumps(infer).encode(),
+                           "application/json")
+    assert status == 422 and SYNTHETIC_REFUSAL in answer["error"], answer
+
+    body, kind = _multipart([("inside.png", INSIDE), ("photo.png", OUTSIDE), ("notes.png", b"not an image")])
+    status, answer = _post(f"{url}/predict", body, kind)
+    assert status == 200, answer
+    inside, photo, notes = answer["predictions"]
+    assert (inside["index"], inside["file"], inside["outcome"], inside["status"]) == (0, "inside.png", "classified", 200)
+    assert inside["label"] in ("NORMAL", "PNEUMONIA") and inside["warning"] == SYNTHETIC_WARNING
+    assert (photo["index"], photo["file"], photo["outcome"], photo["status"]) == (1, "photo.png", "refused", 422)
+    assert photo["error"].startswith(f"photo.png: {NOT_AN_XRAY}") and SYNTHETIC_REFUSAL in photo["error"]
+    assert photo["out_of_distribution"] is True and photo["ood_score"] > photo["ood_threshold"]
+    assert photo["warning"] == SYNTHETIC_WARNING and "label" not in photo
+    assert (notes["index"], notes["file"], notes["outcome"], notes["status"]) == (2, "notes.png", "failed", 400)
+    assert answer["counts"] == {"classified": 1, "flagged": 0, "refused": 1, "failed": 1}
+
+    # None classified: all refused -> 422; refused and undecodable -> 422 (the request was read).
+    for parts in ([("a.png", OUTSIDE), ("b.png", OUTSIDE)], [("a.png", OUTSIDE), ("b.png", b"text")]):
+        status, answer = _post(f"{url}/predict", *_multipart(parts))
+        assert status == 422 and answer["error"].startswith("none of the 2 files could be classified: a.png: "), answer
+        assert [part["file"] for part in answer["predictions"]] == ["a.png", "b.png"]
+
+    deadline, lines = time.monotonic() + 60, []
+    while len(lines) < 5 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        lines = [json.loads(line) for path in tmp_path.glob("audit.*.jsonl") for line in path.read_text().splitlines()]
+    mixed = next(line for line in lines if line["route"] == "/predict" and len(line["images"]) == 3)
+    assert mixed["status"] == 200 and [image["status"] for image in mixed["images"]] == [200, 422, 400]
+    assert mixed["images"][1]["out_of_distribution"] is True and "probability" not in mixed["images"][2]
+    assert "photo.png" not in "".join(path.read_text() for path in tmp_path.glob("audit.*.jsonl"))
 
 
 def test_pneumonia_predict_shows_a_flagged_image_as_not_a_chest_xray():
