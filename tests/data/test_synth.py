@@ -220,3 +220,33 @@ def test_render_xray_is_deterministic_uint8_square():
     assert a.dtype == np.uint8 and a.shape == (40, 40)
     np.testing.assert_array_equal(a, b)
     assert a.std() > 10, "image should have visible structure, not a flat field"
+
+
+def test_confusable_normals_look_partly_like_pneumonia_and_change_nothing_when_off(tmp_path):
+    """A share of healthy children with infiltrate-like shadows (issue 24): their lung cue sits
+    between clean NORMALs and pneumonia; with the default fraction 0 the files are as before."""
+    plain = make_synthetic_dataset(tmp_path / "plain", n=200, seed=5, image_size=48).root
+    hard = make_synthetic_dataset(tmp_path / "hard", n=200, seed=5, image_size=48, confusable_fraction=0.5).root
+    same = {p.relative_to(plain): p.read_bytes() for p in _files(plain)}
+    assert set(same) == {p.relative_to(hard) for p in _files(hard)}  # the same files, names and splits
+    assert all((hard / k).read_bytes() == v for k, v in same.items() if k.parent.name == "PNEUMONIA")
+    changed = [k for k in same if k.parent.name == "NORMAL" and (hard / k).read_bytes() != same[k]]
+    normals = [k for k in same if k.parent.name == "NORMAL"]
+    assert 0.3 < len(changed) / len(normals) < 0.7
+
+    def cue(root, keys):
+        images = np.stack([np.asarray(Image.open(root / k), dtype=np.float32) for k in keys])
+        return _lung_vs_whole(images)[0].mean()
+
+    sick = [k for k in same if k.parent.name == "PNEUMONIA"]
+    assert cue(plain, changed) < cue(hard, changed) < cue(plain, sick)
+    marker = (hard / ".dataset.json").read_text()
+    assert '"confusable_fraction": 0.5' in marker and "confusable" not in (plain / ".dataset.json").read_text()
+
+
+@pytest.mark.parametrize("kwargs", [{"confusable_fraction": -0.1}, {"confusable_fraction": 1.5},
+                                    {"confusable_strength": 0.0}, {"confusable_strength": 3.0}])
+def test_bad_confusable_settings_raise_value_error(tmp_path, kwargs):
+    with pytest.raises(ValueError, match="confusable"):
+        make_synthetic_dataset(tmp_path / "data", n=8, image_size=16, **kwargs)
+    assert not (tmp_path / "data").exists()
