@@ -26,7 +26,7 @@ from pneumonia.data.records import (
     training_records,
 )
 from pneumonia.data.synth import make_synthetic_dataset
-from pneumonia.errors import DataError
+from pneumonia.errors import DataError, PneumoniaError
 from tests.helpers import real_data
 
 
@@ -383,3 +383,21 @@ def test_discover_and_load_through_a_file_uri(tmp_path):
     assert remote.skipped == local.skipped
     decoded = load_images(training_records(remote), PreprocessSpec(16), threads=2)
     assert decoded.images.shape == (6, 16, 16, 1) and not decoded.failures
+
+
+def test_a_failed_carve_names_the_files_that_could_not_be_read(tmp_path):
+    """Too few patients for a validation split: when none of the files is an image that is the
+    cause to name; when some are not, the message says so beside the patient count (issue 24)."""
+    from pneumonia.config import ExperimentConfig
+    from pneumonia.data.records import carve_validation
+
+    for folder, name in (("NORMAL", "IM-0001-0001.jpeg"), ("PNEUMONIA", "person1_bacteria_1.jpeg")):
+        (tmp_path / "train" / folder).mkdir(parents=True)
+        (tmp_path / "train" / folder / name).write_text("minutes of the ward round")
+    with pytest.raises(DataError, match=r"none of the 2 training image files under .* could be read as an image "
+                                        r"\(e\.g\. IM-0001-0001\.jpeg: not a recognised image"):
+        carve_validation(str(tmp_path), ExperimentConfig())
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(tmp_path / "train" / "NORMAL" / "IM-0001-0001.jpeg")
+    with pytest.raises(PneumoniaError, match=r"too few patients .*; besides, 1 of its 2 training image files could "
+                                             r"not be read \(e\.g\. person1_bacteria_1\.jpeg: "):
+        carve_validation(str(tmp_path), ExperimentConfig())

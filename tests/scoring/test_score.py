@@ -504,3 +504,42 @@ def test_gpu_scoring_on_a_cluster_without_enough_gpus_says_what_to_change(monkey
     with pytest.raises(ConfigError) as raised:
         _check_resources(gpu=True, concurrency=concurrency)
     assert str(raised.value) == f"not enough resources: {advice}"
+
+
+def test_a_synthetic_trained_models_summary_says_so_and_why_it_refuses():
+    """Issue 24: its guard refuses real X-rays; the summary (and --json) say why and the way out."""
+    from pneumonia.artifacts.registry import SYNTHETIC_REFUSAL, SYNTHETIC_WARNING
+
+    result = ScoreResult(output="out.parquet", model="m", version="v0001", files=3, scored=3, skipped=0, failed=0,
+                         counts={"NORMAL": 1, "PNEUMONIA": 0}, out_of_distribution=2, warning=SYNTHETIC_WARNING,
+                         refusal_hint=SYNTHETIC_REFUSAL)
+    text = result.summary()
+    assert f"does not look like a pediatric chest X-ray; {SYNTHETIC_REFUSAL}" in text
+    assert "pneumonia demo --data DIR" in text and text.splitlines()[-1] == f"warning: this model was {SYNTHETIC_WARNING}"
+    assert result.to_json()["warning"] == SYNTHETIC_WARNING
+    plain = ScoreResult(output="o.parquet", model="m", version="v1", files=1, scored=1, skipped=0, failed=0,
+                        out_of_distribution=1)
+    assert "synthetic" not in plain.summary() and "warning" not in plain.summary()
+
+
+@pytest.mark.ray
+def test_the_score_command_piped_prints_its_summary_without_ray_datas_info_lines_or_colours(registry, tmp_path):
+    """Issue 24: into a pipe or a log file, `pneumonia score` prints its own lines, Ray's warnings
+    and errors, and no Ray Data INFO lines (dataset start, progress, finish) nor terminal colour codes."""
+    import os
+    import subprocess
+    import sys
+
+    images = _small_images(tmp_path / "in", 3)[0].parent
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_COLOR_PREFIX", "NO_COLOR")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "pneumonia", "score", "--artifact", str(registry), "--input", str(images),
+         "--output", str(tmp_path / "scores.csv"), "--concurrency", "1"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert "\x1b[" not in output
+    assert "\tINFO " not in output and "Running Dataset" not in output and "Progress will be logged" not in output, output
+    lines = completed.stdout.splitlines()
+    first = next(index for index, line in enumerate(lines) if line.startswith("scored 3 of 3 files"))
+    assert lines[first + 1].endswith(" s") and lines[first + 2].startswith("output: "), lines  # the summary, whole

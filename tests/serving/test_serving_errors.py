@@ -81,3 +81,31 @@ def test_errors_fastapi_and_starlette_raise_answer_in_our_shape(method, path, bo
 def test_headers_of_the_error_are_kept():
     assert call("POST", "/items/3")[1]["allow"] == "GET"  # 405 says what is allowed
     assert call("GET", "/teapot")[1]["x-why"] == "tea"
+
+
+@pytest.mark.parametrize("statuses, expected", [
+    ([400, 400], 400),  # all undecodable
+    ([413, 413], 413),  # all too large
+    ([422, 422], 422),  # all refused by the guard
+    ([400, 422], 422),  # read, and not chest X-rays
+    ([413, 400], 400),
+    ([400, 200, 422], 200),  # one classified: the request succeeded, each part says what became of it
+])
+def test_a_multipart_answers_status_follows_its_parts(statuses, expected):
+    """pneumonia.serving.app.parts_answer's rules (issue 24), with stand-in outcomes."""
+    from types import SimpleNamespace
+
+    from pneumonia.serving.app import parts_answer
+    from pneumonia.serving.errors import HTTPError
+
+    outcomes = [SimpleNamespace(out_of_distribution=False) if status == 200 else
+                HTTPError(status, f"f{index}: reason {status}", **({"out_of_distribution": True} if status == 422 else {}))
+                for index, status in enumerate(statuses)]
+    response = parts_answer([f"f{index}" for index in range(len(statuses))], outcomes, lambda scored: {"label": "NORMAL"})
+    body = json.loads(response.body)
+    assert response.status_code == expected
+    assert [(part["index"], part["file"], part["status"]) for part in body["predictions"]] == [
+        (index, f"f{index}", status) for index, status in enumerate(statuses)]
+    assert ("error" in body) == (expected != 200)
+    if expected != 200:
+        assert body["error"].startswith(f"none of the {len(statuses)} files could be classified: f0: reason ")
