@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=commands.cmd_export)
 
     serve_cmd = subcommands.add_parser("serve", help="run the HTTP service for an artifact on a local Ray")
-    serve_cmd.add_argument("--artifact", help="version folder or registry (default $PNEUMONIA_ARTIFACT or ./registry)")
+    serve_cmd.add_argument("--artifact", metavar="PATH",
+                           help="version folder, model folder or registry (default $PNEUMONIA_ARTIFACT, else ./registry)")
     serve_cmd.add_argument("--port", type=PORT, default=8000)
     serve_cmd.add_argument("--host", default="127.0.0.1",
                            help="address to listen on (default 127.0.0.1: this machine only); any other needs "
