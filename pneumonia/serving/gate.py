@@ -77,7 +77,8 @@ class Note:
         self.images = fields
 
     def results(self, results: list[Any], threshold: float) -> None:
-        """The scored results of the inputs, in the same order (an undecodable one: no fields)."""
+        """The scored results of the inputs, in the same order (an undecodable one: no score fields;
+        the route adds each image's own ``status``)."""
         if not self.enabled:
             return
         for entry, result in zip(self.images, results):
