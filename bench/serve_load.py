@@ -18,9 +18,15 @@ until `--max-requests` per level). The payload is a full-resolution real chest X
   d  Serve, batching off     our app (max_batch_size 1), Serve's throughput mode (HAProxy)
   e  Serve, batching on      our app as shipped (max_batch_size 32, no batch wait), throughput mode
   f  Serve, default proxy    as e, under Serve's default Python proxy
+  g  Serve, v2 binary        as e (the same server), the image sent to the Open Inference
+                             Protocol's /v2/models/{name}/infer with the binary tensor extension
+                             (Triton's client's default), outputs asked for in binary
+  h  Serve, v2 JSON          as e (the same server), /v2/models/{name}/infer with the image
+                             base64-encoded in JSON, JSON answer
+  i  Serve, 2 replicas       as e with two replicas from the start (autoscaling min_replicas 2)
 
 Each server runs in a child process started for its mode (Ray reads Serve's mode from the
-environment when it starts). Non-200 answers and failed requests count as errors. The targets
+environment when it starts); modes that run the same server (e, g, h) share one, in turn. Non-200 answers and failed requests count as errors. The targets
 compare e with b. Prints a table and writes JSON.
 
 With `--ensemble K` every chosen mode also runs against a K-member ensemble artifact
@@ -43,6 +49,7 @@ then also gives the guard's req/s and p50 relative to the model without it (`sin
 import argparse
 import http.client
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -72,8 +79,13 @@ REQUEST_TIMEOUT_S = 30
 SERVER_START_TIMEOUT_S = 180
 TARGET_SPEEDUP, TARGET_P99_MS, TARGET_P50_GAP_MS, TARGET_CONCURRENCY = 2.0, 1500.0, 5.0, 32
 MODES = {"a": "in-process limit", "b": "hand-written FastAPI", "c": "FastAPI + our decode",
-         "d": "Serve, batching off", "e": "Serve, batching on", "f": "Serve, default proxy"}
-SERVE_MODES = {"d": (1, True), "e": (32, True), "f": (32, False)}  # max_batch_size, throughput mode
+         "d": "Serve, batching off", "e": "Serve, batching on", "f": "Serve, default proxy",
+         "g": "Serve, v2 binary", "h": "Serve, v2 JSON", "i": "Serve, 2 replicas"}
+# max_batch_size, throughput mode, replicas (at least); modes with the same triple share a server.
+SERVE_MODES = {"d": (1, True, 1), "e": (32, True, 1), "f": (32, False, 1), "g": (32, True, 1), "h": (32, True, 1),
+               "i": (32, True, 2)}
+SERVER_OF = {letter: min(other for other in SERVE_MODES if SERVE_MODES[other] == config)
+             for letter, config in SERVE_MODES.items()}  # the server mode that starts each mode's server
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -163,8 +175,50 @@ def export_guarded_artifact(artifact: str, body: bytes, root: Path) -> str:
 # ----------------------------------------------------------------------------- load generator
 
 
+def cpu_seconds(root: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process (``client``) and, with ``root``, by
+    every process under the server process ``root`` (HAProxy, the replicas, Ray's own), by name.
+    CPU per request is what a busy box cannot skew much: other work there changes how long a
+    request waits, much less how much CPU it takes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {"client": sum(os.times()[:2])}
+    if root is None:
+        return used
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    text = handle.read()
+            except OSError:
+                continue
+            name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+            stats[int(entry)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        if pid in stats:
+            name = process_kind(stats[pid][1])
+            used[name] = used.get(name, 0.0) + stats[pid][2]
+        stack += children.get(pid, [])
+    return used
+
+
+def process_kind(name: str) -> str:
+    """A short name for a server-side process (/proc's 15-character comm)."""
+    lowered = name.lower()
+    for kind, marks in (("replica", ("serverepl", "replica")), ("haproxy", ("haproxy",)), ("raylet", ("raylet",)),
+                        ("gcs", ("gcs",)), ("serve proxy", ("proxy",)), ("controller", ("contr",))):
+        if any(mark in lowered for mark in marks):
+            return kind
+    return "server" if lowered.startswith("python") else "ray other"
+
+
 def closed_loop(make_sender: Callable[[], Callable[[], bool]], concurrency: int, warmup_s: float,
-                duration_s: float, max_requests: int) -> dict:
+                duration_s: float, max_requests: int, server_pid: int | None = None) -> dict:
     """Run `concurrency` workers, each calling its own sender back to back; summarise the window.
 
     A sender returns True for a good answer. Requests that start during the warm-up are not
@@ -190,10 +244,18 @@ def closed_loop(make_sender: Callable[[], Callable[[], bool]], concurrency: int,
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
+    time.sleep(max(0.0, window_start - time.perf_counter()))
+    cpu_before = cpu_seconds(server_pid)
     for thread in threads:
         thread.join()
+    cpu_after = cpu_seconds(server_pid)
     elapsed = time.perf_counter() - window_start
-    return summarise(samples, concurrency, elapsed)
+    summary = summarise(samples, concurrency, elapsed)
+    answered = sum(ok for _, ok in samples) or 1
+    by_kind = {kind: (cpu_after[kind] - cpu_before.get(kind, 0.0)) * 1000 / answered for kind in cpu_after}
+    summary["cpu_ms_per_request"] = round(sum(by_kind.values()), 2)
+    summary["cpu_ms_by_process"] = {kind: round(value, 2) for kind, value in sorted(by_kind.items())}
+    return summary
 
 
 def summarise(samples: list[tuple[float, bool]], concurrency: int, elapsed_s: float) -> dict:
@@ -205,16 +267,36 @@ def summarise(samples: list[tuple[float, bool]], concurrency: int, elapsed_s: fl
             **dict(zip(("p50_ms", "p95_ms", "p99_ms"), percentiles))}
 
 
-def http_sender(port: int, body: bytes) -> Callable[[], Callable[[], bool]]:
-    """Senders that POST the payload to /predict over one keep-alive connection per worker."""
-    headers = {"Content-Type": "image/jpeg", "Content-Length": str(len(body))}
+def v2_request(body: bytes, binary: bool) -> tuple[bytes, dict[str, str]]:
+    """The image as one Open Inference Protocol request, as Triton's HTTP client sends it: with the
+    binary tensor extension (a JSON header, then the BYTES element: 4-byte length + the file;
+    outputs asked for in binary), or all JSON (the file base64-encoded)."""
+    import base64
+    import struct
+
+    if not binary:
+        payload = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(body).decode()]}]}
+        return json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    raw = struct.pack("<I", len(body)) + body
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + raw, {"Content-Type": "application/octet-stream",
+                          "Inference-Header-Content-Length": str(len(header))}
+
+
+def http_sender(port: int, body: bytes, path: str = "/predict",
+                content_type: dict[str, str] | None = None) -> Callable[[], Callable[[], bool]]:
+    """Senders that POST the payload to `path` over one keep-alive connection per worker."""
+    headers = {**(content_type or {"Content-Type": "image/jpeg"}), "Content-Length": str(len(body))}
 
     def make() -> Callable[[], bool]:
         connection = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT_S)
 
         def send() -> bool:
             try:
-                connection.request("POST", "/predict", body, headers)
+                connection.request("POST", path, body, headers)
                 response = connection.getresponse()
                 response.read()
                 return response.status == 200
@@ -240,10 +322,10 @@ def in_process_sender(artifact, body: bytes) -> Callable[[], Callable[[], bool]]
     return lambda: send
 
 
-def run_levels(mode: str, model: str, make_sender, levels: list[int], args) -> list[dict]:
+def run_levels(mode: str, model: str, make_sender, levels: list[int], args, server_pid: int | None = None) -> list[dict]:
     rows = []
     for concurrency in levels:
-        row = closed_loop(make_sender, concurrency, args.warmup, args.duration, args.max_requests)
+        row = closed_loop(make_sender, concurrency, args.warmup, args.duration, args.max_requests, server_pid)
         rows.append({"mode": mode, "model": model, **row})
         print(format_row(rows[-1]), flush=True)
     return rows
@@ -300,7 +382,8 @@ def serve_plain(port: int, artifact: str, our_decode: bool) -> int:
     return 0
 
 
-def serve_with_ray(port: int, artifact: str, max_batch_size: int, throughput_mode: bool, cpus: int) -> int:
+def serve_with_ray(port: int, artifact: str, max_batch_size: int, throughput_mode: bool, cpus: int,
+                   replicas: int = 1, deployment_options: dict | None = None) -> int:
     """Our app on a local Ray until SIGTERM. Ray starts worker processes at nice 15 unless told
     otherwise (`ray job submit` sets 0): replicas would then lose the CPU to the load generator."""
     import signal
@@ -316,15 +399,26 @@ def serve_with_ray(port: int, artifact: str, max_batch_size: int, throughput_mod
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
     from ray import serve
 
-    from pneumonia.serving import build_app
+    from pneumonia.serving import Classifier, build_app
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": RAY_ENV})
     try:
         serve.start(http_options={"host": HOST, "port": port})
-        serve.run(build_app({"artifact": artifact, "max_batch_size": max_batch_size}), name="pneumonia",
-                  route_prefix="/")
+        app = build_app({"artifact": artifact, "max_batch_size": max_batch_size, "no_auth": True})
+        if replicas > 1:  # the shipped autoscaling, starting at `replicas`
+            bound = app._bound_deployment
+            shipped = Classifier._deployment_config.autoscaling_config
+            scaling = {"min_replicas": replicas, "initial_replicas": replicas,
+                       "max_replicas": max(replicas, shipped.max_replicas),
+                       "target_ongoing_requests": shipped.target_ongoing_requests,
+                       "upscale_delay_s": shipped.upscale_delay_s, "downscale_delay_s": shipped.downscale_delay_s}
+            app = Classifier.options(autoscaling_config=scaling).bind(*bound.init_args, **bound.init_kwargs)
+        if deployment_options:  # an experiment: --serve-options
+            bound = app._bound_deployment
+            app = bound.options(**deployment_options).bind(*bound.init_args, **bound.init_kwargs)
+        serve.run(app, name="pneumonia", route_prefix="/")
         while True:
             time.sleep(3600)
     finally:
@@ -382,11 +476,12 @@ def format_row(row: dict) -> str:
     latencies = "".join(f"{'-' if row[key] is None else f'{row[key]:.1f}':>10}"
                         for key in ("p50_ms", "p95_ms", "p99_ms"))
     return (f"{row['mode']:<22}{row['model']:<13}{row['concurrency']:>5}{row['rps']:>10.1f}{latencies}"
-            f"{row['errors']:>8}")
+            f"{row['errors']:>8}{row.get('cpu_ms_per_request', 0):>10.2f}  "
+            + " ".join(f"{kind} {value:.2f}" for kind, value in row.get("cpu_ms_by_process", {}).items()))
 
 
 HEADER = (f"{'mode':<22}{'model':<13}{'conc':>5}{'req/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}"
-          f"{'errors':>8}")
+          f"{'errors':>8}{'CPU ms/req':>10}  (by process)")
 
 
 GUARDED = "guard on"
@@ -461,6 +556,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also run every mode on a K-member ensemble of the model (K >= 1)")
     parser.add_argument("--guard", action="store_true",
                         help="also run every mode on the model exported with an out-of-distribution guard")
+    parser.add_argument("--serve-options", type=json.loads, default=None, metavar="JSON",
+                        help="Serve deployment options for every Serve mode, e.g. "
+                             "'{\"logging_config\": {\"enable_access_log\": false}}' (an experiment)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     parser.add_argument("--server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--server-mode", choices=sorted(MODES)[1:], help=argparse.SUPPRESS)
@@ -477,29 +575,46 @@ def run_server(args) -> int:
     """The child process side: serve `args.server_mode` on port `args.server`."""
     if args.server_mode in ("b", "c"):
         return serve_plain(args.server, args.artifact, our_decode=args.server_mode == "c")
-    max_batch_size, throughput_mode = SERVE_MODES[args.server_mode]
-    return serve_with_ray(args.server, args.artifact, max_batch_size, throughput_mode, args.ray_cpus)
+    max_batch_size, throughput_mode, replicas = SERVE_MODES[args.server_mode]
+    return serve_with_ray(args.server, args.artifact, max_batch_size, throughput_mode, args.ray_cpus, replicas,
+                          args.serve_options)
+
+
+def sender_for(letter: str, port: int, body: bytes, model_name: str):
+    if letter in ("g", "h"):
+        payload, content_type = v2_request(body, binary=letter == "g")
+        return http_sender(port, payload, f"/v2/models/{model_name}/infer", content_type)
+    return http_sender(port, body)
 
 
 def run_modes(args, artifacts: dict[str, str], body: bytes, levels: list[int], scratch: Path) -> list[dict]:
     """Every chosen mode at every level, for each artifact (label -> path) in turn; each server
-    stopped before the next starts."""
-    chosen = [letter for letter in MODES if letter in args.modes.replace(" ", "").split(",")]
-    rows: list[dict] = []
-    for letter in chosen:
-        mode = MODES[letter]
-        for index, (model, artifact) in enumerate(artifacts.items()):
-            print(f"running: {mode} ({model})", flush=True)
-            if letter == "a":
-                from pneumonia.artifacts.registry import load_artifact
+    stopped before the next starts. Modes that run the same server (e, g, h) run on one, one
+    after the other, so that only the request format differs between them."""
+    from pneumonia.artifacts.registry import load_artifact
 
-                rows += run_levels(mode, model, in_process_sender(load_artifact(artifact), body), levels, args)
+    wanted = args.modes.replace(" ", "").split(",")
+    chosen = [letter for letter in MODES if letter in wanted]
+    groups: dict[str, list[str]] = {}
+    for letter in chosen:
+        groups.setdefault(SERVER_OF.get(letter, letter), []).append(letter)
+    rows: list[dict] = []
+    for server_letter, letters in groups.items():
+        for index, (model, artifact) in enumerate(artifacts.items()):
+            loaded = load_artifact(artifact)
+            if server_letter == "a":
+                print(f"running: {MODES['a']} ({model})", flush=True)
+                rows += run_levels(MODES["a"], model, in_process_sender(loaded, body), levels, args)
                 continue
             port = free_port()
-            server = start_server(["--server-mode", letter, "--artifact", artifact, "--ray-cpus", str(args.ray_cpus)],
-                                  port, scratch / f"server-{letter}-{index}.log")
+            options = ["--serve-options", json.dumps(args.serve_options)] if args.serve_options else []
+            server = start_server(["--server-mode", server_letter, "--artifact", artifact, "--ray-cpus",
+                                   str(args.ray_cpus), *options], port, scratch / f"server-{server_letter}-{index}.log")
             try:
-                rows += run_levels(mode, model, http_sender(port, body), levels, args)
+                for letter in letters:
+                    print(f"running: {MODES[letter]} ({model})", flush=True)
+                    rows += run_levels(MODES[letter], model, sender_for(letter, port, body, loaded.name), levels, args,
+                                       server.pid)
             finally:
                 stop_process(server)
     return rows
@@ -544,7 +659,7 @@ def main(argv=None) -> int:
         "benchmark": "serve_load", "machine": machine, "payload": {"source": source, "bytes": len(body)},
         "artifact": artifact, "ensemble": ensemble, "concurrency": levels, "warmup_s": args.warmup,
         "duration_s": args.duration, "max_requests_per_level": args.max_requests, "ray_cpus": args.ray_cpus,
-        "guard": artifacts.get(GUARDED), "results": rows, "ensemble_cost": costs, "targets": checks,
+        "guard": artifacts.get(GUARDED), "serve_options": args.serve_options, "results": rows, "ensemble_cost": costs, "targets": checks,
     }
     write_report(args.out, report)
     shutil.rmtree(scratch, ignore_errors=True)  # kept after a failure: it holds the servers' logs
