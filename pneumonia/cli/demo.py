@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumonia.artifacts.tracking import ENV_URI
-from pneumonia.cli.common import emit, require_output_folder, shutdown_ray
+from pneumonia.cli.common import emit, require_folder, require_output_folder, shutdown_ray
 from pneumonia.config import load_config, with_overrides
 from pneumonia.data.labels import CLASS_NAMES
 from pneumonia.data.records import discover, split_by_patient, training_records
@@ -29,9 +29,9 @@ from pneumonia.serving import local_service
 from pneumonia.serving.client import format_predictions, predict_files
 from pneumonia.training.sweep import score_rule, tune, untuned_config
 
-SYNTHETIC = {"image_size": 128, "confusable_fraction": 0.35, "confusable_strength": 0.6,
+SYNTHETIC = {"image_size": 128, "confusable_fraction": 0.4, "confusable_strength": 1.0,
              "split_fractions": (0.7, 0.0, 0.3)}
-"""The demo's synthetic task: a third of the healthy children show infiltrate-like shadows
+"""The demo's synthetic task: 40% of the healthy children show infiltrate-like shadows
 (pneumonia.data.synth), so what precision at 95% recall costs depends on the NORMAL class weight;
 30% of the images are the test split (validation is carved out of train), so the comparison of
 baseline and tuned is not decided by a handful of NORMAL test images."""
@@ -166,6 +166,7 @@ def cmd_demo(args) -> None:
     seed = args.seed
     real = args.data is not None
     if real:
+        require_folder(args.data, "--data")
         data, what, split_words = real_data(args.data, out, seed)
     else:
         data, what = synthetic_data(out, args.n, seed)

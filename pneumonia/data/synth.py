@@ -10,11 +10,12 @@ fields, while global brightness/contrast is jittered so that a model cannot
 cheat with whole-image statistics.
 
 Like the real problem, the healthy class need not be clean: ``confusable_fraction`` of the NORMAL
-children get faint infiltrate-like shadows (in real films: thymus, overlapping soft tissue,
-crowded vessels or a little atelectasis on expiration). They are smooth where pneumonia is
-mottled, and fainter, but they overlap with faint viral cases, so a model that is told little
-about NORMAL (the minority class) flags them; what a high-recall operating point costs in
-precision then depends on the NORMAL class weight and the learning rate, as it does on real X-rays.
+children get infiltrate-like shadows (in real films: crowded vessels and peribronchial markings
+on an expiratory film, overlapping soft tissue). They add density to the lung fields as faint
+infiltrates do, and differ in shape (streaks radiating from the lung roots, not rounded patches),
+so a model that is told little about NORMAL (the minority class) flags them; what a high-recall
+operating point costs in precision then depends on the NORMAL class weight and the learning rate,
+as it does on real X-rays.
 
 Only numpy and Pillow are used so the generator runs anywhere the package
 imports, without TensorFlow or Ray.
@@ -211,18 +212,24 @@ def _infiltrates(rng: np.random.Generator, x, y, size: int, kind: str, difficult
 
 
 def _shadows(rng: np.random.Generator, x, y, size: int, strength: float):
-    """Infiltrate-like shadows on a healthy child's film: 1-3 soft, broad patches, mostly
-    perihilar (near the heart and the lung roots), as dense as a faint viral infiltrate times
-    ``strength`` but smooth, without the mottled texture of fluid-filled alveoli."""
+    """Infiltrate-like shadows on a healthy child's film: crowded vessels and peribronchial
+    markings, drawn as 6-10 streaks radiating from the lung roots (hila) over a faint perihilar
+    haze. They add about as much density to the lung fields as a faint infiltrate (times
+    ``strength``), so a model that judges by density flags them; what tells them apart is their
+    shape, linear streaks instead of rounded patches."""
     opacity = np.zeros_like(x)
-    for _ in range(int(rng.integers(1, 4))):
-        cx, cy = _point_in_lung(rng)
-        cx *= rng.uniform(0.5, 0.9)  # towards the hila
-        sigma = rng.uniform(0.12, 0.2)
-        amp = rng.uniform(0.18, 0.3) * strength
-        opacity += amp * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma * sigma))
-    smooth = 1.0 + _smooth_field(rng, size, cells=4, scale=0.05)
-    return _OPACITY_CEILING * np.tanh(opacity * smooth / _OPACITY_CEILING)
+    for side in (-1.0, 1.0):
+        hx, hy = 0.17 * side + rng.normal(0, 0.02), rng.normal(0.0, 0.05)
+        opacity += rng.uniform(0.05, 0.09) * np.exp(-((x - hx) ** 2 / 0.03 + (y - hy) ** 2 / 0.08))
+        for _ in range(int(rng.integers(3, 6))):
+            angle = rng.uniform(-1.1, 1.1) + (0.0 if side > 0 else np.pi)
+            dx, dy = np.cos(angle), np.sin(angle)
+            along = (x - hx) * dx + (y - hy) * dy
+            across = -(x - hx) * dy + (y - hy) * dx
+            length = rng.uniform(0.35, 0.6)
+            ridge = np.exp(-(across ** 2) / (2 * rng.uniform(0.012, 0.02) ** 2))
+            opacity += rng.uniform(0.2, 0.32) * ridge * np.clip(along / length, 0.0, 1.0) ** 0.5 * (along < length)
+    return _OPACITY_CEILING * np.tanh(strength * opacity / _OPACITY_CEILING)
 
 
 def _point_in_lung(rng: np.random.Generator) -> tuple[float, float]:
@@ -282,7 +289,7 @@ def make_synthetic_dataset(
     created or written.
 
     ``confusable_fraction`` of the NORMAL images (0: none, the default) show infiltrate-like
-    shadows ``confusable_strength`` times as dense as a faint viral infiltrate (module docstring);
+    shadows of density ``confusable_strength`` (1: about a faint infiltrate's; module docstring);
     which ones is drawn from a stream of its own, so a fraction of 0 writes the same files as before.
     """
     _validate(n, image_size, pneumonia_fraction, split_fractions, difficulty)

@@ -68,3 +68,10 @@ def test_a_folder_with_a_test_split_is_used_as_it_is(tmp_path):
     root, _, where = real_data(str(data), tmp_path / "out", seed=0)
     assert root == data and where == f"the test split of {data}"
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_data_must_be_a_folder(tmp_path, capsys):
+    from pneumonia.cli import main
+
+    code = main(["demo", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert code == 1 and "folder not found" in capsys.readouterr().err
