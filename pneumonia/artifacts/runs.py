@@ -48,12 +48,13 @@ def resolve_storage(storage: str) -> str:
 
 
 def write_manifest(storage: str, name: str, manifest_name: str, data_root: str, config: dict[str, Any],
-                   tracking: dict[str, str] | None = None) -> None:
+                   tracking: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
     """Record a new run or sweep: what ``--resume`` and export read back. ``tracking``: the MLflow
-    store and run id it is tracked in (:mod:`pneumonia.artifacts.tracking`), None when it is not."""
+    store and run id it is tracked in (:mod:`pneumonia.artifacts.tracking`), None when it is not;
+    ``extra``: more keys a resume needs (a sweep's ``untuned_first``)."""
     write_text(join(storage, name, manifest_name), json.dumps({
         "name": name, "data": data_root, "config": config,
-        "created": datetime.now(UTC).isoformat(), "tracking": tracking,
+        "created": datetime.now(UTC).isoformat(), "tracking": tracking, **(extra or {}),
     }, indent=2))
 
 

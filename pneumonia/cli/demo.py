@@ -2,9 +2,10 @@
 
 Data -> an untuned baseline and a Ray Tune sweep of the same recipe -> the winner exported ->
 baseline and tuned compared on a held-out split at the same target recall -> a report -> a live
-service answering a few requests. The baseline is the sweep's recipe with the searched values fixed
-(pneumonia.training.sweep.untuned_config): same epochs, validation carve and selection rule, so
-the comparison is about tuning alone. With ``--json`` the last line is one JSON object.
+service answering a few requests. The baseline is the sweep's first trial, the recipe with the
+searched values at the config's own (pneumonia.training.sweep, ``untuned_first``): same epochs,
+validation carve and selection rule, so the comparison is about tuning alone. With ``--json`` the
+last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pneumonia.errors import PneumoniaError
 from pneumonia.local_ray import free_port
 from pneumonia.serving import local_service
 from pneumonia.serving.client import format_predictions, predict_files
-from pneumonia.training.sweep import score_rule, tune, untuned_config
+from pneumonia.training.sweep import score_rule, tune
 
 SYNTHETIC = {"image_size": 128, "confusable_fraction": 0.4, "confusable_strength": 1.0,
              "split_fractions": (0.7, 0.0, 0.3)}
@@ -102,28 +103,31 @@ def demo_config(real: bool, out: Path, seed: int, *, workers: int = 2, samples: 
                 epochs: int | None = None, image_size: int | None = None, **settings: Any):
     """The demo's sweep config: tune_configs/quick.yaml (quick_real.yaml for real X-rays) with the
     sweeps in ``out/sweeps``, MLflow in ``out/mlflow.db``, ``seed`` for the validation carve, the
-    weights and shuffling and the search; the given budget where not None; ``settings``: more
-    dotted config overrides."""
+    weights and shuffling and the search; ``samples`` searched trials (default: the config's
+    num_samples) plus the untuned one, none stopped early (the baseline must run every epoch; at
+    the demo's sizes a trial costs its start-up, not its epochs); the given budget where not None;
+    ``settings``: more dotted config overrides."""
     overrides: dict[str, Any] = {
         "run.storage": str(out / "sweeps"), "scaling.workers": workers,
         "data.seed": seed, "train.seed": seed, "tune.seed": seed,
         # Every step in one MLflow store (`mlflow ui --backend-store-uri sqlite:///demo_out/mlflow.db`).
         "tracking.uri": os.environ.get(ENV_URI) or f"sqlite:///{out / 'mlflow.db'}",
     }
-    for key, value in (("tune.num_samples", samples), ("train.epochs", epochs), ("data.image_size", image_size)):
+    for key, value in (("train.epochs", epochs), ("data.image_size", image_size)):
         if value is not None:
             overrides[key] = value
     config = load_config(_sweep_config_file("quick_real.yaml" if real else "quick.yaml"))
-    return with_overrides(config, {**overrides, **settings})
+    searched = samples if samples is not None else config.tune.num_samples
+    return with_overrides(config, {**overrides, "tune.num_samples": searched + 1, "tune.scheduler": "none",
+                                   **settings})
 
 
 @dataclass
 class TuningOutcome:
-    """The untuned baseline and the sweep (each a pneumonia.training.sweep.TuneResult) and their
-    comparison on the test split at the same target recall."""
+    """The sweep (pneumonia.training.sweep.TuneResult), its untuned trial and its winner compared on
+    the test split at the same target recall."""
 
-    baseline: Any
-    tuned: Any
+    tuned: Any  # the TuneResult: its winner, and its untuned trial as .baseline
     comparison: Any  # pneumonia.evaluation.compare.MatchedComparison, baseline first
     tuned_test: Any  # the tuned checkpoint's Evaluation on the test split
 
@@ -135,24 +139,26 @@ class TuningOutcome:
 
 
 def baseline_and_tuned(sweep_config, data: str, name: str, progress=print) -> TuningOutcome:
-    """The demo's tuning story on ``data``: the untuned baseline (the sweep's recipe, searched values
-    fixed: pneumonia.training.sweep.untuned_config) and the sweep, each winner chosen by the same
-    rule, then both scored on the test split, each at its validation threshold for the target recall."""
+    """The demo's tuning story on ``data``: one sweep whose first trial is the recipe untuned (the
+    baseline) and the rest searched, the winner chosen among the searched ones by the sweep's rule;
+    then baseline and winner scored on the test split, each at its validation threshold for the
+    target recall."""
     from pneumonia.evaluation.compare import ModelScores, compare_at_target_recall  # lazy: scikit-learn
     from pneumonia.evaluation.evaluate import VALIDATION, evaluate_checkpoint  # lazy: scikit-learn
 
     sweep_config = with_overrides(sweep_config, {"run.name": f"tune-{name}"})
-    baseline = tune(untuned_config(sweep_config, name=f"baseline-{name}"), data, progress=progress)
-    tuned = tune(sweep_config, data, progress=progress)
+    tuned = tune(sweep_config, data, progress=progress, untuned_first=True)
+    if tuned.baseline is None or not tuned.baseline.get("checkpoint"):
+        raise PneumoniaError(f"the sweep's untuned trial left no checkpoint (see {tuned.results_csv})")
     scores, tests = {}, {}
-    for label, result in (("baseline", baseline), ("tuned", tuned)):
-        tests[label] = evaluate_checkpoint(result.best_checkpoint, data)
-        scores[label] = ModelScores.from_evaluations(
-            evaluate_checkpoint(result.best_checkpoint, data, split=VALIDATION), tests[label])
+    for label, checkpoint in (("baseline", tuned.baseline["checkpoint"]), ("tuned", tuned.best_checkpoint)):
+        tests[label] = evaluate_checkpoint(checkpoint, data)
+        scores[label] = ModelScores.from_evaluations(evaluate_checkpoint(checkpoint, data, split=VALIDATION),
+                                                     tests[label])
     objective = sweep_config.objective
     comparison = compare_at_target_recall(scores, objective.target_recall, rule=objective.threshold_rule,
                                           confidence=objective.confidence, samples=objective.bootstrap_samples)
-    return TuningOutcome(baseline, tuned, comparison, tests["tuned"])
+    return TuningOutcome(tuned, comparison, tests["tuned"])
 
 
 def cmd_demo(args) -> None:
@@ -181,15 +187,15 @@ def cmd_demo(args) -> None:
                          ((key, _value_at(sweep_config.model_dump(), key)) for key in sweep_config.tune.space))
     rule = score_rule(objective.metric)
 
-    print(f"[2/6] the untuned baseline: the sweep's recipe with {searched}, {epochs} epochs, "
+    print(f"[2/6] the untuned baseline, the sweep's first trial: the recipe with {searched}, {epochs} epochs, "
           f"{args.workers} Ray workers", flush=True)
-    print(f"[3/6] then a Ray Tune sweep: {sweep_config.tune.num_samples} trials of {epochs} epochs over "
+    print(f"[3/6] Ray Tune sweep: then {sweep_config.tune.num_samples - 1} searched trials of {epochs} epochs over "
           f"{' x '.join(sweep_config.tune.space)}; a trial's score: {rule}", flush=True)
     outcome = baseline_and_tuned(sweep_config, str(data), name=stamp, progress=lambda line: print(line, flush=True))
     shutdown_ray()
     params = ", ".join(f"{key.split('.')[-1]}={_short(value)}" for key, value in outcome.tuned.best_params.items())
     print(f"winner: {params}; validation score {outcome.tuned.objective:.3f} "
-          f"(baseline {outcome.baseline.objective:.3f})", flush=True)
+          f"(untuned baseline {outcome.tuned.baseline['objective']:.3f})", flush=True)
 
     print(f"[4/6] exporting the winner to the registry {out / 'registry'}", flush=True)
     exported = export(outcome.tuned.best_checkpoint, str(out / "registry"), data_root=str(data))

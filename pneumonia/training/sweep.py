@@ -16,9 +16,14 @@ ran every epoch (ASHA's stopped trials only when none did; ties broken by PR-AUC
 its **last** epoch's checkpoint with that epoch's threshold: with ``train.ema_decay`` (weights
 EMA, as tune_configs/quick.yaml sets) the last checkpoints are steady. Trials therefore keep their
 latest checkpoints (``run.checkpoint_metric: epoch``). ASHA stops and Tune's "current best" ranks
-by the same score (reported as ``smoothed_objective`` every epoch). An untuned baseline compared
-with the winner should go through the same rule: :func:`untuned_config` makes it a one-trial sweep
-of the same recipe, epochs and validation carve, only the searched values fixed.
+by the same score (reported as ``smoothed_objective`` every epoch).
+
+An untuned baseline compared with the winner must go through the same rule: ``tune(...,
+untuned_first=True)`` makes the sweep's first trial the recipe untuned (every searched key at the
+config's own value: :func:`untuned_params`), a trial like the others (same epochs, validation
+carve, selection rule; only the searched values differ), reported as ``TuneResult.baseline`` and
+left out of the winner's choice (the winner is the best *searched* trial). Give such a sweep no
+early stopping (``tune.scheduler: none``), so the baseline is never stopped at fewer epochs.
 
 Each trial has one folder, ``<sweep>/trials/<trial id>/``: Tune's experiment is ``<sweep>/trials``,
 so its trial files and the trial's training run (checkpoints, history.json) share the folder.
@@ -105,9 +110,13 @@ class TuneResult:
     results_json: str
     plots: list[str]
     trials: list[dict[str, Any]]
+    # With untuned_first: the untuned trial's row of the table (its score as "objective", its
+    # "checkpoint" and "threshold"), None otherwise.
+    baseline: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "baseline": self.baseline,
             "best_checkpoint": self.best_checkpoint,
             "best_config": self.best_config,
             "best_params": self.best_params,
@@ -185,23 +194,19 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], trials_storage: s
             label=f"trial {trial_id}", watch=False, tracking=own)
 
 
-def untuned_config(config: ExperimentConfig, name: str = "baseline") -> ExperimentConfig:
-    """The sweep's recipe untuned, as a one-trial sweep: every searched key fixed at the config's own
-    value (a NORMAL class weight of 1 unless the config says otherwise), no search, no early
-    stopping, same epochs, validation carve and selection rule, run as sweep ``name``."""
+def untuned_params(config: ExperimentConfig) -> dict[str, Any]:
+    """The searched keys at the config's own values: the recipe untuned (e.g. its learning rate and
+    a NORMAL class weight of 1)."""
     if config.tune is None:
         raise ConfigError("the config has no `tune:` section (see tune_configs/quick.yaml)")
     base = config.model_dump(exclude={"tune"})
-    space = {}
+    params = {}
     for key in config.tune.space:
         node: Any = base
         for part in key.split("."):
             node = node[part]
-        space[key] = {"type": "choice", "values": [node]}
-    tune_section = {**config.tune.model_dump(), "num_samples": 1, "search": "random", "scheduler": "none",
-                    "max_concurrent_trials": 1, "space": space}
-    run = {**base["run"], "name": name}
-    return config_from_dict({**base, "run": run, "tune": tune_section}, source="untuned baseline")
+        params[key] = node
+    return params
 
 
 def tune(
@@ -209,14 +214,17 @@ def tune(
     data_root: str | None,
     resume: bool = False,
     progress: Callable[[str], None] = print,
+    untuned_first: bool = False,
 ) -> TuneResult:
-    """Run (or resume) the sweep described by ``config.tune`` on data_root."""
+    """Run (or resume) the sweep described by ``config.tune`` on data_root. ``untuned_first``: the
+    first of its ``tune.num_samples`` trials is the recipe untuned, the baseline (module docstring)."""
     storage = resolve_storage(config.run.storage)
     if resume:
         name = config.run.name or latest_run(storage, SWEEP_MANIFEST, "sweep")
         manifest = load_manifest(storage, name, SWEEP_MANIFEST, "sweep")
         config = config_from_dict(manifest["config"], source=f"sweep {name}")
         data_root = manifest["data"]
+        untuned_first = bool(manifest.get("untuned_first"))
         progress(f"resuming sweep {name} from {join(storage, name)}")
     else:
         if config.tune is None:
@@ -234,9 +242,10 @@ def tune(
         {**dataset_tags(dataset.root, train_part, val_part), "pneumonia.run_dir": join(storage, name)}, progress,
         what=" (one nested run per trial)")
     if not resume:
-        write_manifest(storage, name, SWEEP_MANIFEST, dataset.root, config.model_dump(), tracking=tracking)
+        write_manifest(storage, name, SWEEP_MANIFEST, dataset.root, config.model_dump(), tracking=tracking,
+                       extra={"untuned_first": untuned_first})
     with tracker.ended_on_error(tracking and tracking["run_id"]):
-        result = _sweep(config, name, storage, resume, train_part, val_part, progress, tracking)
+        result = _sweep(config, name, storage, resume, train_part, val_part, progress, tracking, untuned_first)
     if tracking:
         run_id = tracking["run_id"]
         tracker.log_metrics(run_id, {"best_objective": result.objective, "best_threshold": result.threshold,
@@ -251,7 +260,7 @@ def tune(
 
 
 def _sweep(config: ExperimentConfig, name: str, storage: str, resume: bool, train_part, val_part, progress,
-           tracking: dict | None) -> TuneResult:
+           tracking: dict | None, untuned_first: bool = False) -> TuneResult:
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -292,7 +301,7 @@ def _sweep(config: ExperimentConfig, name: str, storage: str, resume: bool, trai
                 # random search's generator carries the cap itself (Tune would warn it ignores this)
                 max_concurrent_trials=None if sweep.search == "random" else sweep.max_concurrent_trials,
                 scheduler=scheduler,
-                search_alg=_searcher(sweep),
+                search_alg=_searcher(sweep, [untuned_params(config)] if untuned_first else None),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=ray_tune.RunConfig(
@@ -309,23 +318,27 @@ def _sweep(config: ExperimentConfig, name: str, storage: str, resume: bool, trai
     close_children(tracking, grid, statuses, lambda result: join(trials_storage, Path(result.path).name), warn=progress)
     resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"
     try:
-        return summarize_sweep(grid, config, sweep_path, statuses)  # the table first, even of an interrupted sweep
+        # The table first, even of an interrupted sweep.
+        return summarize_sweep(grid, config, sweep_path, statuses,
+                               baseline_params=untuned_params(config) if untuned_first else None)
     finally:
         # An interruption is the story, also when nothing finished to summarise.
         raise_if_interrupted(statuses, sweep.num_samples, f"sweep {name}", "trials", resume_command)
 
 
-def _searcher(sweep):
+def _searcher(sweep, first: list[dict[str, Any]] | None = None):
+    """The search algorithm; ``first``: configurations to try before any sampled one."""
     if sweep.search == "random":
         from ray.tune.search import BasicVariantGenerator
 
         # Seeded: repeatable sweeps. An explicit generator must be given the concurrency limit
         # itself (Tune applies max_concurrent_trials only to the default one).
-        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials)
+        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials,
+                                     points_to_evaluate=first)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed), points_to_evaluate=first)
 
 
 def trial_score(history: list[dict[str, Any]], objective: str = OBJECTIVE) -> tuple[float | None, dict[str, Any] | None]:
@@ -339,8 +352,10 @@ def trial_score(history: list[dict[str, Any]], objective: str = OBJECTIVE) -> tu
 
 
 def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
-                    statuses: dict[str, str] | None = None) -> TuneResult:
-    """Results table, plots and the winner by the selection rule (module docstring).
+                    statuses: dict[str, str] | None = None,
+                    baseline_params: dict[str, Any] | None = None) -> TuneResult:
+    """Results table, plots and the winner by the selection rule (module docstring). The trial with
+    ``baseline_params`` (the untuned one) is the baseline, left out of the winner's choice.
 
     ``statuses`` (:func:`pneumonia.training.supervision.saved_statuses`) keep an interrupted sweep's table
     honest: a trial stopped mid-run is INTERRUPTED, one that never ran NOT_STARTED, never TERMINATED.
@@ -356,8 +371,10 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
         last = history[-1] if history else {}
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         epochs = int(last.get("epoch", 0))
+        untuned = baseline_params is not None and _same_params(params, baseline_params)
         trials.append({
             "trial_id": trial_id,
+            "role": "untuned baseline" if untuned else "searched",
             "status": (statuses or {}).get(trial_id) or ("ERROR" if result.error else "TERMINATED"),
             **{f"param:{key}": value for key, value in params.items()},
             "objective": score,
@@ -373,7 +390,7 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
             "curve": [(r.get("epoch"), r.get(objective)) for r in history],
             "error": str(result.error).splitlines()[0] if result.error else None,
         })
-        if row is not None:
+        if row is not None and not untuned:
             candidates.append((epochs >= config.train.epochs, score, row.get(TIEBREAK, 0.0) or 0.0, row, params))
     if not candidates:
         errors = [t["error"] for t in trials if t["error"]]
@@ -410,11 +427,19 @@ def summarize_sweep(grid, config: ExperimentConfig, sweep_path: str,
         results_json=outputs["results.json"],
         plots=[outputs["objective_map.png"], outputs["learning_curves.png"]],
         trials=table,
+        baseline=next((t for t in table if t["role"] == "untuned baseline"), None),
     )
 
 
+def _same_params(params: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return params.keys() == wanted.keys() and all(
+        params[key] == wanted[key] or (isinstance(params[key], float) and isinstance(wanted[key], (int, float))
+                                       and abs(params[key] - wanted[key]) <= 1e-12 * max(1.0, abs(wanted[key])))
+        for key in wanted)
+
+
 def _column_order(name: str) -> tuple[int, str]:
-    first = ["trial_id", "status", "objective", "last_objective", "pr_auc", "roc_auc", "threshold", "checkpoint_epoch",
+    first = ["trial_id", "role", "status", "objective", "last_objective", "pr_auc", "roc_auc", "threshold", "checkpoint_epoch",
              "epochs", "time_s", "score_rule"]
     return (first.index(name), name) if name in first else (len(first) + (name == "checkpoint") + (name == "error"), name)
 

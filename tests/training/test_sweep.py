@@ -90,17 +90,19 @@ def test_a_sweep_chooses_its_winner_by_the_smoothed_objective_and_exports_it(ray
     from pneumonia.artifacts.export import export
     from pneumonia.artifacts.runs import TRIALS_FOLDER
     from pneumonia.evaluation.evaluate import evaluate_artifact
-    from pneumonia.training.sweep import SMOOTHING_EPOCHS, score_rule, tune, untuned_config
+    from pneumonia.training.sweep import SMOOTHING_EPOCHS, score_rule, tune
 
-    small = {"tune.num_samples": 2, "train.epochs": 4, "data.image_size": 48, "scaling.workers": 1,
-             "tune.max_concurrent_trials": 2}
-    baseline = tune(untuned_config(_sweep_config(tmp_path, **small)), str(imbalanced_data), progress=lambda _: None)
-    assert baseline.best_params == {"train.learning_rate": 0.001, "train.normal_class_weight": 1.0}
-    assert len(baseline.trials) == 1 and baseline.trials[0]["epochs"] == 4
-
-    result = tune(_sweep_config(tmp_path, **small, **{"run.name": "sweep"}), str(imbalanced_data),
-                  progress=lambda _: None)
-    assert len(result.trials) == 2
+    small = {"tune.num_samples": 3, "train.epochs": 4, "data.image_size": 48, "scaling.workers": 1,
+             "scaling.cpus_per_worker": 0.5, "tune.max_concurrent_trials": 3, "tune.scheduler": "none",
+             "run.name": "sweep"}
+    result = tune(_sweep_config(tmp_path, **small), str(imbalanced_data), progress=lambda _: None, untuned_first=True)
+    assert len(result.trials) == 3
+    # The first trial is the recipe untuned: the baseline, never the winner.
+    assert result.baseline["role"] == "untuned baseline" and result.baseline["epochs"] == 4
+    assert (result.baseline["param:train.learning_rate"], result.baseline["param:train.normal_class_weight"]) == (
+        0.001, 1.0)
+    assert Path(result.baseline["checkpoint"]) != Path(result.best_checkpoint)
+    assert [row["role"] for row in result.trials].count("searched") == 2
     assert Path(result.results_csv).is_file() and Path(result.results_json).is_file()
     assert all(Path(plot).stat().st_size > 10_000 for plot in result.plots)
     table = json.loads(Path(result.results_json).read_text())
@@ -111,7 +113,7 @@ def test_a_sweep_chooses_its_winner_by_the_smoothed_objective_and_exports_it(ray
     assert result.objective == pytest.approx(sum(last) / len(last)) == pytest.approx(winner["objective"])
     assert winner["checkpoint_epoch"] == winner["epochs"] == 4  # its last epoch's model
     assert result.metrics["precision_at_recall"] == pytest.approx(history[-1]["val_precision_at_recall"])
-    finished = [row for row in table if row["epochs"] == 4]
+    finished = [row for row in table if row["epochs"] == 4 and row["role"] == "searched"]
     assert winner["objective"] == max(row["objective"] for row in finished)
     # One folder per trial: Tune's files and the training run's side by side.
     sweep = tmp_path / "sweep"
@@ -143,18 +145,13 @@ def test_the_score_is_the_mean_of_the_last_epochs_and_the_model_the_last_checkpo
     assert trial_score([{"epoch": 1, "val_precision_at_recall": 0.5}]) == (None, None)  # no checkpoint
 
 
-def test_the_untuned_baseline_is_the_same_recipe_with_the_searched_values_fixed(tmp_path):
-    from pneumonia.training.sweep import untuned_config
+def test_the_untuned_trial_is_the_recipe_with_the_searched_keys_at_its_own_values(tmp_path):
+    from pneumonia.training.sweep import untuned_params
 
-    config = _sweep_config(tmp_path)
-    baseline = untuned_config(config, name="base")
-    assert baseline.run.name == "base" and baseline.tune.num_samples == 1 and baseline.tune.scheduler == "none"
-    assert {key: spec.values for key, spec in baseline.tune.space.items()} == {
-        "train.learning_rate": [0.001], "train.normal_class_weight": [1.0]}
-    same = ("data", "model", "train", "scaling", "objective", "stress")
-    assert all(getattr(baseline, section) == getattr(config, section) for section in same)
+    config = _sweep_config(tmp_path, **{"train.learning_rate": 0.002})
+    assert untuned_params(config) == {"train.learning_rate": 0.002, "train.normal_class_weight": 1.0}
     with pytest.raises(ConfigError, match="no `tune:` section"):
-        untuned_config(config.model_copy(update={"tune": None}))
+        untuned_params(config.model_copy(update={"tune": None}))
 
 
 @pytest.mark.ray
@@ -201,7 +198,6 @@ def _check_tracking(storage: Path, result, exported) -> None:
         assert "train.learning_rate" in run.data.params
     assert parent.data.metrics["best_objective"] == pytest.approx(result.objective)
     assert {item.path for item in client.list_artifacts(parent.info.run_id)} >= {"results.csv", "learning_curves.png"}
-    assert "baseline" in by_name  # the baseline training run, in the same store
 
     best_trial = recorded_in(str(Path(result.best_checkpoint).parent))
     assert exported.tracking["run_id"] == best_trial["run_id"]
