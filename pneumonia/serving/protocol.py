@@ -65,11 +65,13 @@ def model_metadata(name: str, version: str, shape: Sequence[int], normalize: str
 # ----------------------------------------------------------------------------- requests
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
     """(the JSON header, the binary tensors after it) of a request body; without
-    ``Inference-Header-Content-Length`` the whole body is JSON and there is no binary part."""
+    ``Inference-Header-Content-Length`` the whole body is JSON and there is no binary part. The
+    binary part is a view of ``body``: each tensor is copied once, when it is cut out."""
+    view = memoryview(body)
     if header_length is None:
-        header, binary = body, b""
+        header, binary = body, view[len(body):]
     else:
         text = header_length.strip()
         if not text.isdigit():
@@ -77,7 +79,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
         length = int(text)
         if length == 0 or length > len(body):
             raise HTTPError(400, f"{HEADER_LENGTH} is {length:,} but the body has {len(body):,} bytes")
-        header, binary = body[:length], body[length:]
+        header, binary = body[:length], view[length:]
     try:
         payload = json.loads(header)
     except (ValueError, UnicodeDecodeError):
@@ -87,10 +89,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     return payload, binary
 
 
-def _binary_parts(inputs: list, binary: bytes) -> list[bytes | None]:
+def _binary_parts(inputs: list, binary: bytes | memoryview) -> list[memoryview | None]:
     """Each input's binary data (None: its data is in the JSON), cut from ``binary`` in input order;
     the declared sizes must add up to exactly what follows the header."""
-    parts: list[bytes | None] = []
+    binary = memoryview(binary)
+    parts: list[memoryview | None] = []
     offset = 0
     for index, tensor in enumerate(inputs):
         parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
@@ -111,7 +114,7 @@ def _binary_parts(inputs: list, binary: bytes) -> list[bytes | None]:
     return parts
 
 
-def _binary_bytes(raw: bytes, count: int | None) -> list[bytes]:
+def _binary_bytes(raw: memoryview, count: int | None) -> list[bytes]:
     """The elements of a binary BYTES tensor: each a 4-byte little-endian length, then the bytes."""
     items, offset = [], 0
     while offset < len(raw):
@@ -122,7 +125,7 @@ def _binary_bytes(raw: bytes, count: int | None) -> list[bytes]:
         if offset + length > len(raw):
             raise HTTPError(400, f"binary BYTES element {len(items)} claims {length:,} bytes; "
                                  f"{len(raw) - offset:,} are left")
-        items.append(raw[offset:offset + length])
+        items.append(bytes(raw[offset:offset + length]))
         offset += length
     if count is not None and len(items) != count:
         raise HTTPError(400, f"binary BYTES data holds {len(items)} elements; the shape says {count}")
@@ -136,7 +139,8 @@ def _element_count(shape: Any) -> int | None:
     return None
 
 
-def request_images(payload: Any, shape: Sequence[int], binary: bytes = b"") -> list[tuple[str, bytes | np.ndarray]]:
+def request_images(payload: Any, shape: Sequence[int],
+                   binary: bytes | memoryview = b"") -> list[tuple[str, bytes | np.ndarray]]:
     """Named images from an inference request: encoded files ("BYTES") or pixels ("UINT8", each
     of ``shape``), from the JSON or from ``binary`` (the bytes after the header, see
     :func:`split_body`); HTTPError 400 saying what is wrong otherwise."""
@@ -175,7 +179,7 @@ def request_images(payload: Any, shape: Sequence[int], binary: bytes = b"") -> l
         if len(raw) != _element_count(tensor_shape):
             raise HTTPError(400, f"binary UINT8 data is {len(raw):,} bytes; shape {tensor_shape} needs "
                                  f"{_element_count(tensor_shape):,}")
-        pixels = np.frombuffer(raw, np.uint8).reshape(tensor_shape)
+        pixels = np.frombuffer(raw, np.uint8).reshape(tensor_shape).copy()  # its own memory, not the body's
     else:
         try:
             values = np.asarray(data, dtype=np.int64)

@@ -96,7 +96,8 @@ def test_binary_bytes_and_pixels_are_parsed_like_their_json_forms():
 
 
 def test_a_json_body_has_no_binary_part():
-    assert split_body(b'{"inputs": []}', None) == ({"inputs": []}, b"")
+    payload, binary = split_body(b'{"inputs": []}', None)
+    assert payload == {"inputs": []} and bytes(binary) == b""
 
 
 @pytest.mark.parametrize("body, length, message", [
