@@ -40,8 +40,14 @@ out-of-distribution guard (pneumonia.models.ood: the signature adds `ood_score`,
 forward pass; the guard's numbers do not change its cost), labelled `guard on`; `ensemble_cost`
 then also gives the guard's req/s and p50 relative to the model without it (`single`).
 
-    python bench/serve_load.py [--artifact PATH] [--concurrency 1,8,32,64] [--duration 8] [--modes a,b,e]
-                               [--ensemble 3] [--guard]
+Every row also gives the CPU time per answered request (`cpu_ms_per_request`), summed over this
+process (the load generator, and in mode a the whole work) and every process under the server
+(HAProxy, the replicas, Ray's own), with the split by process in `cpu_ms_by_process`: on a box
+shared with other work, req/s and latency move with the neighbours, CPU per request much less.
+`--serve-options JSON` passes Serve deployment options to every Serve mode (experiments).
+
+    python bench/serve_load.py [--artifact PATH] [--concurrency 1,8,32,64] [--duration 8] [--modes a,b,e,g]
+                               [--ensemble 3] [--guard] [--serve-options JSON]
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real Request type in the plain
