@@ -81,13 +81,16 @@ BATCHES_IN_FLIGHT = 3
 # ray_pneumonia_drift_psi, ray_pneumonia_probability_bucket, ...; cluster/kuberay/drift-alert.yaml).
 DRIFT_GAUGE = "pneumonia_drift_psi"
 PROBABILITY_HISTOGRAM = "pneumonia_probability"
-OOD_SCORE_HISTOGRAM = "pneumonia_ood_score"
+OOD_RATIO_HISTOGRAM = "pneumonia_ood_score_ratio"
 # Denser towards 0 and 1, where a trained model's probabilities pile up.
 PROBABILITY_BOUNDARIES = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999]
-# Guard scores as multiples of the guard's threshold (squared Mahalanobis distances, whose scale
-# is the number of features): below 1 the images it passes (a growing share near 1 is data moving
-# towards the edge), above 1 what it refuses (near-misses to photos and blank frames, 16x and more).
-OOD_SCORE_MULTIPLES = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 8, 16]
+# Guard scores over the guard's threshold (squared Mahalanobis distances, whose scale is the
+# number of features, so a ratio reads alike for every artifact): below 1 the images it passes (a
+# growing share near 1 is data moving towards the edge), above 1 what it refuses (near-misses to
+# photos and blank frames, 16 and more). Fixed boundaries, not multiples of one artifact's
+# threshold: Ray keeps the first boundaries a metric name was registered with for the whole
+# cluster session, so a rollout to a version with another threshold would keep the old buckets.
+OOD_RATIO_BOUNDARIES = [0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 8, 16]
 UNAUTHORIZED_COUNTER = "pneumonia_unauthorized"
 AUDIT_ERRORS_COUNTER = "pneumonia_audit_write_errors"
 DRIFT_EVERY_IMAGES = 50
@@ -213,13 +216,14 @@ class Classifier:
         self._probabilities = metrics.Histogram(
             PROBABILITY_HISTOGRAM, description="probability of pneumonia of each classified image",
             boundaries=PROBABILITY_BOUNDARIES)
-        self._ood_scores = None
+        self._ood_ratios = None
+        self._ood_threshold = None
         if self.model.guard is not None:
             threshold = float(self.model.guard["threshold"])
-            scale = threshold if threshold > 0 else 1.0
-            self._ood_scores = metrics.Histogram(
-                OOD_SCORE_HISTOGRAM, description=f"out-of-distribution score of each image (the guard refuses above "
-                f"{scale:g})", boundaries=[scale * multiple for multiple in OOD_SCORE_MULTIPLES])
+            self._ood_threshold = threshold if threshold > 0 else 1.0
+            self._ood_ratios = metrics.Histogram(
+                OOD_RATIO_HISTOGRAM, description="out-of-distribution score of each image over the guard's threshold "
+                "(the guard refuses above 1)", boundaries=OOD_RATIO_BOUNDARIES)
         self._drift_psi = metrics.Gauge(
             DRIFT_GAUGE, description=f"PSI of this replica's last {DEFAULT_WINDOW} classified images' probabilities "
             f"against the artifact's drift reference ({PSI_WATCH:g} watch, {PSI_RECALIBRATE:g} re-calibrate)")
@@ -274,10 +278,10 @@ class Classifier:
     def _observe(self, scored: list[Scored]) -> None:
         """Distribution metrics of a scored batch: every guard score, and the probability of every
         image that was classified (into the drift window; the gauge every DRIFT_EVERY_IMAGES)."""
-        if self._ood_scores is not None:
+        if self._ood_ratios is not None:
             for answer in scored:
                 if answer.ood_score is not None:
-                    self._ood_scores.observe(answer.ood_score)
+                    self._ood_ratios.observe(answer.ood_score / self._ood_threshold)
         classified = [answer.probability for answer in scored if not answer.out_of_distribution]
         for probability in classified:
             self._probabilities.observe(probability)

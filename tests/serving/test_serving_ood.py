@@ -148,14 +148,18 @@ def test_flag_answers_200_without_a_label_and_every_refusal_is_counted(artifact,
         time.sleep(2)
     assert _refusals() >= 3  # the reject test's /predict (and more) plus these three
 
-    # Every guard score goes into pneumonia_ood_score (buckets at multiples of the guard's threshold);
-    # only the one image classified (INSIDE) into the drift window; this artifact has no reference.
-    while "ray_pneumonia_ood_score_bucket{" not in _metrics() and time.monotonic() < deadline:
+    # Every guard score goes into pneumonia_ood_score_ratio (over the guard's threshold: the refused
+    # ones above 1, the classified one below); only the one image classified (INSIDE) into the drift
+    # window; this artifact has no reference.
+    while "ray_pneumonia_ood_score_ratio_bucket{" not in _metrics() and time.monotonic() < deadline:
         time.sleep(2)
-    threshold = artifact.metadata["out_of_distribution"]["threshold"]
-    buckets = {float(line.split('le="')[1].split('"')[0]) for line in _metrics().splitlines()
-               if line.startswith("ray_pneumonia_ood_score_bucket{")}
-    assert any(bound == pytest.approx(threshold, rel=1e-6) for bound in buckets), (threshold, buckets)
+    counts: dict[float, float] = {}  # cumulative count per upper bound, summed over the replicas' series
+    for line in _metrics().splitlines():
+        if line.startswith("ray_pneumonia_ood_score_ratio_bucket{"):
+            bound = float(line.split('le="')[1].split('"')[0])
+            counts[bound] = counts.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    assert 1.0 in counts and counts[1.0] >= 1, counts  # the classified image, at most the threshold
+    assert max(counts.values()) - counts[1.0] >= 3, counts  # the refused ones, above it
     drift = json.loads(urllib.request.urlopen(f"{url}/model", timeout=60).read())["drift"]
     assert drift["images"] == 1 and drift["level"] == "no reference" and drift["value"] is None
 

@@ -9,10 +9,6 @@ One Serve app for the module (about 20 s to start): a small 64 px model with the
 recipe's intensity normalisation (histogram equalisation) and a guard made to order, which
 passes the X-rays sent here (the suite's synthetic one and, when ../shared/data is present, a
 real one) and refuses a frame of noise.
-
-Named to run after test_serving_ood.py: Ray's metrics agent keeps the bucket boundaries of the
-first ``pneumonia_ood_score`` histogram a replica records for the whole session, and that module
-checks them against its own guard's threshold.
 """
 
 from __future__ import annotations
