@@ -133,9 +133,10 @@ class TuningOutcome:
 
     @property
     def helped(self) -> bool:
-        """Whether the tuned model's test precision at matched recall beats the baseline's."""
+        """Whether the tuned model's test precision at matched recall beats the baseline's, as
+        printed (to three decimals: a gap too small to show is no help)."""
         first, last = self.comparison.models
-        return last.test["precision"] > first.test["precision"]
+        return round(last.test["precision"], 3) > round(first.test["precision"], 3)
 
 
 def baseline_and_tuned(sweep_config, data: str, name: str, progress=print) -> TuningOutcome:
@@ -233,6 +234,7 @@ def cmd_demo(args) -> None:
     payload = {
         "seed": seed, "data": str(data), "split": split_words, "target_recall": objective.target_recall,
         "baseline": _point(first), "tuned": _point(last), "tuning_helped": helped,
+        "precision_gap": comparison.precision_gap()[0], "precision_gap_se": comparison.precision_gap()[1],
         "best_params": outcome.tuned.best_params, "selection": rule,
         "artifact": exported.artifact, "report": str(files.html), "verdict": verdict,
     }
@@ -248,14 +250,19 @@ def _point(model) -> dict[str, float]:
 
 
 def _verdict(comparison, helped: bool, seed: int, split_words: str) -> str:
-    """The demo's last sentence: whether tuning helped on this seed, plainly."""
+    """The demo's last sentence: whether tuning helped on this seed, plainly, and whether the gap
+    is beyond one standard error of the test split."""
     first, last = comparison.models
+    gap, error = comparison.precision_gap()
     figures = (f"test precision {last.test['precision']:.3f} against {first.test['precision']:.3f} "
                f"(test recall {last.test['recall']:.3f} against {first.test['recall']:.3f}) on {split_words}")
+    size = (f"; the gap, {gap:+.3f}, is {'beyond' if abs(gap) > error else 'within'} one standard error "
+            f"({error:.3f}) of this split")
     if helped:
-        return f"Seed {seed}: tuning helped: the tuned model is more precise at the same target recall, {figures}."
+        return (f"Seed {seed}: tuning helped: the tuned model is more precise than the untuned baseline at the same "
+                f"target recall, {figures}{size}.")
     return (f"Seed {seed}: tuning did NOT help: the tuned model is not more precise than the untuned baseline "
-            f"at the same target recall, {figures}.")
+            f"at the same target recall, {figures}{size}.")
 
 
 def _value_at(tree: dict[str, Any], dotted: str) -> Any:

@@ -83,6 +83,17 @@ class MatchedComparison:
             text += f"; the validation split could not vouch for the target for {' and '.join(unmet)}"
         return text + "."
 
+    def precision_gap(self) -> tuple[float, float]:
+        """(last model's test precision minus the first's, the standard error of that difference):
+        each precision is a proportion over the images its model flags, taken as independent."""
+        first, last = self.models[0].test, self.models[-1].test
+
+        def variance(test) -> float:
+            flagged = test["tp"] + test["fp"]
+            return test["precision"] * (1 - test["precision"]) / flagged if flagged else 0.0
+
+        return last["precision"] - first["precision"], float(np.sqrt(variance(first) + variance(last)))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "target_recall": self.target_recall, "rule": self.rule, "confidence": self.confidence,
