@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="epochs of the baseline and of every sweep trial (one budget for both; "
                       "default: the sweep config's, 6 synthetic, 4 real)")
     demo.add_argument("--samples", type=config_number("tune.num_samples"), default=None,
-                      help="sweep trials (default: the sweep config's, 4 synthetic, 3 real)")
+                      help="searched trials, besides the untuned baseline trial (default: the sweep config's, "
+                      "4 synthetic, 2 real)")
     demo.add_argument("--serve-port", type=number(int, 0, 65535), default=0,
                       help="port for the final service (default 0: a free one)")
     demo.add_argument("--json", action="store_true",
