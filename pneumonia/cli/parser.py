@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "uses tune_configs/quick_real.yaml")
     demo.add_argument("--seed", type=number(int, 0), default=0,
                       help="seeds the synthetic data, the validation carve, training and the search (default 0)")
-    demo.add_argument("--n", type=number(int, MIN_IMAGES), default=800, help="synthetic images (default 800)")
+    demo.add_argument("--n", type=number(int, MIN_IMAGES), default=1200, help="synthetic images (default 1200)")
     demo.add_argument("--image-size", type=config_number("data.image_size"), default=None,
                       help="pixels per side the models see (default: the sweep config's)")
     demo.add_argument("--workers", type=config_number("scaling.workers"), default=2)
