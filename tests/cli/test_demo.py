@@ -20,7 +20,7 @@ SEEDS = (0, 1, 2)
 @pytest.mark.xfail(strict=False, reason=(
     "issue 24, open: measured twice on 2 cores, tuning won 2 of 3 seeds each time (n=800: seed 0 lost "
     "0.825 vs 0.847 at test recall 0.994 vs 0.949; n=1200: seed 2 lost 0.764 vs 0.851 at recall 0.996 vs "
-    "0.977): each model's validation-chosen threshold (lower_bound rule, ~60 validation NORMALs) moves "
+    "0.977): each model's validation-chosen threshold (lower_bound rule, a few dozen validation NORMALs) moves "
     "test recall by several points, and precision with it"))
 def test_tuning_beats_the_untuned_baseline_at_matched_recall_for_three_seeds(ray_cluster, tmp_path):
     """The demo's own pipeline (its synthetic task, one sweep whose first trial is the recipe untuned,
