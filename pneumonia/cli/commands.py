@@ -27,7 +27,7 @@ from pneumonia.serving.auth import TOKEN_FILE_VARIABLE, TOKENS_VARIABLE, is_loop
 from pneumonia.serving.client import client_token, format_predictions, predict_files
 from pneumonia.storage import is_uri
 from pneumonia.training.driver import train
-from pneumonia.training.sweep import tune
+from pneumonia.training.sweep import score_rule, tune
 
 
 def cmd_synth(args) -> None:
@@ -125,8 +125,9 @@ def cmd_tune(args) -> None:
         pr_auc = "-" if trial["pr_auc"] is None else f"{trial['pr_auc']:.4f}"
         lines.append(f"{trial['trial_id']:<10}{objective:>10}{pr_auc:>8}{trial['epochs']:>7}  {params}")
     lines += [
-        f"best: precision {result.objective:.4f} at recall >= {config.objective.target_recall} "
-        f"(threshold {result.threshold:.4f}); checkpoint {result.best_checkpoint}",
+        f"best: score {result.objective:.4f} ({score_rule(config.objective.metric)}; "
+        f"precision at recall >= {config.objective.target_recall}), threshold {result.threshold:.4f}; "
+        f"checkpoint {result.best_checkpoint}",
         f"results: {result.results_csv}; plots: {', '.join(result.plots)}",
     ]
     emit(result.to_json(), args.json, "\n".join(lines))

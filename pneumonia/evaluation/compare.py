@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from pneumonia.metrics.binary import SafeOperatingPoint, binary_metrics, safe_operating_point
+from pneumonia.metrics.binary import (
+    OperatingPoint,
+    SafeOperatingPoint,
+    binary_metrics,
+    operating_point,
+    safe_operating_point,
+)
 
 ROWS = ("threshold", "precision", "recall", "specificity")
 
@@ -42,6 +48,8 @@ class MatchedModel:
     name: str
     chosen: SafeOperatingPoint  # the threshold, chosen on validation, and its validation numbers
     test: dict[str, Any]  # binary_metrics on the test split at chosen.threshold
+    at_test_recall: OperatingPoint  # the test split's own point for the target recall (its ranking there)
+    test_positives: int  # sick images in the test split
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,12 @@ class MatchedComparison:
                  " " * label + " | ".join(f"{name:>{width}}" for name, width in zip(names, widths))]
         for row in ROWS:
             values = [model.chosen.threshold if row == "threshold" else model.test[row] for model in self.models]
+            lines.append(f"  {row:<{label - 2}}" + " | ".join(f"{value:>{width}.3f}"
+                                                              for value, width in zip(values, widths)))
+        lines.append(f"test split, each model at its own threshold for test recall >= {self.target_recall:g} "
+                     "(matched recall: the ranking)")
+        for row in ROWS[:3]:
+            values = [getattr(model.at_test_recall, row) for model in self.models]
             lines.append(f"  {row:<{label - 2}}" + " | ".join(f"{value:>{width}.3f}"
                                                               for value, width in zip(values, widths)))
         return "\n".join(lines)
@@ -94,11 +108,30 @@ class MatchedComparison:
 
         return last["precision"] - first["precision"], float(np.sqrt(variance(first) + variance(last)))
 
+    def matched_gap(self) -> tuple[float, float]:
+        """(last model's test precision at the target recall on the test split minus the first's, the
+        standard error of that difference): each model's own highest precision among its thresholds
+        whose test recall reaches the target, so both compare at the same recall. What the sweep
+        optimises (a ranking measure), freed from the noise of thresholds chosen on a small
+        validation carve; a measurement, not a threshold anyone deploys."""
+        first, last = self.models[0], self.models[-1]
+
+        def variance(model) -> float:
+            point = model.at_test_recall
+            flagged = point.recall * model.test_positives / point.precision if point.precision else 0.0
+            return point.precision * (1 - point.precision) / flagged if flagged else 0.0
+
+        return (last.at_test_recall.precision - first.at_test_recall.precision,
+                float(np.sqrt(variance(first) + variance(last))))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "target_recall": self.target_recall, "rule": self.rule, "confidence": self.confidence,
             "models": {model.name: {"validation": model.chosen.to_json(),
-                                    "test": {row: model.test[row] for row in ROWS[1:]} | {"n": model.test["n"]}}
+                                    "test": {row: model.test[row] for row in ROWS[1:]} | {"n": model.test["n"]},
+                                    "at_test_recall": {"threshold": model.at_test_recall.threshold,
+                                                       "precision": model.at_test_recall.precision,
+                                                       "recall": model.at_test_recall.recall}}
                        for model in self.models},
         }
 
@@ -114,5 +147,7 @@ def compare_at_target_recall(models: dict[str, ModelScores], target_recall: floa
         chosen = safe_operating_point(scores.validation_labels, scores.validation_probabilities,
                                       scores.validation_patients, target_recall, confidence, samples, seed, rule=rule)
         test = binary_metrics(scores.test_labels, scores.test_probabilities, chosen.threshold)
-        matched.append(MatchedModel(name, chosen, test))
+        matched.append(MatchedModel(name, chosen, test, operating_point(scores.test_labels, scores.test_probabilities,
+                                                                        target_recall),
+                                    int(np.sum(scores.test_labels))))
     return MatchedComparison(float(target_recall), rule, float(confidence), tuple(matched))

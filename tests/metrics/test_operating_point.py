@@ -243,8 +243,16 @@ def test_models_are_compared_at_the_same_target_recall():
     assert table[0] == ("test split, each model at its validation threshold "
                         "(lower end of the 95% CI of validation recall >= 0.9)")
     assert [name.strip() for name in table[1].split("|")] == ["baseline (notebook recipe)", "tuned"]
-    assert [line.split()[0] for line in table[2:]] == ["threshold", "precision", "recall", "specificity"]
-    assert len({len(line) for line in table[1:]}) == 1  # aligned columns
+    assert [line.split()[0] for line in table[2:6]] == ["threshold", "precision", "recall", "specificity"]
+    assert len({len(line) for line in table[1:6]}) == 1  # aligned columns
+    # The same two models at matched test recall (each its own test-split point for the target): the ranking.
+    assert table[6].startswith("test split, each model at its own threshold for test recall >= 0.9")
+    assert [line.split()[0] for line in table[7:]] == ["threshold", "precision", "recall"]
+    for matched, scored in ((base, baseline), (tune, tuned)):
+        assert matched.at_test_recall == operating_point(scored.test_labels, scored.test_probabilities, TARGET)
+        assert matched.at_test_recall.recall >= TARGET
+    gap, error = comparison.matched_gap()
+    assert gap == tune.at_test_recall.precision - base.at_test_recall.precision and gap > 2 * error > 0
     assert table[3].split()[1:] == [f"{base.test['precision']:.3f}", "|", f"{tune.test['precision']:.3f}"]
     sentence = comparison.sentence()
     assert sentence == (f"At the same target (validation recall >= 0.9), tuned raises test precision from "
