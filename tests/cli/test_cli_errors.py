@@ -25,16 +25,7 @@ from pneumonia.cli import main
 from pneumonia.serving.local_service import (
     local_service as _real_local_service,  # kept before the fixture below patches it
 )
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of the CLI in-process; argparse's exit counts as a status."""
-    try:
-        code = main([str(item) for item in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.helpers import run_cli
 
 
 def assert_one_line_error(code: int, err: str, expected_code: int, *fragments: str) -> None:
