@@ -99,24 +99,24 @@ def real_data(source: str, out: Path, seed: int) -> tuple[Path, str, str]:
     return root, f"{len(kept)} training and {len(held)} held-out X-rays of {source} in {root}", where
 
 
-def demo_config(real: bool, out: Path, seed: int, *, workers: int = 2, samples: int | None = None,
+def demo_config(real: bool, out: Path, seed: int, *, workers: int | None = None, samples: int | None = None,
                 epochs: int | None = None, image_size: int | None = None, **settings: Any):
-    """The demo's sweep config: tune_configs/quick.yaml (quick_real.yaml for real X-rays) with the
+    """The demo's sweep config: tune_configs/demo.yaml (quick_real.yaml for real X-rays) with the
     sweeps in ``out/sweeps``, MLflow in ``out/mlflow.db``, ``seed`` for the validation carve, the
     weights and shuffling and the search; ``samples`` searched trials (default: the config's
     num_samples) plus the untuned one, none stopped early (the baseline must run every epoch; at
     the demo's sizes a trial costs its start-up, not its epochs); the given budget where not None;
     ``settings``: more dotted config overrides."""
     overrides: dict[str, Any] = {
-        "run.storage": str(out / "sweeps"), "scaling.workers": workers,
+        "run.storage": str(out / "sweeps"),
         "data.seed": seed, "train.seed": seed, "tune.seed": seed,
         # Every step in one MLflow store (`mlflow ui --backend-store-uri sqlite:///demo_out/mlflow.db`).
         "tracking.uri": os.environ.get(ENV_URI) or f"sqlite:///{out / 'mlflow.db'}",
     }
-    for key, value in (("train.epochs", epochs), ("data.image_size", image_size)):
+    for key, value in (("train.epochs", epochs), ("data.image_size", image_size), ("scaling.workers", workers)):
         if value is not None:
             overrides[key] = value
-    config = load_config(_sweep_config_file("quick_real.yaml" if real else "quick.yaml"))
+    config = load_config(_sweep_config_file("quick_real.yaml" if real else "demo.yaml"))
     searched = samples if samples is not None else config.tune.num_samples
     return with_overrides(config, {**overrides, "tune.num_samples": searched + 1, "tune.scheduler": "none",
                                    **settings})
@@ -192,7 +192,8 @@ def cmd_demo(args) -> None:
     rule = score_rule(objective.metric)
 
     print(f"[2/6] the untuned baseline, the sweep's first trial: the recipe with {searched}, {epochs} epochs, "
-          f"{args.workers} Ray workers", flush=True)
+          f"{sweep_config.scaling.workers} Ray Train worker(s) per trial, "
+          f"{sweep_config.tune.max_concurrent_trials} trial(s) at a time", flush=True)
     print(f"[3/6] Ray Tune sweep: then {sweep_config.tune.num_samples - 1} searched trials of {epochs} epochs over "
           f"{' x '.join(sweep_config.tune.space)}; a trial's score: {rule}", flush=True)
     outcome = baseline_and_tuned(sweep_config, str(data), name=stamp, progress=lambda line: print(line, flush=True))

@@ -163,13 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=number(int, MIN_IMAGES), default=1200, help="synthetic images (default 1200)")
     demo.add_argument("--image-size", type=config_number("data.image_size"), default=None,
                       help="pixels per side the models see (default: the sweep config's)")
-    demo.add_argument("--workers", type=config_number("scaling.workers"), default=2)
+    demo.add_argument("--workers", type=config_number("scaling.workers"), default=None,
+                      help="Ray Train workers per trial (default: the sweep config's, 1 synthetic, 2 real)")
     demo.add_argument("--epochs", type=config_number("train.epochs"), default=None,
                       help="epochs of the baseline and of every sweep trial (one budget for both; "
                       "default: the sweep config's, 6 synthetic, 4 real)")
     demo.add_argument("--samples", type=config_number("tune.num_samples"), default=None,
                       help="searched trials, besides the untuned baseline trial (default: the sweep config's, "
-                      "4 synthetic, 2 real)")
+                      "2 synthetic, 2 real)")
     demo.add_argument("--serve-port", type=number(int, 0, 65535), default=0,
                       help="port for the final service (default 0: a free one)")
     demo.add_argument("--json", action="store_true",
