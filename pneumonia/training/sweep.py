@@ -335,9 +335,16 @@ def _searcher(sweep, first: list[dict[str, Any]] | None = None):
         # itself (Tune applies max_concurrent_trials only to the default one).
         return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials,
                                      points_to_evaluate=first)
+    import warnings
+
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    if first:
+        # The untuned recipe may sit outside the searched range (the demo's learning rate 0.001
+        # below a 0.002-0.008 search): on purpose, and Optuna's "Fixed parameter ... is out of
+        # range" warning would read as an error in the demo's first minute.
+        warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range", category=UserWarning)
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed), points_to_evaluate=first)
 
 
