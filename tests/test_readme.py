@@ -22,14 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MAX_README_BYTES = 12 * 1024
 
-_BLOCK = re.compile(r"```(?:bash|sh|shell)\n(.*?)```", re.S)
+_BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)  # every fenced block, paired in order
 _LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def shell_lines(markdown: str) -> list[str]:
     """Each command of the markdown's shell code blocks: continuations joined, comments dropped."""
     lines = []
-    for block in _BLOCK.findall(markdown):
+    for language, block in _BLOCK.findall(markdown):
+        if language not in ("bash", "sh", "shell"):
+            continue
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""

@@ -575,7 +575,9 @@ def test_serve_app_import_path_exists_in_the_image():
 
 def _doc_commands() -> list[str]:
     """Shell commands in docs/cluster.md's code blocks, with continuation lines joined."""
-    blocks = re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
+    # Every fenced block paired in order (a ```text block must not shift the pairing), shell ones kept.
+    blocks = [body for language, body in re.findall(r"```(\w*)\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
+              if language in ("", "bash", "sh", "shell")]
     commands = []
     for block in blocks:
         joined = re.sub(r"\\\n\s*", " ", block)
