@@ -9,8 +9,7 @@ checks read: folder and file names, the manifest (name, data, config, creation t
     <storage>/<run>/pneumonia_result.json    the best checkpoint and its metrics, once finished
     <storage>/<run>/members/member_<i>/      an ensemble's member runs; <run>/ensemble its checkpoint
     <storage>/<sweep>/pneumonia_sweep.json   manifest of a sweep (`pneumonia tune`)
-    <storage>/<sweep>/trials/                Tune's experiment folder (its state, for --resume)
-    <storage>/<sweep>/trials/<trial id>/     each trial's one folder: its training run and Tune's trial files
+    <storage>/<sweep>/trials/<trial id>/     each trial's training run
     <run folder>/pneumonia_tracking.json     the MLflow store and run id of a run, trial or member
     <storage>/mlflow.db                      the embedded MLflow store (pneumonia.artifacts.tracking)
     <storage>/mlartifacts/                   its runs' files
@@ -32,7 +31,6 @@ SWEEP_MANIFEST = "pneumonia_sweep.json"
 RESULT_FILE = "pneumonia_result.json"
 HISTORY_FILE = "history.json"
 TRIALS_FOLDER = "trials"
-"""A sweep's Tune experiment folder, whose trial folders are the trials' training runs (one folder a trial)."""
 MEMBERS_FOLDER = "members"
 ENSEMBLE_FOLDER = "ensemble"
 

@@ -41,8 +41,7 @@ def trial_function(run: Callable[..., None], base: dict[str, Any], train_part: l
 
 def run_trials(trainable, path: str, resume: bool, new_tuner: Callable[[], Any], config: ExperimentConfig,
                what: str, history_of: Callable[[Any], str]):
-    """Fit the trials in ``path`` (Tune's experiment folder: a sweep's ``<sweep>/trials``, an
-    ensemble's ``<run>/members``): the saved Tuner with ``resume`` where
+    """Fit the trials in ``path`` (an experiment folder): the saved Tuner with ``resume`` where
     one can be restored, else ``new_tuner()``. Returns Tune's result grid and each trial's
     status (:func:`~pneumonia.training.supervision.saved_statuses`; ``history_of(trial)`` is
     where its workers record their epochs)."""

@@ -106,9 +106,7 @@ def train_members(
                                tracking=tracking)
     progress(f"ensemble of {members} members ({at_once} at a time), each {config.scaling.workers} worker(s) "
              f"for {config.train.epochs} epochs")
-    # Tune's experiment is <run>/members: each member's Tune files and its training run (checkpoints,
-    # history.json) share one folder, <run>/members/member_<k>.
-    tuner_path = storage
+    tuner_path = join(run_dir, "tuner")
 
     def new_tuner():
         return tune.Tuner(
@@ -116,7 +114,7 @@ def train_members(
             param_space={"member": tune.grid_search(list(range(members)))},
             tune_config=tune.TuneConfig(max_concurrent_trials=at_once,
                                         trial_dirname_creator=lambda trial: member_name(trial.config["member"])),
-            run_config=tune.RunConfig(name=MEMBERS_FOLDER, storage_path=run_dir, verbose=0,
+            run_config=tune.RunConfig(name="tuner", storage_path=run_dir, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
 

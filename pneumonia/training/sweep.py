@@ -25,8 +25,8 @@ carve, selection rule; only the searched values differ), reported as ``TuneResul
 left out of the winner's choice (the winner is the best *searched* trial). Give such a sweep no
 early stopping (``tune.scheduler: none``), so the baseline is never stopped at fewer epochs.
 
-Each trial has one folder, ``<sweep>/trials/<trial id>/``: Tune's experiment is ``<sweep>/trials``,
-so its trial files and the trial's training run (checkpoints, history.json) share the folder.
+Each trial's training run (checkpoints, history.json) is ``<sweep>/trials/<trial id>/``; Tune's own
+trial files are ``<sweep>/<trial id>/``.
 
 The outcome: a results table (CSV and JSON), plots, and the best trial's config, checkpoint and
 decision threshold (the one that reached the objective on validation).
@@ -305,15 +305,14 @@ def _sweep(config: ExperimentConfig, name: str, storage: str, resume: bool, trai
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=ray_tune.RunConfig(
-                # Tune's experiment is <sweep>/trials: its trial folders are the trials' training runs.
-                name=f"{name}/{TRIALS_FOLDER}",
+                name=name,
                 storage_path=storage,
                 verbose=1,
                 failure_config=ray_tune.FailureConfig(max_failures=1),
             ),
         )
 
-    grid, statuses = run_trials(trainable, trials_storage, resume, new_tuner, config, f"sweep {name}",
+    grid, statuses = run_trials(trainable, sweep_path, resume, new_tuner, config, f"sweep {name}",
                                 history_of=lambda trial: history_location(trials_storage, trial.trial_id))
     close_children(tracking, grid, statuses, lambda result: join(trials_storage, Path(result.path).name), warn=progress)
     resume_command = f"`pneumonia tune --resume --name {name} --storage {storage}`"

@@ -84,7 +84,7 @@ def imbalanced_data(tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_a_sweep_chooses_its_winner_by_the_smoothed_objective_and_exports_it(ray_cluster, imbalanced_data, tmp_path):
     """The winner is the trial with the best mean objective over its last epochs (not one epoch's
-    spike) and its model is its last epoch's checkpoint; each trial has one folder; the export
+    spike) and its model is its last epoch's checkpoint; the export
     and MLflow lineage follow. (That tuning beats the untuned baseline at matched recall, seed
     after seed, is tests/cli/test_demo.py's.)"""
     from pneumonia.artifacts.export import export
@@ -115,12 +115,10 @@ def test_a_sweep_chooses_its_winner_by_the_smoothed_objective_and_exports_it(ray
     assert result.metrics["precision_at_recall"] == pytest.approx(history[-1]["val_precision_at_recall"])
     finished = [row for row in table if row["epochs"] == 4 and row["role"] == "searched"]
     assert winner["objective"] == max(row["objective"] for row in finished)
-    # One folder per trial: Tune's files and the training run's side by side.
+    # Each trial's training run (its checkpoints and history) under <sweep>/trials/<trial id>.
     sweep = tmp_path / "sweep"
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [TRIALS_FOLDER]
     for row in table:
-        folder = sweep / TRIALS_FOLDER / row["trial_id"]
-        assert (folder / "history.json").is_file() and (folder / "params.json").is_file(), list(folder.iterdir())
+        assert (sweep / TRIALS_FOLDER / row["trial_id"] / "history.json").is_file()
 
     exported = export(result.best_checkpoint, str(tmp_path / "registry"), data_root=str(imbalanced_data))
     _check_tracking(tmp_path, result, exported)
