@@ -63,9 +63,11 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["seed", "xraynet"] = "xraynet"
+    name: Literal["seed", "xraynet", "resxnet"] = "xraynet"
     dropout: float = Field(0.3, ge=0, lt=1)
-    width: int = Field(32, ge=4, le=256, description="filters of the first block (xraynet)")
+    width: int = Field(32, ge=4, le=256, description="filters of the first block (xraynet, resxnet)")
+    depth: int = Field(1, ge=1, le=4, description="residual blocks per stage (resxnet only)")
+    se: bool = Field(True, description="squeeze-and-excitation gates in the residual blocks (resxnet only)")
 
 
 class TrainConfig(_Section):
@@ -113,6 +115,10 @@ class RunSection(_Section):
         300.0, gt=0, description="on a cluster without an autoscaler, stop a run whose workers waited this long "
         "and fail with that line; null: wait forever (an autoscaling cluster always waits)")
     start_retries: int = Field(2, ge=0, le=100, description="worker start-up failures retried before the run fails")
+    heartbeat_timeout_s: float = Field(
+        120.0, ge=10, le=3600, description="how long TensorFlow's coordination service waits for a worker's "
+        "heartbeat before it aborts the collectives (TensorFlow's own default: 10 s); Ray Train notices a dead "
+        "worker by itself")
 
     @field_validator("name")
     @classmethod
@@ -123,7 +129,7 @@ class RunSection(_Section):
 
 
 SHIFT_NAMES = (
-    "new_site", "darker", "brighter", "gamma_0.7", "gamma_1.4", "low_contrast", "high_contrast", "blur",
+    "new_site", "harsh_site", "darker", "brighter", "gamma_0.7", "gamma_1.4", "low_contrast", "high_contrast", "blur",
     "sharpen", "noise", "jpeg_q25", "zoom_in", "zoom_out", "shifted", "rotated", "narrower", "low_res",
 )
 """The stress shifts a config may name, in report order (each made by pneumonia.data.shifts.SHIFTS)."""
@@ -176,6 +182,24 @@ class EnsembleConfig(_Section):
 
     members: int = Field(1, ge=1, le=32, description="1: a single model")
     max_concurrent: int | None = Field(None, ge=1, description="members training at once; default: as many as fit")
+
+
+class DistillConfig(_Section):
+    """Knowledge distillation: one student learns the teacher's probabilities and ships alone.
+
+    Why: an ensemble ranks X-rays from a new site better than one model, at K models' serving cost.
+    The student is one model of ``model`` trained like any run, except that its target on every
+    training batch is ``weight`` x the teacher's probability on the *same augmented batch* plus
+    (1 - weight) x the label ("consistent" teaching, Beyer et al. 2022: the teacher is asked about
+    every view the student sees, so the student learns the teacher's function around the images,
+    not only at them). The teacher is the ensemble this run trains (``ensemble.members`` > 1), or
+    ``teacher``: an existing checkpoint, e.g. ``runs/<name>/ensemble``.
+    """
+
+    enabled: bool = False
+    teacher: str | None = Field(None, description="checkpoint to learn from; default: this run's ensemble")
+    weight: float = Field(0.7, ge=0, le=1, description="share of the teacher's probability in the target")
+    epochs: int | None = Field(None, ge=1, le=1000, description="the student's epochs; default train.epochs")
 
 
 class ParamSpec(_Section):
@@ -250,6 +274,7 @@ class ExperimentConfig(_Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     stress: StressConfig = Field(default_factory=StressConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneSection | None = None
 
@@ -259,6 +284,13 @@ class ExperimentConfig(_Section):
                               ("objective.metric", self.objective.metric)):
             if metric.startswith("val_stress_") and not self.stress.enabled:
                 raise ValueError(f"{where} {metric!r} is a stress metric: set stress.enabled: true")
+        return self
+
+    @model_validator(mode="after")
+    def _distill_needs_a_teacher(self) -> ExperimentConfig:
+        if self.distill.enabled and self.ensemble.members == 1 and not self.distill.teacher:
+            raise ValueError("distill.enabled needs a teacher: ensemble.members > 1 (this run's ensemble) "
+                             "or distill.teacher (an existing checkpoint)")
         return self
 
     @model_validator(mode="after")

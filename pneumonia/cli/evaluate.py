@@ -29,8 +29,10 @@ def cmd_evaluate(args) -> None:
         threshold = 0.5 if args.threshold is None else args.threshold
         evaluation = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, threshold=threshold)
         source = {"checkpoint": args.checkpoint}
+    predictor = _predictor(args) if args.stress or args.proxy else None
     if args.stress:
-        evaluation.stress = _stress_for(args, evaluation)
+        evaluation.stress = _stress_for(args, evaluation, *predictor)
+    proxy = _proxy_for(args, *predictor) if args.proxy else None
     title = (f"{evaluation.split}: {evaluation.counts['NORMAL']} NORMAL, {evaluation.counts['PNEUMONIA']} PNEUMONIA"
              + (f" ({evaluation.skipped} files skipped)" if evaluation.skipped else ""))
     payload = {**evaluation.metrics, "split": evaluation.split, "skipped": evaluation.skipped, **source}
@@ -46,6 +48,9 @@ def cmd_evaluate(args) -> None:
     if evaluation.stress is not None:
         payload["stress"] = evaluation.stress.to_json()
         text += "\n\nshift stress validation (" + f"{evaluation.stress.n} images):\n" + evaluation.stress.table()
+    if proxy is not None:
+        payload["proxy"] = proxy.to_json()
+        text += f"\n\nsite proxy ({proxy.n} images):\n" + proxy.table()
     if args.report:
         from pneumonia.evaluation.report import write_report  # lazy: matplotlib and scikit-learn
 
@@ -64,10 +69,11 @@ def cmd_evaluate(args) -> None:
     run_id = record_run(
         tracker, f"evaluate {evaluation.split}", "evaluate", recorded=recorded,
         params={**source, "data": args.data, "split": evaluation.split, "threshold": evaluation.metrics["threshold"],
-                "stress": bool(args.stress), "shifts": args.shifts},
+                "stress": bool(args.stress), "shifts": args.shifts, "proxy": bool(args.proxy)},
         metrics={**evaluation.metrics, "skipped": evaluation.skipped,
                  **({"ood_rate": evaluation.ood["rate"]} if evaluation.ood else {}),
-                 **{f"stress.{key}": value for key, value in (payload.get("stress") or {}).get("summary", {}).items()}},
+                 **{f"stress.{key}": value for key, value in (payload.get("stress") or {}).get("summary", {}).items()},
+                 **{key: value for key, value in (proxy.summary() if proxy else {}).items() if isinstance(value, float)}},
         tags={"dataset.root": args.data},
         files=sorted(path for path in Path(args.report).iterdir() if path.is_file()) if args.report else ())
     if run_id:
@@ -100,16 +106,30 @@ def _threshold_choice(args) -> dict | None:
     return (read_metadata(args.artifact).get("validation_metrics") or {}).get("operating_point")
 
 
-def _stress_for(args, evaluation):
+def _predictor(args):
+    """(predict, preprocessing, training config) of the model cmd_evaluate scores."""
+    if args.artifact is not None:
+        artifact = load_artifact(args.artifact)
+        return artifact.predict, artifact.preprocess, artifact.metadata.get("training_config")
+    model, info = load_checkpoint(args.checkpoint)
+    return (lambda images: predict_probabilities(model, images)), info.preprocess, info.config
+
+
+def _proxy_for(args, predict, spec, config):
+    """The site proxy of what cmd_evaluate scored."""
+    from pneumonia.evaluation.evaluate import proxy_evaluate  # lazy: scikit-learn
+
+    target = config_from_dict(config or {}).objective.target_recall
+    try:
+        return proxy_evaluate(predict, spec, args.data, args.split, config, target)
+    except ValueError as error:
+        raise PneumoniaError(str(error)) from None
+
+
+def _stress_for(args, evaluation, predict, spec, config):
     """The stress report of what cmd_evaluate scored, at the same threshold."""
     from pneumonia.evaluation.evaluate import stress_evaluate  # lazy: scikit-learn
 
-    if args.artifact is not None:
-        artifact = load_artifact(args.artifact)
-        predict, spec, config = artifact.predict, artifact.preprocess, artifact.metadata.get("training_config")
-    else:
-        model, info = load_checkpoint(args.checkpoint)
-        predict, spec, config = (lambda images: predict_probabilities(model, images)), info.preprocess, info.config
     target = config_from_dict(config or {}).objective.target_recall
     shifts = [name.strip() for name in args.shifts.split(",")] if args.shifts else None
     # The drift columns keep the operating point a user would deploy: an artifact's own threshold

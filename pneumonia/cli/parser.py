@@ -20,6 +20,7 @@ from pneumonia.cli.arguments import (
     service_url,
     shift_names,
 )
+from pneumonia.cli.audit import add_parser as add_audit_parser
 from pneumonia.cli.calibrate import add_parser as add_calibrate_parser
 from pneumonia.cli.score import add_parser as add_score_parser
 from pneumonia.data.synth import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MIN_IMAGES
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "blur, noise, JPEG, framing, resolution): per-shift ROC-AUC and precision at the "
                                "target recall, and the worst case")
     evaluate.add_argument("--shifts", type=shift_names, help="comma-separated subset of the stress shifts (default: all)")
+    evaluate.add_argument("--proxy", action="store_true",
+                          help="also score the site proxy: each healthy file family against all pneumonia and all "
+                               "healthy against each pneumonia kind, clean and under the harsh_site shift; its "
+                               "worst pairing ranks recipes for a new site (docs/RESULTS.md)")
     add_tracking_flags(evaluate, recorded=True)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=evaluate_command.cmd_evaluate)
@@ -179,4 +184,5 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_score_parser(subcommands)  # pneumonia score: batch scoring with Ray Data (pneumonia.scoring)
     add_calibrate_parser(subcommands)  # pneumonia calibrate: a site's threshold (pneumonia.evaluation.calibrate)
+    add_audit_parser(subcommands)  # pneumonia audit: Grad-CAM shortcut audit (pneumonia.evaluation.shortcuts)
     return parser

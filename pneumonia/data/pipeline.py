@@ -143,8 +143,14 @@ def training_dataset(
     cache: bool = True,
     class_weights: tuple[float, float] = (1.0, 1.0),
     mixup: float = 0.0,
+    teacher=None,
+    teacher_weight: float = 0.0,
 ):
     """An endless, shuffled, batched dataset of (image, label, weight) from this worker's records.
+
+    With a ``teacher`` (a Keras model, :mod:`pneumonia.training.distill`), each batch's label becomes
+    ``teacher_weight`` x the teacher's probability on that very batch, after augmentation and mixup,
+    plus the rest of the label; the class weight still follows the true label.
 
     Endless because under MultiWorkerMirroredStrategy every worker must run the same number of
     steps: the caller fixes ``steps_per_epoch`` and shards that differ by a few images (or lose a
@@ -177,6 +183,13 @@ def training_dataset(
     if mixup > 0:
         dataset = dataset.map(lambda images, labels, weights: mix_up(images, labels, weights, mixup),
                               num_parallel_calls=tf.data.AUTOTUNE)
+    if teacher is not None:
+        def taught(images, labels, sample_weights):
+            said = tf.reshape(teacher(tf.cast(images, tf.float32), training=False), [-1])
+            labels = tf.cast(labels, tf.float32)
+            return images, teacher_weight * tf.cast(said, tf.float32) + (1.0 - teacher_weight) * labels, sample_weights
+        # One batch at a time: the teacher's forward pass uses the op threads the training step needs.
+        dataset = dataset.map(taught, num_parallel_calls=1)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE), count, failures

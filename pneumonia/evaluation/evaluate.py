@@ -81,6 +81,23 @@ def stress_evaluate(
     return stress_report(predict, images, decoded.labels[chosen], target_recall, threshold)
 
 
+def proxy_evaluate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    spec: PreprocessSpec,
+    data_root: str,
+    split: str = VALIDATION,
+    training_config: dict[str, Any] | None = None,
+    target_recall: float = 0.95,
+    seed: int = 0,
+):
+    """The site proxy (:mod:`pneumonia.evaluation.proxy`) of a predictor on a split's images that decode."""
+    from pneumonia.evaluation.proxy import site_proxy  # lazy: scikit-learn
+
+    _, records = split_records(data_root, split, training_config)
+    decoded = _decode(records, spec, data_root)
+    return site_proxy(predict, decoded.records, spec, target_recall, seed=seed, threads=decode_threads())
+
+
 def evaluate(
     predict: Callable[[np.ndarray], np.ndarray],
     spec: PreprocessSpec,

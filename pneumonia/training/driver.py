@@ -8,10 +8,7 @@ Re-running with the same run name (``--resume``) continues an interrupted run fr
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import datetime
 
 from pneumonia.artifacts.runs import (
@@ -20,9 +17,7 @@ from pneumonia.artifacts.runs import (
     history_location,
     latest_run,
     load_manifest,
-    read_history,
     resolve_storage,
-    validation_metrics,
     write_manifest,
 )
 from pneumonia.artifacts.tracking import dataset_tags, flatten, numbers, start_tracking
@@ -34,8 +29,9 @@ from pneumonia.data.records import (
 )
 from pneumonia.errors import PneumoniaError
 from pneumonia.local_ray import init_ray
-from pneumonia.storage import exists, join, qualify, write_text
-from pneumonia.training.fit import TrainResult, check_resources, fit_run
+from pneumonia.storage import exists, join
+from pneumonia.training.distill import train_student
+from pneumonia.training.fit import TrainResult, check_resources, fit_run, summarize_run
 from pneumonia.training.members import train_ensemble
 
 # ----------------------------------------------------------------------------- driver side
@@ -108,25 +104,12 @@ def _train(config: ExperimentConfig, train_part, val_part, storage: str, name: s
         f"{' with GPUs' if config.scaling.gpu else ''} for {config.train.epochs} epochs; run {name} in {storage}"
     )
     if config.ensemble.members > 1:
-        return train_ensemble(config, train_part, val_part, storage, name, resume, progress, tracking)
+        ensemble = train_ensemble(config, train_part, val_part, storage, name, resume, progress, tracking)
+        if not config.distill.enabled:
+            return ensemble
+        return train_student(config, ensemble.best_checkpoint, train_part, val_part, storage, name, progress,
+                             tracking, teacher_metrics=ensemble.metrics)
+    if config.distill.enabled:
+        return train_student(config, config.distill.teacher, train_part, val_part, storage, name, progress, tracking)
     result = fit_run(config, train_part, val_part, tracking=tracking)
-    return _summarize(result, config, storage, name)
-
-
-def _summarize(result, config: ExperimentConfig, storage: str, name: str) -> TrainResult:
-    best = result.best_checkpoints or []
-    if not best:
-        raise PneumoniaError("training finished without a checkpoint")
-    sign = 1 if config.run.checkpoint_mode == "max" else -1
-    checkpoint, metrics = max(best, key=lambda item: sign * item[1].get(config.run.checkpoint_metric, -math.inf))
-    history = read_history(history_location(storage, name))
-    summary = TrainResult(
-        run_dir=join(storage, name),
-        best_checkpoint=qualify(checkpoint.path, storage),
-        metrics=validation_metrics(metrics),
-        best_epoch=int(metrics.get("epoch", 0)),
-        epochs_completed=int(history[-1]["epoch"]) if history else int(metrics.get("epoch", 0)),
-        history=history,
-    )
-    write_text(join(storage, name, RESULT_FILE), json.dumps(asdict(summary), indent=2, default=float))
-    return summary
+    return summarize_run(result, config, storage, name)

@@ -12,13 +12,17 @@ checkpointed, resumes from the last one instead of epoch 0.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import json
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pneumonia.artifacts.runs import RESULT_FILE, history_location, read_history, validation_metrics
 from pneumonia.config import ExperimentConfig
 from pneumonia.data.records import ImageRecord
 from pneumonia.errors import Interrupted, PneumoniaError
 from pneumonia.local_ray import gpu_advice, refuse_or_wait
+from pneumonia.storage import join, qualify, write_text
 from pneumonia.training.supervision import ResourceWatch, describe_cluster, start_settings
 from pneumonia.training.worker import records_to_rows, train_worker
 
@@ -31,6 +35,8 @@ class TrainResult:
     best_epoch: int
     epochs_completed: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A distilled student's teacher: {"checkpoint": path, "metrics": its validation metrics}.
+    teacher: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,7 +45,29 @@ class TrainResult:
             "best_epoch": self.best_epoch,
             "epochs_completed": self.epochs_completed,
             "run_dir": self.run_dir,
+            **({"teacher": self.teacher} if self.teacher else {}),
         }
+
+
+def summarize_run(result, config: ExperimentConfig, storage: str, name: str) -> TrainResult:
+    """The best checkpoint of Ray's ``result`` by ``run.checkpoint_metric``, with the run's history;
+    written to ``<storage>/<name>/`` as the run's result file."""
+    best = result.best_checkpoints or []
+    if not best:
+        raise PneumoniaError("training finished without a checkpoint")
+    sign = 1 if config.run.checkpoint_mode == "max" else -1
+    checkpoint, metrics = max(best, key=lambda item: sign * item[1].get(config.run.checkpoint_metric, -math.inf))
+    history = read_history(history_location(storage, name))
+    summary = TrainResult(
+        run_dir=join(storage, name),
+        best_checkpoint=qualify(checkpoint.path, storage),
+        metrics=validation_metrics(metrics),
+        best_epoch=int(metrics.get("epoch", 0)),
+        epochs_completed=int(history[-1]["epoch"]) if history else int(metrics.get("epoch", 0)),
+        history=history,
+    )
+    write_text(join(storage, name, RESULT_FILE), json.dumps(asdict(summary), indent=2, default=float))
+    return summary
 
 
 def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float = 0.0,
@@ -66,7 +94,8 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
 
 
 def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: list[ImageRecord],
-            callbacks: list | None = None, label: str = "", watch: bool = True, tracking: dict | None = None):
+            callbacks: list | None = None, label: str = "", watch: bool = True, tracking: dict | None = None,
+            teacher: dict | None = None):
     """One Ray Train run (config.run.storage absolute, config.run.name set); returns Ray's Result.
 
     A run whose name already has a snapshot in storage continues from its latest checkpoint:
@@ -74,6 +103,8 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
     With ``watch`` (a driver's own run, not a Tune trial: the sweep's driver watches those), a
     :class:`~pneumonia.training.supervision.ResourceWatch` says why the workers wait and stops a starved run.
     ``tracking`` (:func:`pneumonia.artifacts.tracking.entry`): the MLflow run that rank 0 logs every epoch into.
+    ``teacher`` (``{"checkpoint": path, "weight": w}``, :mod:`pneumonia.training.distill`): every worker
+    loads that model and blends its probabilities into the training targets.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -86,6 +117,7 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
             "val": records_to_rows(val_part),
             "label": label,  # prefixes the epoch lines when several runs print side by side
             "tracking": tracking,  # Train V2 takes no logger callbacks: rank 0 logs into this MLflow run
+            "teacher": teacher,
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.workers,

@@ -47,7 +47,9 @@ from pneumonia.training.worker import rows_to_records, stress_inputs
 
 
 def member_config(base: dict[str, Any], index: int, storage: str) -> ExperimentConfig:
-    """The config member ``index`` trains with: its own seed, its own run folder, no ensemble."""
+    """The config member ``index`` trains with: its own seed, its own run folder, no ensemble (and
+    no distillation: members are the teacher)."""
+    base = {**base, "distill": {**base.get("distill", {}), "enabled": False}}
     config = config_from_dict(base, source=f"ensemble member {index}")
     return config.model_copy(update={
         "train": config.train.model_copy(update={"seed": config.train.seed + index}),

@@ -23,7 +23,13 @@ from pneumonia.data.pipeline import decode_threads, load_images, predict_probabi
 from pneumonia.data.preprocess import PreprocessSpec
 from pneumonia.data.records import ImageRecord, shard
 from pneumonia.data.shifts import load_sources, shifted_images, stratified_subset
-from pneumonia.models.checkpoint import CheckpointInfo, load_model_from_directory, read_info, save_checkpoint
+from pneumonia.models.checkpoint import (
+    CheckpointInfo,
+    load_checkpoint,
+    load_model_from_directory,
+    read_info,
+    save_checkpoint,
+)
 from pneumonia.storage import write_text
 
 REPORTED_VAL_METRICS = (
@@ -50,8 +56,10 @@ def rows_to_records(rows: list) -> list[ImageRecord]:
 def format_epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     return (
         f"epoch {metrics['epoch']:>3}/{epochs}"
-        f"  loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} auc {metrics['roc_auc']:.3f}"
-        f" | val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.3f}"
+        f"  loss {metrics['loss']:.4f}"
+        # A distilled student's training targets are probabilities: no accuracy or AUC on them.
+        + (f" acc {metrics['accuracy']:.3f} auc {metrics['roc_auc']:.3f}" if "roc_auc" in metrics else "")
+        + f" | val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.3f}"
         f" prec {metrics['val_precision']:.3f} rec {metrics['val_recall']:.3f}"
         f" roc_auc {metrics['val_roc_auc']:.4f} pr_auc {metrics['val_pr_auc']:.4f}"
         f" prec@rec {metrics['val_precision_at_recall']:.3f}"
@@ -94,10 +102,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     # One worker needs no collectives: the default strategy avoids MultiWorkerMirroredStrategy's
     # per-step all-reduce overhead (measured in bench/train_throughput.py).
+    if world > 1:
+        configure_heartbeat(config.run.heartbeat_timeout_s)
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     spec = preprocess_spec(config)
     tf.keras.utils.set_random_seed(config.train.seed * 1000 + rank)
     batch_size = config.train.batch_size
+    # A distilled student (pneumonia.training.distill): the teacher labels every augmented batch
+    # on this worker, outside the strategy (it is not trained, nothing of it is synchronised).
+    teaching = loop_config.get("teacher")
+    teacher = load_checkpoint(teaching["checkpoint"])[0] if teaching else None
     dataset, _, failures = training_dataset(
         shard(train_records, rank, world),
         spec,
@@ -107,6 +121,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         cache=config.data.cache,
         class_weights=(config.train.normal_class_weight, 1.0),
         mixup=config.train.mixup,
+        teacher=teacher,
+        teacher_weight=teaching["weight"] if teaching else 0.0,
     )
     steps_per_epoch = max(1, math.ceil(len(train_records) / (world * batch_size)))
     # Every worker scores the whole (small) validation split the same way: the forward pass reads
@@ -131,7 +147,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 config.train.learning_rate, config.train.schedule,
                 total_steps=config.train.epochs * steps_per_epoch,
                 warmup_steps=round(config.train.warmup_epochs * steps_per_epoch))
-            compile_model(model, config.train.optimizer, rate, config.train.label_smoothing)
+            compile_model(model, config.train.optimizer, rate, config.train.label_smoothing,
+                          label_metrics=teacher is None)
     average = WeightAverage(config.train.ema_decay) if config.train.ema_decay else None
     stress = stress_inputs(config, spec, validation) if config.stress.enabled else None
 
@@ -196,6 +213,36 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         callbacks=[*([average] if average is not None else []), ReportEpoch()],
         verbose=0,
     )
+
+
+def configure_heartbeat(timeout_s: float) -> None:
+    """Start TensorFlow's coordination service as MultiWorkerMirroredStrategy would, but with a
+    heartbeat timeout of ``timeout_s`` instead of TensorFlow's 10 s (the strategy configures the
+    service only when nobody has: ``collective_all_reduce_strategy``, TF 2.21).
+
+    Why: on a CPU-bound cluster (measured: four Ray Train workers and their drivers on two cores,
+    at the nice level Ray gives workers) a worker's heartbeat thread can go more than 10 s without
+    the CPU. The service then marks that live worker failed, aborts every collective, and the late
+    heartbeat is answered "Unexpected heartbeat request from an already-in-error task"; Ray Train
+    restarts the run from its checkpoint and the epoch is lost. A worker that really dies is found
+    by Ray (its actor dies) long before a 2-minute heartbeat would be.
+    """
+    import json
+    import os
+
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    session = context.context()
+    if session.coordination_service is not None:
+        return
+    cluster = multi_worker_util.normalize_cluster_spec(json.loads(os.environ["TF_CONFIG"])["cluster"])
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster.num_tasks(job))
+            for job in ("chief", "worker") if job in cluster.jobs]
+    session.configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(cluster),
+        coordinated_jobs=jobs, heartbeat_timeout_in_ms=int(timeout_s * 1000))
 
 
 def best_key(objective: str) -> str:
