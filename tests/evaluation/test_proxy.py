@@ -79,3 +79,15 @@ def test_a_pairing_too_small_is_shown_but_never_the_worst(leaning_dataset):
 def test_one_class_is_refused(leaning_dataset):
     with pytest.raises(ValueError, match="needs NORMAL and PNEUMONIA"):
         site_proxy(_brightness, [r for r in leaning_dataset if r.label == 1], SPEC)
+
+
+def test_the_harsh_view_is_the_mean_of_its_draws_and_says_their_spread(leaning_dataset):
+    one = site_proxy(_brightness, leaning_dataset, SPEC, threads=2, draws=1)
+    three = site_proxy(_brightness, leaning_dataset, SPEC, threads=2, draws=3)
+    clean = [(row.roc_auc, row.roc_auc_spread) for row in three.rows if row.view == "clean"]
+    assert clean == [(row.roc_auc, 0.0) for row in one.rows if row.view == "clean"], "clean is one exact score"
+    harsh_one = {(row.healthy, row.sick): row.roc_auc for row in one.rows if row.view == "harsh_site"}
+    harsh_three = [row for row in three.rows if row.view == "harsh_site"]
+    assert any(row.roc_auc_spread > 0 for row in harsh_three), "the draws differ"
+    assert any(row.roc_auc != harsh_one[row.healthy, row.sick] for row in harsh_three), "a mean, not the first draw"
+    assert "spread" in three.table()
