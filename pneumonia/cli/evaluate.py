@@ -107,30 +107,30 @@ def _threshold_choice(args) -> dict | None:
 
 
 def _predictor(args):
-    """(predict, preprocessing, training config) of the model cmd_evaluate scores."""
+    """(predict, preprocessing, training config, its target recall) of the model cmd_evaluate scores."""
     if args.artifact is not None:
         artifact = load_artifact(args.artifact)
-        return artifact.predict, artifact.preprocess, artifact.metadata.get("training_config")
-    model, info = load_checkpoint(args.checkpoint)
-    return (lambda images: predict_probabilities(model, images)), info.preprocess, info.config
+        predict, spec, config = artifact.predict, artifact.preprocess, artifact.metadata.get("training_config")
+    else:
+        model, info = load_checkpoint(args.checkpoint)
+        predict, spec, config = (lambda images: predict_probabilities(model, images)), info.preprocess, info.config
+    return predict, spec, config, config_from_dict(config or {}).objective.target_recall
 
 
-def _proxy_for(args, predict, spec, config):
+def _proxy_for(args, predict, spec, config, target):
     """The site proxy of what cmd_evaluate scored."""
     from pneumonia.evaluation.evaluate import proxy_evaluate  # lazy: scikit-learn
 
-    target = config_from_dict(config or {}).objective.target_recall
     try:
         return proxy_evaluate(predict, spec, args.data, args.split, config, target)
     except ValueError as error:
         raise PneumoniaError(str(error)) from None
 
 
-def _stress_for(args, evaluation, predict, spec, config):
+def _stress_for(args, evaluation, predict, spec, config, target):
     """The stress report of what cmd_evaluate scored, at the same threshold."""
     from pneumonia.evaluation.evaluate import stress_evaluate  # lazy: scikit-learn
 
-    target = config_from_dict(config or {}).objective.target_recall
     shifts = [name.strip() for name in args.shifts.split(",")] if args.shifts else None
     # The drift columns keep the operating point a user would deploy: an artifact's own threshold
     # (or --threshold); for a bare checkpoint the one its clean images give for the target recall.

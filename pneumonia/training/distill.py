@@ -28,11 +28,13 @@ from typing import Any
 from pneumonia.artifacts.runs import RESULT_FILE
 from pneumonia.artifacts.tracking import Tracker, child_run, flatten
 from pneumonia.config import ExperimentConfig
+from pneumonia.data.preprocess import PreprocessSpec
 from pneumonia.data.records import ImageRecord
 from pneumonia.errors import PneumoniaError
 from pneumonia.models.checkpoint import read_info
 from pneumonia.storage import exists, join, local_directory, write_text
 from pneumonia.training.fit import TrainResult, check_resources, fit_run, summarize_run
+from pneumonia.training.worker import preprocess_spec
 
 STUDENT = "student"
 """The student's run folder (and Ray Train run name) inside the run's folder."""
@@ -52,13 +54,19 @@ def student_config(config: ExperimentConfig, teacher: str, run_dir: str) -> Expe
     })
 
 
-def teacher_metrics_of(teacher: str) -> dict[str, float]:
-    """The validation metrics a checkpoint recorded when it was made (``val_`` dropped)."""
+def teacher_metrics_of(teacher: str, spec: PreprocessSpec) -> dict[str, float]:
+    """The validation metrics a checkpoint recorded when it was made (``val_`` dropped), after
+    checking that it exists and sees the images the student will be given (``spec``): a teacher of
+    another size or normalisation would fail inside every worker's input pipeline instead."""
     if not exists(teacher):
         raise PneumoniaError(f"distill.teacher {teacher!r} does not exist: give a checkpoint folder, "
                              "e.g. runs/<name>/ensemble or a run's BEST_CHECKPOINT")
     with local_directory(teacher) as directory:
         info = read_info(directory)
+    if info.preprocess != spec:
+        raise PneumoniaError(f"distill.teacher {teacher!r} was trained on {info.preprocess} but this run's "
+                             f"student gets {spec}: set the data section (image_size, channels, resize, normalize) "
+                             "to the teacher's")
     return {key.removeprefix("val_"): float(value) for key, value in info.metrics.items()
             if isinstance(value, (int, float))}
 
@@ -66,8 +74,10 @@ def teacher_metrics_of(teacher: str) -> dict[str, float]:
 def train_student(config: ExperimentConfig, teacher: str, train_part: list[ImageRecord], val_part: list[ImageRecord],
                   storage: str, name: str, progress: Callable[[str], None],
                   tracking: dict[str, str] | None = None, teacher_metrics: dict[str, float] | None = None) -> TrainResult:
-    """Train the student of run ``name`` (``config.distill``) on ``teacher``; the run's result."""
-    teacher_metrics = teacher_metrics if teacher_metrics is not None else teacher_metrics_of(teacher)
+    """Train the student of run ``name`` (``config.distill``) on ``teacher``; the run's result
+    (``teacher_metrics``: the teacher's validation metrics when the caller has them, else its recorded ones)."""
+    recorded = teacher_metrics_of(teacher, preprocess_spec(config))
+    teacher_metrics = teacher_metrics if teacher_metrics is not None else recorded
     run_dir = join(storage, name)
     student = student_config(config, teacher, run_dir)
     check_resources(student)
