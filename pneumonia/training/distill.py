@@ -33,7 +33,7 @@ from pneumonia.data.records import ImageRecord
 from pneumonia.errors import PneumoniaError
 from pneumonia.models.checkpoint import read_info
 from pneumonia.storage import exists, join, local_directory, write_text
-from pneumonia.training.fit import TrainResult, check_resources, fit_run, summarize_run
+from pneumonia.training.fit import TrainResult, check_resources, fit_run, summarize_run, train_resume_command
 from pneumonia.training.worker import preprocess_spec
 
 STUDENT = "student"
@@ -87,8 +87,10 @@ def train_student(config: ExperimentConfig, teacher: str, train_part: list[Image
              f"{1 - weight:g} x the label")
     own = child_run(tracking, join(run_dir, STUDENT), STUDENT, "train",
                     params=flatten(student.model_dump(exclude={"tune"})), tags={"pneumonia.role": "student"})
+    # Interrupted here, the whole run is what continues (members done, the student from its checkpoint).
     result = fit_run(student, train_part, val_part, label=STUDENT, tracking=own,
-                     teacher={"checkpoint": teacher, "weight": weight})
+                     teacher={"checkpoint": teacher, "weight": weight},
+                     resume_command=train_resume_command(name, storage))
     summary = summarize_run(result, student, run_dir, STUDENT)
     if own:
         Tracker(own["tracking_uri"], own.get("experiment", "pneumonia"), check=False).end(own["run_id"])

@@ -93,9 +93,14 @@ def check_resources(config: ExperimentConfig, copies: int = 1, extra_cpus: float
     refuse_or_wait(problems)
 
 
+def train_resume_command(name: str, storage: str) -> str:
+    """The command that continues the interrupted run ``name`` in ``storage``, as messages quote it."""
+    return f"`pneumonia train --resume --name {name} --storage {storage}`"
+
+
 def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: list[ImageRecord],
             callbacks: list | None = None, label: str = "", watch: bool = True, tracking: dict | None = None,
-            teacher: dict | None = None):
+            teacher: dict | None = None, resume_command: str | None = None):
     """One Ray Train run (config.run.storage absolute, config.run.name set); returns Ray's Result.
 
     A run whose name already has a snapshot in storage continues from its latest checkpoint:
@@ -105,6 +110,8 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
     ``tracking`` (:func:`pneumonia.artifacts.tracking.entry`): the MLflow run that rank 0 logs every epoch into.
     ``teacher`` (``{"checkpoint": path, "weight": w}``, :mod:`pneumonia.training.distill`): every worker
     loads that model and blends its probabilities into the training targets.
+    ``resume_command``: what an interruption tells the user to run, when this run is a stage of a
+    larger one (a student inside its ensemble's run); default: this run's own ``train --resume``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -137,7 +144,7 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
             callbacks=callbacks or None,
         ),
     )
-    resume = f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`"
+    resume = resume_command or train_resume_command(config.run.name, config.run.storage)
     with _restored_sigint():
         try:
             with ResourceWatch(config, what=f"run {config.run.name}", stops="run") if watch else contextlib.nullcontext():

@@ -40,7 +40,7 @@ from pneumonia.errors import PneumoniaError
 from pneumonia.models.checkpoint import INFO_FILE, load_checkpoint, read_info
 from pneumonia.models.ensemble import combine_checkpoints
 from pneumonia.storage import join, qualify, staged_directory, write_text
-from pneumonia.training.fit import TrainResult, check_resources, fit_run
+from pneumonia.training.fit import TrainResult, check_resources, fit_run, train_resume_command
 from pneumonia.training.launcher import DRIVER_CPU, finite, result_history, run_trials, trial_function
 from pneumonia.training.supervision import raise_if_interrupted
 from pneumonia.training.worker import rows_to_records, stress_inputs
@@ -125,7 +125,7 @@ def train_members(
     close_children(tracking, grid, statuses, lambda result: join(storage, member_name(int(result.config["member"]))),
                    warn=progress)
     raise_if_interrupted(statuses, members, f"ensemble run {config.run.name}", "members",
-                         f"`pneumonia train --resume --name {config.run.name} --storage {config.run.storage}`")
+                         train_resume_command(config.run.name, config.run.storage))
     metric, mode = config.run.checkpoint_metric, config.run.checkpoint_mode
     chosen: list[tuple[int, str, dict[str, float]]] = []
     for result in grid:
