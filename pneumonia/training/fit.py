@@ -1,4 +1,4 @@
-"""One distributed Ray Train run: a TensorflowTrainer running MultiWorkerMirroredStrategy.
+"""One distributed Ray Train run: Ray Train's TensorFlow trainer running MultiWorkerMirroredStrategy.
 
 Shared by a single training run (:mod:`pneumonia.training.driver`), each sweep trial
 (:mod:`pneumonia.training.sweep`) and each ensemble member (:mod:`pneumonia.training.members`).
@@ -114,10 +114,15 @@ def fit_run(config: ExperimentConfig, train_part: list[ImageRecord], val_part: l
     larger one (a student inside its ensemble's run); default: this run's own ``train --resume``.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    trainer = TensorflowTrainer(
+    from pneumonia.training.tf_backend import TensorflowBackendConfig
+
+    # Ray's TensorflowTrainer is this trainer with its TensorFlow backend; ours imports no
+    # TensorFlow where only Ray's bookkeeping runs (pneumonia.training.tf_backend).
+    trainer = DataParallelTrainer(
         train_worker,
+        backend_config=TensorflowBackendConfig(),
         train_loop_config={
             "config": config.model_dump(),
             "train": records_to_rows(train_part),
