@@ -2,9 +2,9 @@
 
 What ``ray.train.tensorflow.TensorflowTrainer`` adds to Ray's ``DataParallelTrainer`` is its
 backend: before the training function runs, every worker gets ``TF_CONFIG`` (the run's worker
-addresses and its own index), which MultiWorkerMirroredStrategy reads. The classes below are Ray
-2.60's ``TensorflowConfig`` and ``_TensorflowBackend``, line for line, in a module that does not
-import TensorFlow.
+addresses and its own index), which MultiWorkerMirroredStrategy reads. The classes below do what
+Ray 2.60's ``TensorflowConfig`` and ``_TensorflowBackend`` do (the same environment, set the same
+way), in a module that does not import TensorFlow; re-check them against Ray's on an upgrade.
 
 Why: importing anything from ``ray.train.tensorflow`` imports TensorFlow (its ``__init__``), so with
 Ray's own trainer every run imported it three times before its workers started: in the process that
